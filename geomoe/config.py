@@ -1,0 +1,119 @@
+"""One typed configuration for the whole chain: YAML in, validated object out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Encoder = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    target_gsd: float | None = Field(None, gt=0, description="Resample every scene to this GSD (m); None keeps native.")
+    patch_size: int = Field(256, ge=32)
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    block_size: int | None = Field(None, ge=32, description="Spatial split block in target pixels (default 2x patch).")
+    alpha: Literal["drop", "mask"] = "mask"
+    min_valid: float = Field(0.5, ge=0.0, le=1.0, description="Skip patches with less valid (non-nodata) area.")
+    train_patches_per_location: int = Field(64, ge=1)
+    workers: int = Field(0, ge=0)
+    full_check: bool = Field(True, description="Read every block before training (finds truncated files, bad mask values).")
+
+
+class EmbeddingConfig(_Strict):
+    encoder: Encoder = "resnet34"
+    input_size: int = Field(160, ge=32, description="Patches are resized to this before embedding; 160 gives the paper's 5x5 bottleneck.")
+    dim: int = Field(2048, ge=8)
+    margin: float = Field(0.3, gt=0)
+    triplet_weight: float = Field(1.0, ge=0)
+    recon_weight: float = Field(1.0, ge=0)
+    semi_hard: bool = False
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    epochs: int = Field(10, ge=1)
+    steps_per_epoch: int = Field(50, ge=1)
+    batch_size: int = Field(16, ge=2)
+    pretrained: Path | None = None
+
+
+class RegionsConfig(_Strict):
+    k: int = Field(3, ge=1)
+    sweep: list[int] = [2, 3, 4, 5]
+    seed: int = 0
+
+
+class ExpertConfig(_Strict):
+    encoder: Encoder = "resnet101"
+    pretrained: Path | None = None
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of BCE against (1 - soft Jaccard).")
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    epochs: int = Field(30, ge=1)
+    steps_per_epoch: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class RouterConfig(_Strict):
+    soft_top_k: int = Field(2, ge=1)
+    soft_temperature: float = Field(0.05, gt=0)
+
+
+class PredictConfig(_Strict):
+    tile_size: int = Field(512, ge=32)
+    overlap: int = Field(128, ge=0)
+    batch_size: int = Field(8, ge=1)
+    tta: bool = False
+    min_area_m2: float = Field(4.0, ge=0)
+    regularize: bool = True
+    allow_diagonals: bool = False
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> "PredictConfig":
+        if self.overlap * 2 >= self.tile_size:
+            raise ValueError(f"overlap ({self.overlap}) must be less than half the tile size ({self.tile_size})")
+        return self
+
+
+class Config(_Strict):
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = DataConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    regions: RegionsConfig = RegionsConfig()
+    experts: ExpertConfig = ExpertConfig()
+    router: RouterConfig = RouterConfig()
+    predict: PredictConfig = PredictConfig()
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a YAML file (or a packaged name such as ``small``) into a validated :class:`Config`."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.exists():
+        packaged = Path(__file__).parent / "configs" / f"{path}.yaml"
+        if packaged.exists():
+            p = packaged
+        else:
+            raise FileNotFoundError(f"config {path}: no such file, and no packaged config of that name")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {p}: not valid YAML: {e}") from e
+    try:
+        return Config.model_validate(raw)
+    except Exception as e:  # pydantic's message already names the field
+        raise ValueError(f"config {p}: {e}") from e
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

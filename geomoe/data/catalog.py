@@ -1,0 +1,169 @@
+"""Find scenes in a dataset root: per-location folders, the Inria layout, optional locations.csv."""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".vrt"}
+VECTOR_NAMES = ("labels.geojson", "labels.gpkg", "labels.json", "buildings.geojson", "buildings.gpkg")
+INRIA_VAL_TILES = range(1, 6)  # the paper (and Inria's authors) validate on tiles 1-5 of each city
+
+Split = Literal["train", "val"]
+
+
+@dataclass
+class Scene:
+    """One image with its label (a mask raster or a vector file rasterised onto the image's grid)."""
+
+    location: str
+    image: Path
+    label: Path | None = None
+    label_kind: Literal["mask", "vector"] | None = None
+    split: Split | None = None  # fixed by the layout (Inria); None means the spatial block split decides
+
+    @property
+    def name(self) -> str:
+        return self.image.stem
+
+
+@dataclass
+class Problem:
+    path: Path
+    message: str
+    fatal: bool = True  # fatal for the file it names; the rest of the data stays usable
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class Catalog:
+    root: Path
+    layout: str
+    scenes: list[Scene] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    locations_meta: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def locations(self) -> list[str]:
+        return sorted({s.location for s in self.scenes})
+
+    def labelled(self) -> list[Scene]:
+        return [s for s in self.scenes if s.label is not None]
+
+    def by_location(self) -> dict[str, list[Scene]]:
+        out: dict[str, list[Scene]] = {}
+        for s in self.scenes:
+            out.setdefault(s.location, []).append(s)
+        return out
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _find_mask(masks_dir: Path, image: Path) -> Path | None:
+    if not masks_dir.is_dir():
+        return None
+    exact = masks_dir / image.name
+    if exact.exists():
+        return exact
+    for p in masks_dir.glob(image.stem + ".*"):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            return p
+    return None
+
+
+def _find_vector(loc_dir: Path) -> Path | None:
+    for name in VECTOR_NAMES:
+        if (loc_dir / name).exists():
+            return loc_dir / name
+    return None
+
+
+def read_locations_csv(path: Path) -> dict[str, dict[str, str]]:
+    """Per-location metadata keyed by the ``location`` column."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "location" not in rows[0]:
+        raise ValueError(f"{path}: no 'location' column (columns: {', '.join(rows[0])})")
+    return {r["location"]: r for r in rows}
+
+
+def _inria_dir(root: Path) -> Path | None:
+    for cand in (root / "AerialImageDataset" / "train", root / "train", root):
+        if (cand / "images").is_dir() and (cand / "gt").is_dir():
+            return cand
+    return None
+
+
+def _discover_inria(train_dir: Path, cat: Catalog) -> None:
+    pattern = re.compile(r"^([A-Za-z_-]+?)-?(\d+)$")
+    for img in _images_in(train_dir / "images"):
+        m = pattern.match(img.stem)
+        if not m:
+            cat.problems.append(Problem(img, "name is not <city><number>, as the Inria layout needs", fatal=True))
+            continue
+        city, n = m.group(1), int(m.group(2))
+        mask = _find_mask(train_dir / "gt", img)
+        split: Split = "val" if n in INRIA_VAL_TILES else "train"
+        cat.scenes.append(Scene(city, img, mask, "mask" if mask else None, split))
+
+
+def _discover_folder(loc_dir: Path, cat: Catalog) -> None:
+    images_dir = loc_dir / "images"
+    images = _images_in(images_dir)
+    if not images:
+        cat.problems.append(Problem(images_dir, "empty folder: no images", fatal=True))
+        return
+    vector = _find_vector(loc_dir)
+    for img in images:
+        mask = _find_mask(loc_dir / "masks", img)
+        if mask is not None:
+            cat.scenes.append(Scene(loc_dir.name, img, mask, "mask"))
+        elif vector is not None:
+            cat.scenes.append(Scene(loc_dir.name, img, vector, "vector"))
+        else:
+            cat.scenes.append(Scene(loc_dir.name, img))
+
+
+def discover(root: str | Path) -> Catalog:
+    """Catalogue every scene under ``root``; problems are collected, never raised, so the rest stays usable."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such dataset folder")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a folder (give the dataset root)")
+    inria = _inria_dir(root)
+    if inria is not None:
+        cat = Catalog(root, "inria")
+        _discover_inria(inria, cat)
+    elif (root / "images").is_dir():
+        cat = Catalog(root, "single-location")
+        _discover_folder(root, cat)
+    else:
+        cat = Catalog(root, "locations")
+        for loc_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if (loc_dir / "images").is_dir():
+                _discover_folder(loc_dir, cat)
+    csv_path = root / "locations.csv"
+    if csv_path.exists():
+        try:
+            cat.locations_meta = read_locations_csv(csv_path)
+        except (ValueError, csv.Error) as e:
+            cat.problems.append(Problem(csv_path, str(e), fatal=False))
+    if not cat.scenes and not cat.problems:
+        cat.problems.append(
+            Problem(root, "no images found (expected <location>/images/, or the Inria train/images + train/gt layout)")
+        )
+    for loc, scenes in cat.by_location().items():
+        unlabelled = [s for s in scenes if s.label is None]
+        if unlabelled:
+            names = ", ".join(s.image.name for s in unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
+            where = unlabelled[0].image.parent
+            cat.problems.append(Problem(where, f"{len(unlabelled)} images have no label (skipped): {names}", fatal=False))
+    return cat

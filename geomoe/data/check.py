@@ -1,0 +1,140 @@
+"""Validate a catalogue scene by scene, block by block, and summarise it per location."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from rasterio.errors import RasterioError
+from tqdm import tqdm
+
+from geomoe.data.catalog import Catalog, Problem, Scene
+from geomoe.data.reader import SceneReader
+from geomoe.raster import RasterError, ground_sampling_distance, grid_of, open_raster
+
+
+@dataclass
+class SceneReport:
+    scene: Scene
+    ok: bool
+    width: int = 0
+    height: int = 0
+    gsd: float | None = None
+    crs: str | None = None
+    building_pixels: int = 0
+    labelled_pixels: int = 0
+
+
+@dataclass
+class LocationSummary:
+    location: str
+    images: int = 0
+    labelled: int = 0
+    usable: int = 0
+    building_fraction: float = float("nan")
+    gsd: list[float] = field(default_factory=list)
+    crs: set[str] = field(default_factory=set)
+    sizes: set[str] = field(default_factory=set)
+    problems: int = 0
+
+
+def _mask_stats(scene: Scene, problems: list[Problem], full: bool = True) -> tuple[int, int] | None:
+    """(building, labelled) pixel counts of a mask raster, read block by block; None if the mask is bad."""
+    with open_raster(scene.image) as img, open_raster(scene.label) as lbl:
+        gi, gl = grid_of(img), grid_of(lbl)
+        if (gi.width, gi.height) != (gl.width, gl.height):
+            problems.append(Problem(scene.label, f"size {gl.width}x{gl.height} differs from image {scene.image.name} ({gi.width}x{gi.height})"))
+            return None
+        if gi.crs != gl.crs:
+            problems.append(Problem(scene.label, f"CRS {gl.crs} differs from image {scene.image.name} ({gi.crs})"))
+            return None
+        if not gi.transform.almost_equals(gl.transform, precision=1e-6):
+            problems.append(Problem(scene.label, f"transform differs from image {scene.image.name}: grids are not aligned"))
+            return None
+        if lbl.count != 1:
+            problems.append(Problem(scene.label, f"mask has {lbl.count} bands; expected 1"))
+            return None
+        building = labelled = 0
+        seen: set[int] = set()
+        if not full:
+            return 0, 0
+        for _, win in lbl.block_windows(1):
+            data = lbl.read(1, window=win, masked=True)
+            vals = np.unique(data.compressed())
+            seen.update(int(v) for v in vals)
+            labelled += int(data.count())
+            building += int((data.compressed() > 0).sum())
+        bad = seen - {0, 1, 255}
+        if bad:
+            shown = ", ".join(str(v) for v in sorted(bad)[:5])
+            problems.append(Problem(scene.label, f"mask has values other than 0/1/255: {shown}"))
+            return None
+        return building, labelled
+
+
+def check_scene(scene: Scene, problems: list[Problem], full: bool = True) -> SceneReport:
+    """Check ``scene``, appending what is wrong to ``problems``.
+
+    ``full`` reads every block (finds truncated files and bad mask values and counts building
+    pixels); otherwise only headers and grids are compared, which is fast enough before training.
+    """
+    try:
+        with open_raster(scene.image) as ds:
+            grid = grid_of(ds)
+            rep = SceneReport(scene, False, ds.width, ds.height, ground_sampling_distance(grid), str(ds.crs) if ds.crs else None)
+            if ds.count == 2 or ds.count == 0:
+                problems.append(Problem(scene.image, f"{ds.count} bands; expected RGB, RGBA or a single band"))
+                return rep
+            if ds.count == 1:
+                problems.append(Problem(scene.image, "single band: will be replicated to 3 bands", fatal=False))
+            if ds.crs is None:
+                problems.append(Problem(scene.image, "no CRS: pixel coordinates only, GSD unknown", fatal=False))
+            if full:
+                for _, win in ds.block_windows(1):  # reading every block finds truncated files
+                    ds.read(window=win)
+        if scene.label_kind == "mask":
+            stats = _mask_stats(scene, problems, full)
+            if stats is None:
+                return rep
+            rep.building_pixels, rep.labelled_pixels = stats
+        elif scene.label_kind == "vector" and full:
+            r, step = SceneReader(scene), 1024
+            for row in range(0, r.height, step):
+                for col in range(0, r.width, step):
+                    m = r.read(col, row, step)
+                    rep.building_pixels += int(m.mask.sum())
+                    rep.labelled_pixels += int(m.valid.sum())
+            r.close()
+        rep.ok = True
+        return rep
+    except (RasterError, RasterioError) as e:
+        msg = str(e)
+        problems.append(Problem(scene.image, msg if msg.startswith(str(scene.image)) else f"unreadable or truncated ({msg})"))
+        return SceneReport(scene, False)
+
+
+def check_catalog(cat: Catalog, progress: bool = True) -> tuple[list[SceneReport], list[LocationSummary]]:
+    """Check every scene; problems land in ``cat.problems``. Returns per-scene reports and per-location summaries."""
+    reports = [check_scene(s, cat.problems) for s in tqdm(cat.scenes, desc="checking", unit="scene", disable=not progress)]
+    summaries = []
+    for loc in cat.locations:
+        reps = [r for r in reports if r.scene.location == loc]
+        s = LocationSummary(loc, images=len(reps), labelled=sum(r.scene.label is not None for r in reps))
+        good = [r for r in reps if r.ok and r.scene.label is not None]
+        s.usable = len(good)
+        lab = sum(r.labelled_pixels for r in good)
+        if lab:
+            s.building_fraction = sum(r.building_pixels for r in good) / lab
+        s.gsd = [r.gsd for r in reps if r.gsd is not None]
+        s.crs = {r.crs for r in reps if r.crs}
+        s.sizes = {f"{r.width}x{r.height}" for r in reps if r.width}
+        paths = {r.scene.image for r in reps} | {r.scene.label for r in reps if r.scene.label_kind == "mask"}
+        s.problems = sum(1 for p in cat.problems if p.path in paths)
+        if s.usable == 0:
+            cat.problems.append(Problem(cat.root / loc, "location has no usable labelled image"))
+        summaries.append(s)
+    return reports, summaries
+
+
+def usable_scenes(cat: Catalog, reports: list[SceneReport]) -> list[Scene]:
+    return [r.scene for r in reports if r.ok and r.scene.label is not None]

@@ -1,0 +1,138 @@
+"""Torch datasets over scene windows: random balanced patches for training, fixed grids for evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from geomoe.config import DataConfig
+from geomoe.data.catalog import Catalog, discover
+from geomoe.data.check import check_scene
+from geomoe.data.reader import SceneReader
+from geomoe.data.sampling import BalancedSampler, Block, PatchRef, grid_windows, split_blocks
+
+
+def augment(image: np.ndarray, mask: np.ndarray, valid: np.ndarray, rng: np.random.Generator):
+    """Random flips and 90-degree rotations, the same for image, mask and valid mask."""
+    k = int(rng.integers(4))
+    flip = bool(rng.integers(2))
+    out = []
+    for a in (image, mask, valid):
+        a = np.rot90(a, k, axes=(-2, -1))
+        if flip:
+            a = a[..., ::-1]
+        out.append(np.ascontiguousarray(a))
+    return out
+
+
+def to_sample(image: np.ndarray, mask: np.ndarray | None, valid: np.ndarray, location: int, index: int) -> dict:
+    return {
+        "image": torch.from_numpy(image),  # uint8; models normalise with their stored statistics
+        "mask": torch.from_numpy(mask if mask is not None else np.zeros(valid.shape, np.uint8)).float(),
+        "valid": torch.from_numpy(valid),
+        "location": location,
+        "index": index,
+    }
+
+
+@dataclass
+class Prepared:
+    """A dataset root made ready for training: usable scenes, their readers and the block split."""
+
+    catalog: Catalog
+    readers: list[SceneReader]
+    blocks: list[Block]
+    patch_size: int
+    locations: list[str] = field(default_factory=list)
+
+    def location_of(self, ref: PatchRef) -> str:
+        return self.readers[ref.scene].scene.location
+
+    def windows(self, split: str, size: int | None = None) -> list[PatchRef]:
+        return grid_windows(self.blocks, size or self.patch_size, split)  # type: ignore[arg-type]
+
+
+def prepare(root, cfg: DataConfig, seed: int = 0) -> Prepared:
+    """Discover, check (every block, or headers only without ``cfg.full_check``) and split a dataset root."""
+    cat = discover(root)
+    readers = []
+    for s in cat.scenes:
+        if s.label is not None and check_scene(s, cat.problems, full=cfg.full_check).ok:
+            readers.append(SceneReader(s, cfg.target_gsd, use_alpha=cfg.alpha == "mask"))
+    if not readers:
+        detail = "; ".join(str(p) for p in cat.problems[:5])
+        raise ValueError(f"{root}: no usable labelled images ({detail or 'none found'})")
+    block = cfg.block_size or 2 * cfg.patch_size
+    blocks = split_blocks(readers, block, cfg.val_fraction, seed)
+    locs = sorted({r.scene.location for r in readers})
+    return Prepared(cat, readers, blocks, cfg.patch_size, locs)
+
+
+class GridDataset(Dataset):
+    """Fixed windows (evaluation, embedding extraction)."""
+
+    def __init__(self, prep: Prepared, refs: list[PatchRef]):
+        self.prep, self.refs = prep, refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> dict:
+        ref = self.refs[i]
+        p = self.prep.readers[ref.scene].read(ref.col, ref.row, ref.size)
+        return to_sample(p.image, p.mask, p.valid, self.prep.locations.index(self.prep.location_of(ref)), i)
+
+
+class RandomPatchDataset(Dataset):
+    """``length`` random training patches per epoch, balanced across locations, augmented.
+
+    Deterministic for a given (seed, epoch, index), so a resumed run sees the same data. Patches
+    with less than ``min_valid`` real data are redrawn.
+    """
+
+    def __init__(self, prep: Prepared, length: int, seed: int = 0, augment: bool = True, min_valid: float = 0.5,
+                 refs: list[PatchRef] | None = None, locations: list[str] | None = None):
+        self.prep, self.length, self.seed, self.aug, self.min_valid = prep, length, seed, augment, min_valid
+        blocks = prep.blocks
+        if refs is not None:  # restrict to the blocks holding these windows (a region's share)
+            keep = {(r.scene, r.col, r.row) for r in refs}
+            blocks = [b for b in blocks if (b.scene, b.col, b.row) in keep]
+        self.sampler = BalancedSampler(prep.readers, blocks, prep.patch_size)
+        self.locations = locations
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        for _ in range(10):
+            ref = self.sampler.draw(rng)
+            p = self.prep.readers[ref.scene].read(ref.col, ref.row, ref.size)
+            if p.valid.mean() >= self.min_valid:
+                break
+        image, mask, valid = p.image, p.mask, p.valid
+        if self.aug:
+            image, mask, valid = augment(image, mask, valid, rng)
+        return to_sample(image, mask, valid, self.prep.locations.index(self.prep.location_of(ref)), i)
+
+
+def compute_stats(prep: Prepared, n: int = 64, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-band mean and std (0-1 scale) of valid training pixels, from ``n`` random patches."""
+    ds = RandomPatchDataset(prep, n, seed, augment=False)
+    s = np.zeros(3)
+    ss = np.zeros(3)
+    cnt = 0
+    for i in range(n):
+        d = ds[i]
+        v = d["valid"].numpy()
+        px = d["image"].numpy()[:, v].astype(np.float64) / 255.0
+        s += px.sum(1)
+        ss += (px**2).sum(1)
+        cnt += v.sum()
+    mean = s / max(cnt, 1)
+    std = np.sqrt(np.maximum(ss / max(cnt, 1) - mean**2, 1e-6))
+    return mean.tolist(), std.tolist()

@@ -1,0 +1,141 @@
+"""Read windows of a scene (image, label, valid-data mask) on its grid resampled to a target GSD."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+from rasterio import features
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+
+from geomoe.data.catalog import Scene
+from geomoe.raster import (
+    Grid,
+    RasterError,
+    ground_sampling_distance,
+    grid_of,
+    image_bands,
+    open_raster,
+    read_window,
+    scale_for,
+    source_window,
+    target_shape,
+    valid_window_mask,
+)
+
+
+@dataclass
+class Patch:
+    image: np.ndarray  # uint8 (3, H, W)
+    mask: np.ndarray | None  # uint8 (H, W) in {0, 1}, None for unlabelled scenes
+    valid: np.ndarray  # bool (H, W): real, labelled data (False on nodata, transparent or padded pixels)
+
+
+@lru_cache(maxsize=8)
+def _vector_labels(path: str, crs_wkt: str) -> gpd.GeoDataFrame:
+    """Building polygons reprojected to one image CRS; cached since many tiles share a file."""
+    try:
+        gdf = gpd.read_file(path)
+    except Exception as e:
+        raise RasterError(f"{path}: cannot be read as vector labels ({e})") from e
+    if gdf.crs is None:
+        raise RasterError(f"{path}: vector labels have no CRS")
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty].to_crs(crs_wkt)
+    gdf.sindex  # build the spatial index once
+    return gdf
+
+
+class SceneReader:
+    """Windowed access to one scene at a target GSD. Opens files lazily so it pickles into workers."""
+
+    def __init__(self, scene: Scene, target_gsd: float | None = None, use_alpha: bool = True):
+        self.scene = scene
+        self.target_gsd = target_gsd
+        self.use_alpha = use_alpha
+        self._img: rasterio.io.DatasetReader | None = None
+        self._lbl: rasterio.io.DatasetReader | None = None
+        with open_raster(scene.image) as ds:
+            self.grid: Grid = grid_of(ds)
+            self.bands, self.alpha = image_bands(ds, scene.image)
+        self.gsd = ground_sampling_distance(self.grid)
+        self.scale = scale_for(self.gsd, target_gsd)
+        self.height, self.width = target_shape(self.grid, self.scale)
+
+    def __getstate__(self) -> dict:
+        d = self.__dict__.copy()
+        d["_img"] = d["_lbl"] = None
+        return d
+
+    @property
+    def img(self) -> rasterio.io.DatasetReader:
+        if self._img is None:
+            self._img = open_raster(self.scene.image)
+        return self._img
+
+    @property
+    def lbl(self) -> rasterio.io.DatasetReader | None:
+        if self._lbl is None and self.scene.label_kind == "mask":
+            self._lbl = open_raster(self.scene.label)
+        return self._lbl
+
+    def close(self) -> None:
+        for ds in (self._img, self._lbl):
+            if ds is not None:
+                ds.close()
+        self._img = self._lbl = None
+
+    def read(self, col: int, row: int, size: int) -> Patch:
+        """A ``size`` x ``size`` patch at (col, row) of the resampled grid; parts outside are padded, invalid."""
+        win = source_window(col, row, size, size, self.scale)
+        hw = (size, size)
+        image = read_window(self.img, self.bands, win, hw, Resampling.bilinear if self.scale != 1 else Resampling.nearest)
+        valid = valid_window_mask(self.img, win, hw, self.alpha, self.use_alpha)
+        mask = None
+        if self.scene.label_kind == "mask":
+            raw = read_window(self.lbl, [1], win, hw, Resampling.nearest, fill=0)[0]
+            lvalid = valid_window_mask(self.lbl, win, hw, None, False)
+            valid &= lvalid
+            mask = (raw > (127 if raw.max(initial=0) > 1 else 0)).astype(np.uint8)
+        elif self.scene.label_kind == "vector":
+            mask = self._rasterize(win, hw)
+        if mask is not None:
+            mask[~valid] = 0
+        image[:, ~valid] = 0
+        return Patch(image, mask, valid)
+
+    def _rasterize(self, win: Window, hw: tuple[int, int]) -> np.ndarray:
+        if self.grid.crs is None:
+            raise RasterError(f"{self.scene.image}: has no CRS, so vector labels cannot be placed on it")
+        gdf = _vector_labels(str(self.scene.label), self.grid.crs.to_wkt())
+        t = window_transform(win, self.grid.transform) @ rasterio.Affine.scale(win.width / hw[1], win.height / hw[0])
+        x0, y0 = t @ (0, 0)
+        x1, y1 = t @ (hw[1], hw[0])
+        idx = gdf.sindex.query(_box(x0, y0, x1, y1))
+        if len(idx) == 0:
+            return np.zeros(hw, np.uint8)
+        return features.rasterize(
+            ((g, 1) for g in gdf.geometry.iloc[idx]), out_shape=hw, transform=t, fill=0, dtype="uint8"
+        )
+
+
+def _box(x0: float, y0: float, x1: float, y1: float):
+    from shapely.geometry import box
+
+    return box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def open_readers(scenes: list[Scene], target_gsd: float | None) -> list[SceneReader]:
+    """Readers for scenes that open; others are skipped with a warning naming the file."""
+    out = []
+    for s in scenes:
+        try:
+            out.append(SceneReader(s, target_gsd))
+        except RasterError as e:
+            warnings.warn(str(e), stacklevel=2)
+    return out

@@ -1,0 +1,159 @@
+"""Raster geometry and windowed reads: ground sampling distance, grids, resampled windows."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioIOError
+from rasterio.transform import Affine
+from rasterio.warp import transform as warp_transform
+from rasterio.windows import Window
+
+EARTH_RADIUS_M = 6378137.0  # WGS84 semi-major axis, the sphere Web Mercator uses
+
+
+class RasterError(ValueError):
+    """A raster that cannot be used, with the file named in the message."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The pixel grid of a raster: enough to compare image and mask, and to compute GSD."""
+
+    width: int
+    height: int
+    crs: CRS | None
+    transform: Affine
+
+    @property
+    def center_lonlat(self) -> tuple[float, float] | None:
+        if self.crs is None:
+            return None
+        x, y = self.transform @ (self.width / 2, self.height / 2)
+        if self.crs.is_geographic:
+            return float(x), float(y)
+        lon, lat = warp_transform(self.crs, "EPSG:4326", [x], [y])
+        return float(lon[0]), float(lat[0])
+
+    def same_as(self, other: "Grid", tol: float = 1e-6) -> bool:
+        return (
+            self.width == other.width
+            and self.height == other.height
+            and (self.crs == other.crs)
+            and self.transform.almost_equals(other.transform, precision=tol)
+        )
+
+
+def grid_of(ds: rasterio.io.DatasetReader) -> Grid:
+    return Grid(ds.width, ds.height, ds.crs, ds.transform)
+
+
+def ground_sampling_distance(grid: Grid) -> float | None:
+    """True ground size of one pixel in metres (mean of x and y), or None without a CRS.
+
+    Projected CRSs use their linear unit; Web Mercator is scaled by cos(latitude) at the scene
+    centre, since its metres are only true at the equator; geographic CRSs convert degrees to
+    metres on the WGS84 sphere at the centre latitude.
+    """
+    if grid.crs is None:
+        return None
+    rx = math.hypot(grid.transform.a, grid.transform.d)
+    ry = math.hypot(grid.transform.b, grid.transform.e)
+    lonlat = grid.center_lonlat
+    assert lonlat is not None
+    coslat = math.cos(math.radians(lonlat[1]))
+    if grid.crs.is_geographic:
+        deg = math.pi / 180.0 * EARTH_RADIUS_M
+        return float((rx * deg * coslat + ry * deg) / 2)
+    unit = grid.crs.linear_units_factor[1] if grid.crs.linear_units_factor else 1.0
+    gsd = (rx + ry) / 2 * unit
+    if grid.crs.to_epsg() in (3857, 900913, 3785, 102100):
+        gsd *= coslat
+    return float(gsd)
+
+
+def open_raster(path: str | Path) -> rasterio.io.DatasetReader:
+    """Open a raster, turning GDAL's errors into one naming the file."""
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as e:
+        raise RasterError(f"{path}: cannot be read as a raster ({e})") from e
+
+
+def scale_for(native_gsd: float | None, target_gsd: float | None) -> float:
+    """Source pixels per target pixel (1.0 when either GSD is unknown or no target is set)."""
+    if native_gsd is None or target_gsd is None:
+        return 1.0
+    return target_gsd / native_gsd
+
+
+def target_shape(grid: Grid, scale: float) -> tuple[int, int]:
+    """(height, width) of a raster once resampled by ``scale`` source pixels per output pixel."""
+    return max(1, round(grid.height / scale)), max(1, round(grid.width / scale))
+
+
+def source_window(col: int, row: int, w: int, h: int, scale: float) -> Window:
+    """The source window covering a window of the resampled grid."""
+    return Window(col * scale, row * scale, w * scale, h * scale)
+
+
+def image_bands(ds: rasterio.io.DatasetReader, path: Path | str) -> tuple[list[int], int | None]:
+    """Band indexes to read as RGB, and the alpha band if any.
+
+    Single-band rasters are replicated to three bands (with a warning); RGBA's fourth band is
+    returned separately so it can mark valid data.
+    """
+    n = ds.count
+    interp = [ci.name for ci in ds.colorinterp]
+    if n == 1:
+        warnings.warn(f"{path}: single-band image, replicated to 3 bands", stacklevel=2)
+        return [1, 1, 1], None
+    if n == 2:
+        raise RasterError(f"{path}: 2 bands; expected RGB, RGBA or a single band")
+    alpha = None
+    if n >= 4 and ("alpha" in interp or n == 4):
+        alpha = interp.index("alpha") + 1 if "alpha" in interp else 4
+    return [1, 2, 3], alpha
+
+
+def read_window(
+    ds: rasterio.io.DatasetReader,
+    indexes: list[int],
+    window: Window,
+    out_hw: tuple[int, int],
+    resampling: Resampling,
+    fill: float = 0,
+) -> np.ndarray:
+    """Read ``window`` (may extend past the edges) into an array of ``out_hw``, padding with ``fill``."""
+    return ds.read(
+        indexes,
+        window=window,
+        out_shape=(len(indexes), *out_hw),
+        resampling=resampling,
+        boundless=True,
+        fill_value=fill,
+    )
+
+
+def valid_window_mask(
+    ds: rasterio.io.DatasetReader,
+    window: Window,
+    out_hw: tuple[int, int],
+    alpha: int | None,
+    use_alpha: bool,
+) -> np.ndarray:
+    """Boolean mask of pixels with real data: inside the raster, not nodata, not transparent."""
+    # Pixels outside the raster come back as 0 from the boundless read of the dataset mask.
+    m = ds.read_masks(1, window=window, out_shape=out_hw, resampling=Resampling.nearest, boundless=True)
+    valid = m > 0
+    if alpha is not None and use_alpha:
+        a = ds.read(alpha, window=window, out_shape=out_hw, resampling=Resampling.nearest, boundless=True)
+        valid &= a > 0
+    return valid

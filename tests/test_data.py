@@ -1,0 +1,249 @@
+"""The data layer: layouts, bad input, GSD, sampling and the split, on synthetic and shipped real data."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from typer.testing import CliRunner
+
+from geomoe.cli import app
+from geomoe.config import DataConfig
+from geomoe.data.catalog import discover
+from geomoe.data.check import check_catalog
+from geomoe.data.datasets import GridDataset, RandomPatchDataset, augment, compute_stats, prepare
+from geomoe.data.reader import SceneReader
+from geomoe.data.synthetic import make_synthetic, write_geotiff
+from geomoe.raster import Grid, ground_sampling_distance
+
+from conftest import SAMPLE
+
+
+def _write(path: Path, data: np.ndarray, crs="EPSG:32633", transform=None, nodata=None):
+    write_geotiff(path, data, crs, transform or from_origin(500000, 4000000, 0.5, 0.5), nodata)
+
+
+def _problems(cat) -> str:
+    return "\n".join(str(p) for p in cat.problems)
+
+
+# --- layouts -------------------------------------------------------------------------------------
+
+def test_folder_layout_and_mask_scales(tmp_path):
+    make_synthetic(tmp_path / "a", n_locations=2, scenes_per_location=1, mask_scale=1)
+    make_synthetic(tmp_path / "b", n_locations=2, scenes_per_location=1, mask_scale=255)
+    ra = SceneReader(discover(tmp_path / "a").scenes[0]).read(0, 0, 256)
+    rb = SceneReader(discover(tmp_path / "b").scenes[0]).read(0, 0, 256)
+    assert set(np.unique(ra.mask)) == {0, 1} and np.array_equal(ra.mask, rb.mask)
+
+
+def test_inria_layout_uses_tiles_1_to_5_for_validation(tmp_path):
+    train = tmp_path / "AerialImageDataset" / "train"
+    rng = np.random.default_rng(0)
+    for city in ("austin", "vienna"):
+        for n in (1, 5, 6, 7):
+            _write(train / "images" / f"{city}{n}.tif", rng.integers(0, 255, (3, 64, 64), dtype=np.uint8))
+            _write(train / "gt" / f"{city}{n}.tif", (rng.random((64, 64)) > 0.5).astype(np.uint8) * 255)
+    cat = discover(tmp_path)
+    assert cat.layout == "inria" and cat.locations == ["austin", "vienna"]
+    split = {s.name: s.split for s in cat.scenes}
+    assert split["austin1"] == split["vienna5"] == "val" and split["austin6"] == split["vienna7"] == "train"
+    prep = prepare(tmp_path, DataConfig(patch_size=32, val_fraction=0.2))
+    val_scenes = {prep.readers[r.scene].scene.name for r in prep.windows("val")}
+    assert val_scenes == {"austin1", "austin5", "vienna1", "vienna5"}
+
+
+def test_locations_csv_is_read():
+    cat = discover(SAMPLE)
+    assert set(cat.locations_meta) >= {"austin", "banepa", "kampala"}
+    assert float(cat.locations_meta["banepa"]["lat"]) == pytest.approx(27.63)
+
+
+def test_vector_labels_match_the_rasterised_masks_on_real_tiles(tmp_path):
+    """Banepa's OSM polygons, rasterised on each tile's own grid, reproduce the shipped masks."""
+    loc = tmp_path / "banepa"
+    (loc / "images").mkdir(parents=True)
+    tiles = sorted((SAMPLE / "banepa" / "images").glob("*.tif"))[:3]
+    for t in tiles:
+        shutil.copy(t, loc / "images" / t.name)
+    shutil.copy(SAMPLE / "banepa" / "labels.geojson", loc / "labels.geojson")
+    cat = discover(tmp_path)
+    assert all(s.label_kind == "vector" for s in cat.scenes)
+    for s in cat.scenes:
+        vec = SceneReader(s).read(0, 0, 512).mask
+        with rasterio.open(SAMPLE / "banepa" / "masks" / s.image.name) as ds:
+            ref = ds.read(1) > 0
+        inter, union = (vec.astype(bool) & ref).sum(), (vec.astype(bool) | ref).sum()
+        assert union > 0 and inter / union > 0.95
+
+
+def test_rgba_alpha_marks_invalid_and_single_band_is_replicated(tmp_path):
+    rgba = np.full((4, 64, 64), 120, np.uint8)
+    rgba[3, :, :32] = 0  # left half transparent
+    _write(tmp_path / "l" / "images" / "a.tif", rgba)
+    _write(tmp_path / "l" / "images" / "g.tif", np.full((1, 64, 64), 77, np.uint8))
+    for n in ("a", "g"):
+        _write(tmp_path / "l" / "masks" / f"{n}.tif", np.ones((64, 64), np.uint8))
+    a, g = sorted(discover(tmp_path).scenes, key=lambda s: s.name)
+    pa = SceneReader(a).read(0, 0, 64)
+    assert not pa.valid[:, :32].any() and pa.valid[:, 32:].all() and pa.mask[:, :32].sum() == 0
+    with pytest.warns(UserWarning, match="single-band"):
+        pg = SceneReader(g).read(0, 0, 64)
+    assert pg.image.shape == (3, 64, 64) and (pg.image == 77).all()
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def messy(tmp_path) -> Path:
+    """One good location plus every kind of broken file, side by side."""
+    root = make_synthetic(tmp_path / "root", n_locations=1, scenes_per_location=2, size=128)
+    good = root / "loc0"
+    img = np.full((3, 64, 64), 100, np.uint8)
+    m = np.zeros((64, 64), np.uint8)
+    for i in range(3):  # images with no label
+        _write(good / "images" / f"nolabel{i}.tif", img)
+    (good / "images" / "truncated.tif").write_bytes((good / "images" / "s0.tif").read_bytes()[:600])
+    shutil.copy(good / "masks" / "s0.tif", good / "masks" / "truncated.tif")
+    _write(good / "images" / "size.tif", img)
+    _write(good / "masks" / "size.tif", np.zeros((32, 32), np.uint8))
+    _write(good / "images" / "crs.tif", img)
+    _write(good / "masks" / "crs.tif", m, crs="EPSG:32634")
+    _write(good / "images" / "shift.tif", img)
+    _write(good / "masks" / "shift.tif", m, transform=from_origin(500010, 4000000, 0.5, 0.5))
+    _write(good / "images" / "values.tif", img)
+    _write(good / "masks" / "values.tif", np.full((64, 64), 7, np.uint8))
+    (root / "empty" / "images").mkdir(parents=True)
+    _write(root / "nolabels" / "images" / "x.tif", img)
+    return root
+
+
+def test_bad_inputs_are_named_and_the_rest_stays_usable(messy):
+    cat = discover(messy)
+    reports, sums = check_catalog(cat, progress=False)
+    text = _problems(cat)
+    assert "3 images have no label" in text
+    assert "truncated.tif: unreadable or truncated" in text
+    assert "size.tif: size 32x32 differs" in text
+    assert "crs.tif: CRS EPSG:32634 differs" in text
+    assert "shift.tif: transform differs" in text
+    assert "values.tif: mask has values other than 0/1/255: 7" in text
+    assert "empty/images: empty folder" in text
+    assert "nolabels: location has no usable labelled image" in text
+    loc0 = next(s for s in sums if s.location == "loc0")
+    assert loc0.usable == 2  # the two good synthetic scenes
+    prep = prepare(messy, DataConfig(patch_size=64))
+    assert sorted(r.scene.name for r in prep.readers) == ["s0", "s1"]
+
+
+def test_cli_check_exit_codes_and_show(messy, tmp_path):
+    runner = CliRunner()
+    bad = runner.invoke(app, ["data", "check", str(messy)])
+    assert bad.exit_code == 1 and "fatal problem" in bad.output
+    good = runner.invoke(app, ["data", "check", str(SAMPLE)])
+    assert good.exit_code == 0, good.output
+    for loc in ("austin", "banepa", "kampala"):
+        assert loc in good.output
+    out = tmp_path / "show.png"
+    shown = runner.invoke(app, ["data", "show", str(SAMPLE), "--out", str(out), "--n", "6"])
+    assert shown.exit_code == 0, shown.output
+    with rasterio.open(out) as ds:
+        assert ds.width > 300
+    missing = runner.invoke(app, ["data", "check", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "no such dataset folder" in missing.output
+
+
+def test_small_raster_is_padded_and_nodata_is_invalid(tmp_path):
+    img = np.full((3, 40, 50), 90, np.uint8)
+    img[:, :10, :] = 0
+    _write(tmp_path / "l" / "images" / "small.tif", img, nodata=0)
+    _write(tmp_path / "l" / "masks" / "small.tif", np.full((40, 50), 255, np.uint8))
+    prep = prepare(tmp_path, DataConfig(patch_size=64, val_fraction=0.0))
+    d = RandomPatchDataset(prep, 1, augment=False, min_valid=0.0)[0]
+    assert d["image"].shape == (3, 64, 64)
+    valid = d["valid"].numpy()
+    assert valid.sum() == 30 * 50  # rows 10-40, cols 0-50 only
+    assert d["mask"].numpy()[~valid].sum() == 0
+
+
+# --- GSD -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "crs,res,origin,expected",
+    [
+        ("EPSG:26914", 0.75, (620000, 3350000), 0.75),  # UTM: metres as they are
+        ("EPSG:3857", 0.29858, (0, 0), 0.29858),  # Web Mercator at the equator: exact
+        # Web Mercator at 60 N: true size is half the nominal metre
+        ("EPSG:3857", 0.29858, (0, 8399737.89), 0.29858 * 0.5),
+        ("EPSG:4326", 1e-5, (0, 0), 1.11319),  # 1e-5 degree at the equator
+        ("EPSG:4326", 1e-5, (0, 60), (1.11319 * 0.5 + 1.11319) / 2),  # x shrinks with latitude, y does not
+        ("EPSG:2263", 1.0, (1000000, 200000), 0.3048006),  # US feet
+    ],
+)
+def test_ground_sampling_distance(crs, res, origin, expected):
+    from rasterio.crs import CRS
+
+    grid = Grid(2, 2, CRS.from_string(crs), from_origin(origin[0] - res, origin[1] + res, res, res))
+    assert ground_sampling_distance(grid) == pytest.approx(expected, rel=2e-3)
+
+
+def test_real_gsd_and_resampling_to_a_target():
+    cat = discover(SAMPLE)
+    gsd = {s.location: SceneReader(s).gsd for s in cat.scenes}
+    assert gsd["austin"] == pytest.approx(0.75) and gsd["banepa"] == pytest.approx(0.1323, abs=1e-3)
+    assert gsd["kampala"] == pytest.approx(0.1493, abs=1e-3)
+    r = SceneReader(next(s for s in cat.scenes if s.location == "banepa"), target_gsd=0.3)
+    assert (r.height, r.width) == (round(512 * 0.1323 / 0.3),) * 2
+    p = r.read(0, 0, r.width)
+    assert p.valid.all() and 0.1 < p.mask.mean() < 0.9
+
+
+# --- sampling, split, augmentation ---------------------------------------------------------------
+
+def _overlap(a, b) -> bool:
+    return a.scene == b.scene and a.col < b.col + b.size and b.col < a.col + a.size and a.row < b.row + b.size and b.row < a.row + a.size
+
+
+def test_train_and_val_windows_never_overlap():
+    prep = prepare(SAMPLE, DataConfig(patch_size=128, block_size=256, val_fraction=0.25))
+    val = prep.windows("val")
+    assert {prep.location_of(v) for v in val} == {"austin", "banepa", "kampala"}
+    ds = RandomPatchDataset(prep, 10, augment=False)
+    rng = np.random.default_rng(0)
+    drawn = [ds.sampler.draw(rng) for _ in range(2000)]
+    assert not any(_overlap(t, v) for t in drawn for v in val)
+    assert not any(_overlap(t, v) for t in prep.windows("train") for v in val)
+
+
+def test_balanced_sampler_draws_each_location_equally():
+    prep = prepare(SAMPLE, DataConfig(patch_size=128))
+    ds = RandomPatchDataset(prep, 900, augment=False)
+    rng = np.random.default_rng(0)
+    locs = [prep.location_of(ds.sampler.draw(rng)) for _ in range(3000)]
+    counts = np.array([locs.count(x) for x in prep.locations])
+    assert counts.min() > 900  # about 1000 each, although Banepa has far more tiles
+
+
+def test_augment_moves_image_mask_and_valid_together():
+    rng = np.random.default_rng(3)
+    img = np.zeros((3, 8, 8), np.uint8)
+    img[:, 0, 1] = 255
+    mask = (img[0] > 0).astype(np.uint8)
+    for _ in range(8):
+        a, m, v = augment(img, mask, mask.astype(bool), rng)
+        assert np.array_equal(a[0] > 0, m.astype(bool)) and np.array_equal(m.astype(bool), v)
+
+
+def test_grid_dataset_and_normalisation_stats():
+    prep = prepare(SAMPLE, DataConfig(patch_size=128))
+    ds = GridDataset(prep, prep.windows("val"))
+    d = ds[0]
+    assert d["image"].dtype.is_floating_point is False and d["mask"].max() <= 1
+    mean, std = compute_stats(prep, n=12)
+    assert all(0.15 < m < 0.7 for m in mean) and all(0.03 < s < 0.4 for s in std)
+    assert not math.isnan(sum(mean))
