@@ -17,6 +17,10 @@ from geomoe.config import load_config
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Location-aware mixture of experts for building footprints.")
 data_app = typer.Typer(no_args_is_help=True, help="Check, show and generate training data.")
 app.add_typer(data_app, name="data")
+embed_app = typer.Typer(no_args_is_help=True, help="Train, extract and plot the location embedding.")
+app.add_typer(embed_app, name="embed")
+regions_app = typer.Typer(no_args_is_help=True, help="Fit regions (k-means centroids) on embeddings.")
+app.add_typer(regions_app, name="regions")
 console = Console(width=None if Console().is_terminal else 160)
 
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file, or a packaged name: small, paper, tiny.")]
@@ -84,6 +88,159 @@ def data_synth(out: Path, locations: int = 3, scenes: int = 2, size: int = 256, 
     console.print(f"wrote {out}")
 
 
+def _prepare(root: Path, cfg):
+    from geomoe.data.datasets import prepare
+
+    try:
+        return prepare(root, cfg.data, cfg.seed)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        _fail(str(e))
+
+
+@embed_app.command("train")
+def embed_train(root: Path, out: Path = typer.Option(..., "--out", "-o"), config: ConfigOpt = None,
+                triplet: bool = typer.Option(True, help="--no-triplet trains the plain autoencoder (the ablation).")) -> None:
+    """Train the triplet autoencoder; resumes from OUT/checkpoint.pt; logs both losses to OUT/log.csv."""
+    from geomoe.embedding.train import train_embedding
+
+    cfg = load_config(config)
+    path = train_embedding(_prepare(root, cfg), cfg, out, triplet=triplet)
+    console.print(f"wrote {path}")
+
+
+@embed_app.command("extract")
+def embed_extract(root: Path, model: Path = typer.Option(..., "--model", "-m"), out: Path = typer.Option(..., "--out", "-o"),
+                  config: ConfigOpt = None) -> None:
+    """Embed a grid of patches of both splits; writes vectors with location, scene, window and split (.npz)."""
+    from geomoe.backbone import pick_device
+    from geomoe.embedding.extract import extract
+    from geomoe.embedding.train import load_embedding
+
+    cfg = load_config(config)
+    net, _ = load_embedding(model, pick_device(cfg.device))
+    emb = extract(net, _prepare(root, cfg), min_valid=cfg.data.min_valid)
+    console.print(f"wrote {emb.save(out)} ({len(emb)} patches)")
+
+
+@regions_app.command("fit")
+def regions_fit(embeddings: Path, out: Path = typer.Option(..., "--out", "-o"), k: int = typer.Option(3, "--k"),
+                sweep: str = typer.Option("2,3,4,5", help="k values to report on"), seed: int = 0) -> None:
+    """k-means on the train-split embeddings; writes centroids.npy and a report of the k sweep."""
+    from geomoe.embedding.extract import Embeddings
+    from geomoe.embedding.report import fit_regions
+
+    try:
+        emb = Embeddings.load(embeddings)
+        res = fit_regions(emb, k, [int(x) for x in sweep.split(",") if x], out, seed)
+    except ValueError as e:
+        _fail(str(e))
+    console.print(res.markdown)
+    console.print(f"wrote {out / 'centroids.npy'}")
+
+
+@embed_app.command("plot")
+def embed_plot(embeddings: Path, out: Path = typer.Option(..., "--out", "-o"),
+               centroids: Optional[Path] = typer.Option(None, help="centroids.npy from 'regions fit'"),
+               config: ConfigOpt = None) -> None:
+    """UMAP and t-SNE pictures by location and region, and sample patches per region."""
+    import numpy as np
+
+    from geomoe.embedding.extract import Embeddings
+    from geomoe.embedding.plot import plot_cluster_samples, plot_space
+    from geomoe.embedding.report import check_dims
+
+    cfg = load_config(config)
+    try:
+        emb = Embeddings.load(embeddings)
+        c = np.load(centroids) if centroids else None
+        if c is not None:
+            check_dims(emb.vectors, c, embeddings, centroids)
+    except ValueError as e:
+        _fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(f"wrote {plot_space(emb, c, out / 'embedding_space.png', seed=cfg.seed)}")
+    if c is not None:
+        console.print(f"wrote {plot_cluster_samples(emb, c, out / 'region_samples.png', target_gsd=cfg.data.target_gsd)}")
+
+
+def _bundle(path: Path, config: str | None = None, with_baseline: bool = True):
+    from geomoe.backbone import pick_device
+    from geomoe.bundle import load_bundle
+
+    device = pick_device(load_config(config).device if config else "auto")
+    try:
+        return load_bundle(path, device, with_baseline)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def train(root: Path, out: Path = typer.Option(..., "--out", "-o", help="bundle directory to write"),
+          config: ConfigOpt = None, baseline: bool = typer.Option(True, help="also train the single-network baseline")) -> None:
+    """Train the whole chain (embedding, regions, experts, baseline) into a bundle; rerun to resume."""
+    from geomoe.pipelines.train import train_all
+
+    cfg = load_config(config)
+    try:
+        train_all(root, cfg, out, baseline=baseline)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        _fail(str(e))
+    console.print(f"wrote bundle {out}")
+
+
+@app.command()
+def evaluate(root: Path, bundle: Path = typer.Option(..., "--bundle", "-b"), out: Optional[Path] = typer.Option(None, "--out", "-o"),
+             split: str = typer.Option("val", help="val (held out), train or all")) -> None:
+    """The paper's table per location and overall for single, random, embedding, oracle and soft routing."""
+    from geomoe.pipelines.evaluate import evaluate as run_eval
+
+    b = _bundle(bundle)
+    try:
+        ev = run_eval(b, root, split=split)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        _fail(str(e))
+    console.print(ev.markdown(), highlight=False)
+    for p in ev.write(out or bundle / "evaluation"):
+        console.print(f"wrote {p}")
+
+
+@app.command("show-results")
+def show_results_cmd(root: Path, bundle: Path = typer.Option(..., "--bundle", "-b"), out: Path = typer.Option(..., "--out", "-o"),
+                     n: int = 6, seed: int = 0) -> None:
+    """Draw image / truth / prediction / routed expert for held-out windows."""
+    from geomoe.pipelines.show import show_results
+
+    b = _bundle(bundle, with_baseline=False)
+    console.print(f"wrote {show_results(b, _prepare(root, b.config), out, n, seed)}")
+
+
+@app.command("lr-find")
+def lr_find(root: Path, out: Path = typer.Option(..., "--out", "-o", help="PNG of the curve"), config: ConfigOpt = None,
+            steps: int = 60) -> None:
+    """Learning-rate range test for an expert; draws the curve and suggests a rate."""
+    from geomoe.experts.lr_find import find_lr, plot_lr
+
+    cfg = load_config(config)
+    curve = find_lr(_prepare(root, cfg), cfg, steps)
+    plot_lr(curve, out)
+    console.print(f"suggested learning rate: {curve.suggestion:.2e}  (curve: {out})")
+
+
+@app.command()
+def finetune(root: Path, bundle: Path = typer.Option(..., "--bundle", "-b"), out: Path = typer.Option(..., "--out", "-o"),
+             region: Optional[int] = typer.Option(None, help="expert to start from (default: where ROOT routes)"),
+             new_region: bool = typer.Option(False, help="add ROOT as a new region instead of replacing an expert"),
+             epochs: Optional[int] = None) -> None:
+    """Fine-tune a bundle's expert on a new geography (ROOT), writing a new bundle."""
+    from geomoe.pipelines.finetune import finetune as run_ft
+
+    try:
+        run_ft(bundle, root, out, region, new_region, epochs)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        _fail(str(e))
+    console.print(f"wrote bundle {out}")
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", "-o")) -> None:
     """Run the demo on the shipped sample (for now: check the data and show patches)."""
@@ -94,6 +251,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", "-o")) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every SIMD variant it tries
     warnings.simplefilter("once")
     warnings.filterwarnings("ignore", category=PendingDeprecationWarning)  # affine's '*' notice, from rasterio itself
     app()

@@ -12,7 +12,7 @@ from geomoe.config import DataConfig
 from geomoe.data.catalog import Catalog, discover
 from geomoe.data.check import check_scene
 from geomoe.data.reader import SceneReader
-from geomoe.data.sampling import BalancedSampler, Block, PatchRef, grid_windows, split_blocks
+from geomoe.data.sampling import BalancedSampler, Block, PatchRef, WindowSampler, grid_windows, split_blocks
 
 
 def augment(image: np.ndarray, mask: np.ndarray, valid: np.ndarray, rng: np.random.Generator):
@@ -94,14 +94,11 @@ class RandomPatchDataset(Dataset):
     """
 
     def __init__(self, prep: Prepared, length: int, seed: int = 0, augment: bool = True, min_valid: float = 0.5,
-                 refs: list[PatchRef] | None = None, locations: list[str] | None = None):
+                 refs: list[PatchRef] | None = None, cycle_locations: bool = False):
         self.prep, self.length, self.seed, self.aug, self.min_valid = prep, length, seed, augment, min_valid
-        blocks = prep.blocks
-        if refs is not None:  # restrict to the blocks holding these windows (a region's share)
-            keep = {(r.scene, r.col, r.row) for r in refs}
-            blocks = [b for b in blocks if (b.scene, b.col, b.row) in keep]
-        self.sampler = BalancedSampler(prep.readers, blocks, prep.patch_size)
-        self.locations = locations
+        # Given windows (a region's share) are drawn as they are; otherwise anywhere in the train blocks.
+        self.sampler = WindowSampler(prep.readers, refs) if refs is not None else BalancedSampler(prep.readers, prep.blocks, prep.patch_size)
+        self.cycle = cycle_locations  # item i comes from location i mod n: every batch holds every location
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -110,7 +107,8 @@ class RandomPatchDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, i])
         for _ in range(10):
-            ref = self.sampler.draw(rng)
+            loc = self.sampler.locations[i % len(self.sampler.locations)] if self.cycle else None
+            ref = self.sampler.draw(rng, loc)
             p = self.prep.readers[ref.scene].read(ref.col, ref.row, ref.size)
             if p.valid.mean() >= self.min_valid:
                 break

@@ -112,3 +112,20 @@ class BalancedSampler:
         loc = location or self.locations[int(rng.integers(len(self.locations)))]
         bl = self.by_loc[loc]
         return random_window(bl[int(rng.choice(len(bl), p=self.weights[loc]))], self.size, rng)
+
+
+class WindowSampler:
+    """Draws from a fixed list of windows (a region's share), each location equally often."""
+
+    def __init__(self, readers: list[SceneReader], refs: list[PatchRef]):
+        if not refs:
+            raise ValueError("no windows to sample from")
+        self.by_loc: dict[str, list[PatchRef]] = {}
+        for r in refs:
+            self.by_loc.setdefault(readers[r.scene].scene.location, []).append(r)
+        self.locations = sorted(self.by_loc)
+
+    def draw(self, rng: np.random.Generator, location: str | None = None) -> PatchRef:
+        loc = location if location in self.by_loc else self.locations[int(rng.integers(len(self.locations)))]
+        refs = self.by_loc[loc]
+        return refs[int(rng.integers(len(refs)))]

@@ -1,0 +1,136 @@
+"""The model bundle: one directory with everything prediction needs, checked when loaded."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from geomoe.atomic import atomic_path
+from geomoe.config import Config, dump_config, load_config
+from geomoe.embedding.model import LocationAutoencoder
+from geomoe.embedding.train import load_embedding
+from geomoe.experts.model import UNet
+from geomoe.experts.train import load_expert
+from geomoe.router.routing import Router
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("geomoe", "torch", "torchvision", "faiss-cpu", "rasterio", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:
+            out[pkg] = "unknown"
+    return out
+
+
+def write_manifest(root: Path, cfg: Config, *, k: int, locations: list[str], region_of_location: dict[str, int],
+                   experts: list[str], baseline: str | None, gsd: float | None, native_gsd: dict[str, float],
+                   extra: dict | None = None) -> Path:
+    """Write config.yaml and manifest.json last: a bundle without a manifest is incomplete."""
+    dump_config(cfg, root / "config.yaml")
+    m = {
+        "format": FORMAT,
+        "k": k,
+        "locations": locations,
+        "region_of_location": region_of_location,
+        "embedding": "embedding/embedding.pt",
+        "centroids": "regions/centroids.npy",
+        "index": "router.faiss",
+        "experts": experts,
+        "baseline": baseline,
+        "threshold": cfg.experts.threshold,
+        "gsd": gsd,
+        "native_gsd": native_gsd,
+        "tile_size": cfg.predict.tile_size,
+        "bands": 3,
+        "versions": versions(),
+        **(extra or {}),
+    }
+    with atomic_path(root / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(m, indent=2))
+    return root / MANIFEST
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict
+    config: Config
+    embedding: LocationAutoencoder
+    centroids: np.ndarray
+    router: Router
+    experts: list[UNet]
+    baseline: UNet | None
+    device: torch.device
+
+    @property
+    def k(self) -> int:
+        return len(self.experts)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["threshold"])
+
+    @property
+    def gsd(self) -> float | None:
+        return self.manifest.get("gsd")
+
+    @property
+    def region_of_location(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.manifest["region_of_location"].items()}
+
+
+def load_bundle(root: str | Path, device: torch.device | str = "cpu", with_baseline: bool = True) -> Bundle:
+    """Load and cross-check a bundle; every missing or inconsistent part is named in one error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such bundle directory")
+    mpath = root / MANIFEST
+    if not mpath.exists():
+        raise ValueError(f"{root}: incomplete bundle: {MANIFEST} is missing (training did not finish?)")
+    try:
+        m = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{mpath}: not valid JSON ({e})") from e
+    if m.get("format") != FORMAT:
+        raise ValueError(f"{mpath}: bundle format {m.get('format')} is not the supported {FORMAT}")
+    files = [m["embedding"], m["centroids"], m["index"], "config.yaml", *m["experts"]]
+    if with_baseline and m.get("baseline"):
+        files.append(m["baseline"])
+    missing = [f for f in files if not (root / f).exists()]
+    if missing:
+        raise ValueError(f"{root}: incomplete bundle, missing: {', '.join(missing)}")
+    device = torch.device(device)
+    cfg = load_config(root / "config.yaml")
+    emb, _ = load_embedding(root / m["embedding"], device)
+    centroids = np.load(root / m["centroids"])
+    router = Router.load(root / m["index"])
+    experts = [load_expert(root / f, device)[0] for f in m["experts"]]
+    baseline = load_expert(root / m["baseline"], device)[0] if with_baseline and m.get("baseline") else None
+    problems = []
+    dim = emb.head[-1].out_features
+    if centroids.shape != (m["k"], dim):
+        problems.append(f"centroids are {centroids.shape}, expected ({m['k']}, {dim}) for this embedding")
+    if router.k != m["k"] or router.dim != dim:
+        problems.append(f"router index holds {router.k} centroids of dimension {router.dim}, expected {m['k']} of {dim}")
+    if len(experts) != m["k"]:
+        problems.append(f"{len(experts)} experts for k = {m['k']} regions")
+    if problems:
+        raise ValueError(f"{root}: inconsistent bundle: " + "; ".join(problems))
+    return Bundle(root, m, cfg, emb, centroids, router, experts, baseline, device)
+
+
+def save_manifest(root: Path, manifest: dict) -> Path:
+    with atomic_path(root / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2))
+    return root / MANIFEST

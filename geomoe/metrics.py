@@ -1,0 +1,96 @@
+"""Segmentation metrics, accumulated over all pixels of a location (the paper's cumulative IoU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+
+def _boundary(mask: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of ``mask`` within ``width`` of its edge (inner boundary band)."""
+    eroded = ndimage.binary_erosion(mask, iterations=width, border_value=1)
+    return mask & ~eroded
+
+
+def match_buildings(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5) -> tuple[int, int, int]:
+    """(TP, FP, FN) of building instances (connected components): SpaceNet's rule, one-to-one at IoU >= ``iou``."""
+    lp, n_p = ndimage.label(pred)
+    lt, n_t = ndimage.label(truth)
+    if n_p == 0 or n_t == 0:
+        return 0, n_p, n_t
+    pairs = np.stack([lp.ravel(), lt.ravel()], 1)
+    pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
+    inter: dict[tuple[int, int], int] = {}
+    if len(pairs):
+        keys, counts = np.unique(pairs, axis=0, return_counts=True)
+        inter = {(int(a), int(b)): int(c) for (a, b), c in zip(keys, counts)}
+    area_p = np.bincount(lp.ravel(), minlength=n_p + 1)
+    area_t = np.bincount(lt.ravel(), minlength=n_t + 1)
+    cands = sorted(((c / (area_p[a] + area_t[b] - c), a, b) for (a, b), c in inter.items()), reverse=True)
+    used_p, used_t, tp = set(), set(), 0
+    for v, a, b in cands:
+        if v < iou:
+            break
+        if a not in used_p and b not in used_t:
+            used_p.add(a)
+            used_t.add(b)
+            tp += 1
+    return tp, n_p - tp, n_t - tp
+
+
+@dataclass
+class Scores:
+    """Running pixel counts (and building and boundary counts) for one location and one method."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+    b_tp: int = 0
+    b_fp: int = 0
+    b_fn: int = 0
+    bd_inter: int = 0
+    bd_union: int = 0
+    patches: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def update(self, pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None, boundary_px: int = 2) -> None:
+        pred, truth = pred.astype(bool), truth.astype(bool)
+        v = np.ones_like(pred) if valid is None else valid.astype(bool)
+        p, t = pred & v, truth & v
+        self.tp += int((p & t).sum())
+        self.fp += int((p & ~t).sum())
+        self.fn += int((~p & t & v).sum())
+        self.tn += int((~pred & ~truth & v).sum())
+        a, b, c = match_buildings(p, t)
+        self.b_tp, self.b_fp, self.b_fn = self.b_tp + a, self.b_fp + b, self.b_fn + c
+        bp, bt = _boundary(p, boundary_px), _boundary(t, boundary_px)
+        self.bd_inter += int((bp & bt).sum())
+        self.bd_union += int((bp | bt).sum())
+        self.patches += 1
+
+    def __iadd__(self, o: "Scores") -> "Scores":
+        for k in ("tp", "fp", "fn", "tn", "b_tp", "b_fp", "b_fn", "bd_inter", "bd_union", "patches"):
+            setattr(self, k, getattr(self, k) + getattr(o, k))
+        return self
+
+    @staticmethod
+    def _div(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        prec = self._div(self.tp, self.tp + self.fp)
+        rec = self._div(self.tp, self.tp + self.fn)
+        bp = self._div(self.b_tp, self.b_tp + self.b_fp)
+        br = self._div(self.b_tp, self.b_tp + self.b_fn)
+        return {
+            "iou": self._div(self.tp, self.tp + self.fp + self.fn),
+            "accuracy": self._div(self.tp + self.tn, self.tp + self.tn + self.fp + self.fn),
+            "precision": prec,
+            "recall": rec,
+            "f1": self._div(2 * self.tp, 2 * self.tp + self.fp + self.fn),
+            "building_f1": self._div(2 * bp * br, bp + br) if bp == bp and br == br else float("nan"),
+            "boundary_iou": self._div(self.bd_inter, self.bd_union),
+        }

@@ -1,0 +1,178 @@
+"""Experts, router, bundle, evaluation, fine-tuning: the whole chain on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from typer.testing import CliRunner
+
+from geomoe.bundle import load_bundle
+from geomoe.cli import app
+from geomoe.config import load_config
+from geomoe.data.synthetic import make_synthetic
+from geomoe.experts.losses import segmentation_loss, soft_jaccard
+from geomoe.experts.lr_find import suggest
+from geomoe.experts.model import UNet
+from geomoe.metrics import Scores, match_buildings
+from geomoe.pipelines.evaluate import evaluate
+from geomoe.pipelines.train import train_all
+from geomoe.router.routing import OracleRouter, RandomRouter, Router
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "resnet50"])
+def test_unet_output_matches_any_input_size(encoder):
+    m = UNet(encoder).eval()
+    with torch.no_grad():
+        y = m(torch.randint(0, 255, (2, 3, 70, 90), dtype=torch.uint8))
+    assert y.shape == (2, 1, 70, 90)
+
+
+def test_loss_ignores_invalid_pixels_and_rewards_overlap():
+    t = torch.zeros(1, 8, 8)
+    t[:, :4] = 1
+    v = torch.ones(1, 8, 8, dtype=torch.bool)
+    good = (t * 20 - 10)[:, None]
+    assert segmentation_loss(good, t, v, 0.5) < 0.01
+    assert segmentation_loss(-good, t, v, 0.5) > 1.0
+    v2 = v.clone()
+    v2[:, :4] = False  # the wrong half is nodata: no penalty from it
+    wrong_top = good.clone()
+    wrong_top[:, :, :4] = -10
+    assert segmentation_loss(wrong_top, t, v2, 0.5) < 0.01
+    assert soft_jaccard(torch.sigmoid(good[:, 0]), t, v).item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_metrics_cumulative_iou_building_f1_and_boundary():
+    truth = np.zeros((20, 20), bool)
+    truth[2:6, 2:6] = truth[10:16, 10:16] = True
+    pred = np.zeros_like(truth)
+    pred[2:6, 2:5] = True  # 12/16 = 0.75 IoU: a match
+    pred[18:20, 0:2] = True  # false positive building
+    assert match_buildings(pred, truth) == (1, 1, 1)
+    s = Scores()
+    s.update(pred, truth)
+    s.update(truth, truth)
+    r = s.summary()
+    tp, fp, fn = 12 + 52, 4, 4 + 36
+    assert r["iou"] == pytest.approx(tp / (tp + fp + fn))
+    assert r["building_f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
+    perfect = Scores()
+    perfect.update(truth, truth)
+    assert perfect.summary()["boundary_iou"] == 1.0 and perfect.summary()["accuracy"] == 1.0
+
+
+def test_router_nearest_centroid_by_cosine_and_soft_weights(tmp_path):
+    c = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    r = Router(c * np.array([[5.0], [1.0], [2.0]], np.float32))  # scale must not matter: cosine
+    ids, d = r.route(np.array([[0.1, 0.9, 0.0], [3.0, 0.0, 0.1]], np.float32))
+    assert ids.tolist() == [1, 0] and d[0] == pytest.approx(1 - 0.9 / np.hypot(0.1, 0.9), abs=1e-5)
+    sids, w = r.soft(np.array([[0.6, 0.8, 0.0]], np.float32), 2, 0.05)
+    assert sids[0].tolist() == [1, 0] and w.sum() == pytest.approx(1.0) and w[0, 0] > w[0, 1]
+    back = Router.load(r.save(tmp_path / "r.faiss"))
+    assert back.route(c)[0].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="dimension 2"):
+        r.route(np.ones((1, 2), np.float32))
+    assert set(RandomRouter(3, 0).route(300).tolist()) == {0, 1, 2}
+    assert OracleRouter({"a": 2}).route(["a"]).tolist() == [2]
+    with pytest.raises(ValueError, match="no region known"):
+        OracleRouter({"a": 2}).route(["b"])
+
+
+def test_lr_suggestion_is_on_the_steepest_descent():
+    lrs = list(np.logspace(-6, 0, 30))
+    losses = [1.0 if lr < 1e-4 else (1.0 - (np.log10(lr) + 4) * 0.4 if lr < 1e-2 else 0.2 + (lr - 1e-2) * 50) for lr in lrs]
+    assert 1e-4 <= suggest(lrs, losses) <= 1e-2
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(synth_root, tmp_path_factory):
+    cfg = load_config("tiny")
+    return train_all(synth_root, cfg, tmp_path_factory.mktemp("bundle") / "b", progress=False, figures=True)
+
+
+def test_bundle_is_complete_and_resumes(bundle_dir, synth_root):
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    assert m["k"] == 3 and len(m["experts"]) == 3 and m["baseline"] == "experts/baseline.pt"
+    assert set(m["region_of_location"]) == {"loc0", "loc1", "loc2"} and "torch" in m["versions"]
+    b = load_bundle(bundle_dir)
+    assert b.k == 3 and b.baseline is not None and b.centroids.shape == (3, 32)
+    # baseline gets as many optimisation steps as all experts together
+    base = (bundle_dir / "experts" / "baseline.log.csv").read_text().splitlines()
+    assert len(base) - 1 == 3 * 2  # tiny: 2 epochs of 2 steps per expert, so 12 steps = 6 epochs
+    log = (bundle_dir / "experts" / "region_0.log.csv").read_text().splitlines()
+    assert log[0] == "epoch,loss,val_iou,val_accuracy,lr" and len(log) == 3
+    assert (bundle_dir / "figures" / "embedding_space.png").exists()
+    # rerunning finds every stage done and changes nothing
+    before = (bundle_dir / "experts" / "region_0.pt").stat().st_mtime
+    train_all(synth_root, load_config("tiny"), bundle_dir, progress=False, figures=False)
+    assert (bundle_dir / "experts" / "region_0.pt").stat().st_mtime == before
+
+
+def test_incomplete_or_inconsistent_bundle_is_named(bundle_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle_dir, broken)
+    (broken / "experts" / "region_1.pt").unlink()
+    (broken / "router.faiss").unlink()
+    with pytest.raises(ValueError, match=r"missing: router.faiss, experts/region_1.pt"):
+        load_bundle(broken)
+    shutil.copy(bundle_dir / "router.faiss", broken / "router.faiss")
+    shutil.copy(bundle_dir / "experts" / "region_1.pt", broken / "experts" / "region_1.pt")
+    np.save(broken / "regions" / "centroids.npy", np.ones((2, 32), np.float32))
+    with pytest.raises(ValueError, match="inconsistent bundle: centroids are"):
+        load_bundle(broken)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="manifest.json is missing"):
+        load_bundle(broken)
+
+
+def test_evaluation_table_has_every_method(bundle_dir, synth_root, tmp_path):
+    ev = evaluate(load_bundle(bundle_dir), synth_root, progress=False)
+    assert set(ev.table.method) == {"single", "random", "embedding", "oracle", "soft"}
+    assert set(ev.table.location) == {"loc0", "loc1", "loc2", "overall"}
+    for col in ("iou", "accuracy", "precision", "recall", "f1", "building_f1", "boundary_iou"):
+        assert col in ev.table
+    acc = ev.table.accuracy.dropna()
+    assert ((acc >= 0) & (acc <= 1)).all() and len(acc) == len(ev.table)
+    assert ev.routing.values.sum() == ev.table[(ev.table.method == "embedding") & (ev.table.location == "overall")].patches.item()
+    paths = ev.write(tmp_path / "ev")
+    assert "IoU (building class" in paths[0].read_text() and paths[1].read_text().startswith("method,location,iou")
+
+
+def test_cli_evaluate_show_lr_find_and_finetune(bundle_dir, synth_root, tmp_path):
+    r = CliRunner()
+    res = r.invoke(app, ["evaluate", str(synth_root), "-b", str(bundle_dir), "-o", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ev" / "evaluation.json").exists()
+    res = r.invoke(app, ["show-results", str(synth_root), "-b", str(bundle_dir), "-o", str(tmp_path / "show.png"), "--n", "3"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(app, ["lr-find", str(synth_root), "-o", str(tmp_path / "lr.png"), "-c", "tiny", "--steps", "8"])
+    assert res.exit_code == 0 and "suggested learning rate" in res.output, res.output
+    assert (tmp_path / "lr.png").exists()
+    # a new geography: fine-tune as a new region started from the nearest expert
+    new = make_synthetic(tmp_path / "new", n_locations=4, scenes_per_location=2, size=128, seed=5)
+    shutil.rmtree(new / "loc0"), shutil.rmtree(new / "loc1"), shutil.rmtree(new / "loc2")
+    res = r.invoke(app, ["finetune", str(new), "-b", str(bundle_dir), "-o", str(tmp_path / "ft"), "--new-region", "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    ft = load_bundle(tmp_path / "ft")
+    assert ft.k == 4 and ft.region_of_location["loc3"] == 3 and ft.router.k == 4
+    res = r.invoke(app, ["evaluate", str(synth_root), "-b", str(tmp_path / "nope")])
+    assert res.exit_code == 1 and "no such bundle" in res.output
+
+
+def test_evaluation_on_png_without_crs(bundle_dir, tmp_path):
+    src = make_synthetic(tmp_path / "tif", n_locations=3, scenes_per_location=2, size=128, seed=9)
+    for tif in src.rglob("*.tif"):
+        with rasterio.open(tif) as ds:
+            data = ds.read()
+        png = tmp_path / "png" / tif.relative_to(src).with_suffix(".png")
+        png.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(png, "w", driver="PNG", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                           dtype="uint8") as out:
+            out.write(data)
+    ev = evaluate(load_bundle(bundle_dir), tmp_path / "png", split="all", progress=False)
+    assert ev.table.patches.sum() > 0 and set(ev.table.location) == {"loc0", "loc1", "loc2", "overall"}
