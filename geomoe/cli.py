@@ -242,6 +242,43 @@ def finetune(root: Path, bundle: Path = typer.Option(..., "--bundle", "-b"), out
 
 
 @app.command()
+def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b"), out: Path = typer.Option(..., "--out", "-o"),
+            overlap: Optional[int] = typer.Option(None, help="tile overlap in pixels (default: the bundle's)"),
+            batch_size: Optional[int] = typer.Option(None, "--batch-size"), device: str = "auto",
+            tta: bool = typer.Option(False, help="average flipped predictions"),
+            soft: bool = typer.Option(False, help="blend the top-k experts by distance instead of the nearest"),
+            resume: bool = typer.Option(False, help="skip inputs whose outputs are complete"),
+            no_regularize: bool = typer.Option(False, "--no-regularize"),
+            min_area: Optional[float] = typer.Option(None, help="drop footprints smaller than this (m^2)")) -> None:
+    """Predict GeoTIFF/VRT/PNG/JPEG files, folders or .txt lists into COG masks, routing and footprints."""
+    from geomoe.backbone import pick_device
+    from geomoe.bundle import load_bundle
+    from geomoe.pipelines.predict import BundleModel, predict_many
+
+    try:
+        b = load_bundle(bundle, pick_device(device), with_baseline=False)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    upd = {k: v for k, v in {"overlap": overlap, "batch_size": batch_size, "tta": tta or None,
+                             "min_area_m2": min_area, "regularize": False if no_regularize else None}.items() if v is not None}
+    try:
+        pcfg = b.config.predict.model_validate({**b.config.predict.model_dump(), **upd})
+    except ValueError as e:
+        _fail(str(e))
+    results = predict_many(BundleModel(b, soft=soft, tta=pcfg.tta), inputs, out, pcfg, b.threshold, resume=resume)
+    t = Table(title="predict")
+    for c in ("input", "status", "details"):
+        t.add_column(c)
+    for r in results:
+        t.add_row(str(r.path), "[green]ok[/green]" if r.ok else "[red]failed[/red]", r.message)
+    console.print(t)
+    failed = sum(not r.ok for r in results)
+    console.print(f"{len(results) - failed} done, {failed} failed; outputs in {out}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", "-o")) -> None:
     """Run the demo on the shipped sample (for now: check the data and show patches)."""
     root = Path(__file__).resolve().parents[1] / "sample" / "train"

@@ -1,0 +1,117 @@
+"""Overlapping tiles over a raster and their seamless blend, streamed one band of rows at a time.
+
+The blend window is separable and the tile origins form a product grid, so the sum of all tiles'
+weights at a pixel is sum_y(row) * sum_x(col): two 1-D arrays. Each tile's weights are divided by
+that sum before they are added, so every pixel's weights sum to exactly one and no full-scene
+weight buffer is ever needed. Only the rows a later tile can still touch are held in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def origins(length: int, tile: int, stride: int) -> np.ndarray:
+    """Tile starts covering [0, length): regular steps, the last one aligned to the end."""
+    if length <= tile:
+        return np.array([0])
+    starts = list(range(0, length - tile, stride)) + [length - tile]
+    return np.array(sorted(set(starts)))
+
+
+def ramp(tile: int, overlap: int) -> np.ndarray:
+    """1-D blend window: a raised-cosine rise over ``overlap`` pixels at each end, flat in between.
+
+    Never exactly zero, so a pixel covered by one tile only (raster edges) keeps that tile's value.
+    """
+    w = np.ones(tile, np.float64)
+    if overlap > 0:
+        t = (np.arange(overlap) + 0.5) / overlap
+        rise = np.sin(t * np.pi / 2) ** 2
+        w[:overlap] = rise
+        w[tile - overlap:] = rise[::-1]
+    return np.maximum(w, 1e-3)
+
+
+@dataclass
+class TileGrid:
+    """Tiles of ``tile`` pixels with ``overlap`` over a ``width`` x ``height`` raster."""
+
+    width: int
+    height: int
+    tile: int
+    overlap: int
+
+    def __post_init__(self) -> None:
+        stride = self.tile - self.overlap
+        self.xs = origins(self.width, self.tile, stride)
+        self.ys = origins(self.height, self.tile, stride)
+        self.w = ramp(self.tile, self.overlap)
+        self.sum_x = self._sums(self.width, self.xs)
+        self.sum_y = self._sums(self.height, self.ys)
+
+    def _sums(self, length: int, starts: np.ndarray) -> np.ndarray:
+        s = np.zeros(length, np.float64)
+        for o in starts:
+            n = min(self.tile, length - o)
+            s[o:o + n] += self.w[:n]
+        return s
+
+    def __len__(self) -> int:
+        return len(self.xs) * len(self.ys)
+
+    def weight(self, ix: int, iy: int) -> np.ndarray:
+        """Normalised weights of tile (ix, iy) over its part inside the raster."""
+        x0, y0 = int(self.xs[ix]), int(self.ys[iy])
+        h, w = min(self.tile, self.height - y0), min(self.tile, self.width - x0)
+        wy = self.w[:h] / self.sum_y[y0:y0 + h]
+        wx = self.w[:w] / self.sum_x[x0:x0 + w]
+        return (wy[:, None] * wx[None, :]).astype(np.float32)
+
+    def cell_edges(self, axis: str) -> np.ndarray:
+        """Boundaries of the cells each tile answers for (midway between neighbouring tile centres)."""
+        starts, length = (self.xs, self.width) if axis == "x" else (self.ys, self.height)
+        centres = starts + self.tile / 2
+        mids = (centres[:-1] + centres[1:]) / 2
+        return np.concatenate([[0], np.round(mids), [length]]).astype(int)
+
+
+class BandBlender:
+    """Accumulates weighted tile predictions for one row of tiles at a time and hands finished rows on.
+
+    ``sink(row0, values)`` receives rows in order, each exactly once, as float32 (n_rows, width).
+    Memory: one (tile x width) float32 band.
+    """
+
+    def __init__(self, grid: TileGrid, sink: Callable[[int, np.ndarray], None]):
+        self.g, self.sink = grid, sink
+        self.top = 0
+        self.band = np.zeros((grid.tile, grid.width), np.float32)
+
+    def start_row(self, iy: int) -> None:
+        """Begin tile row ``iy``: rows above its origin can no longer change, so they are flushed."""
+        y = int(self.g.ys[iy])
+        self._flush_to(y)
+
+    def _flush_to(self, y: int) -> None:
+        n = min(y - self.top, self.g.height - self.top)
+        if n <= 0:
+            return
+        self.sink(self.top, self.band[:n].copy())
+        self.band[:-n] = self.band[n:].copy() if n < len(self.band) else 0
+        self.band[-n:] = 0
+        self.top += n
+
+    def add(self, ix: int, iy: int, values: np.ndarray) -> None:
+        """Add tile (ix, iy)'s prediction (tile x tile, or larger: it is cropped to the raster)."""
+        x0, y0 = int(self.g.xs[ix]), int(self.g.ys[iy])
+        wgt = self.g.weight(ix, iy)
+        h, w = wgt.shape
+        r = y0 - self.top
+        self.band[r:r + h, x0:x0 + w] += values[:h, :w] * wgt
+
+    def finish(self) -> None:
+        self._flush_to(self.g.height)

@@ -1,0 +1,225 @@
+"""Large-raster prediction: exact stitching, footprints across borders, outputs, bad input, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+from typer.testing import CliRunner
+
+from geomoe.config import PredictConfig
+from geomoe.data.synthetic import write_geotiff
+from geomoe.pipelines.footprints import FootprintCollector
+from geomoe.pipelines.predict import is_complete, outputs_for, predict_many, predict_raster
+from geomoe.pipelines.tiling import BandBlender, TileGrid
+
+from conftest import ROOT
+
+CFG = PredictConfig(tile_size=64, overlap=16, batch_size=4, min_area_m2=0.0, regularize=False)
+
+
+class RedModel:
+    """Identity-like model: probability = red band / 255; routes by tile brightness to 2 'experts'."""
+
+    tile_size = 64
+    gsd = None
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def route(self, tiles):
+        ids = (tiles.float().mean((1, 2, 3)) > 100).long().numpy()
+        return ids[:, None], np.ones((len(ids), 1), np.float32), np.zeros(len(ids), np.float32)
+
+    def predict(self, expert, tiles):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("killed")
+        return tiles[:, 0].float() / 255.0
+
+
+def _raster(path, h=150, w=170, crs="EPSG:32633", seed=0, nodata=None, data=None, res=0.5):
+    rng = np.random.default_rng(seed)
+    img = data if data is not None else rng.integers(0, 256, (3, h, w), dtype=np.uint8)
+    write_geotiff(path, img, crs, from_origin(500000, 4000000, res, res) if crs != "EPSG:4326" else from_origin(32.5, 0.4, 1e-5, 1e-5), nodata)
+    return path
+
+
+@pytest.mark.parametrize("size,tile,overlap", [((150, 170), 64, 16), ((64, 64), 64, 16), ((40, 500), 64, 20), ((1000, 37), 128, 32)])
+def test_blend_weights_sum_to_one_everywhere(size, tile, overlap):
+    g = TileGrid(size[1], size[0], tile, overlap)
+    total = np.zeros(size)
+    for iy in range(len(g.ys)):
+        for ix in range(len(g.xs)):
+            w = g.weight(ix, iy)
+            total[g.ys[iy]:g.ys[iy] + w.shape[0], g.xs[ix]:g.xs[ix] + w.shape[1]] += w
+    assert np.allclose(total, 1.0, atol=1e-5)
+
+
+def test_band_blender_reproduces_a_field_and_flushes_each_row_once():
+    rng = np.random.default_rng(0)
+    field = rng.random((300, 230)).astype(np.float32)
+    g = TileGrid(230, 300, 64, 16)
+    got = np.full_like(field, np.nan)
+    seen = []
+
+    def sink(r0, rows):
+        seen.append((r0, len(rows)))
+        got[r0:r0 + len(rows)] = rows
+
+    b = BandBlender(g, sink)
+    for iy in range(len(g.ys)):
+        b.start_row(iy)
+        for ix in range(len(g.xs)):
+            y0, x0 = g.ys[iy], g.xs[ix]
+            b.add(ix, iy, field[y0:y0 + 64, x0:x0 + 64])
+    b.finish()
+    assert np.allclose(got, field, atol=1e-5)
+    assert sum(n for _, n in seen) == 300 and [r for r, _ in seen] == sorted(r for r, _ in seen)
+
+
+def test_identity_model_reproduces_input_across_tile_borders(tmp_path):
+    src = _raster(tmp_path / "in.tif")
+    outs, st = predict_raster(RedModel(), src, tmp_path / "out", CFG, 0.5, progress=False)
+    with rasterio.open(src) as a, rasterio.open(outs.prob) as b:
+        red = a.read(1).astype(np.float64)
+        prob = b.read(1)
+        assert b.crs == a.crs and b.transform == a.transform and b.nodata == 255
+        assert b.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+    assert np.abs(prob.astype(int) - np.round(red / 255 * 254)).max() <= 1
+    assert st.tiles == len(TileGrid(170, 150, 64, 16)) and set(st.per_expert) <= {0, 1}
+
+
+def test_identity_on_the_real_sample_scene(tmp_path):
+    """The shipped Banepa scene (real imagery, Web Mercator) passes through tiling unchanged."""
+    scene = ROOT / "sample" / "scenes" / "banepa_east.tif"
+    with rasterio.open(scene) as ds:
+        window = ds.read(window=rasterio.windows.Window(0, 0, 300, 260))
+        crs, t = ds.crs, ds.window_transform(rasterio.windows.Window(0, 0, 300, 260))
+    write_geotiff(tmp_path / "crop.tif", window, crs, t)
+    outs, _ = predict_raster(RedModel(), tmp_path / "crop.tif", tmp_path / "o", CFG, 0.5, progress=False)
+    with rasterio.open(outs.prob) as b:
+        prob = b.read(1).astype(int)
+    assert np.abs(prob - np.round(window[0] / 255 * 254)).max() <= 1
+
+
+def test_buildings_crossing_band_borders_come_out_whole(tmp_path):
+    img = np.zeros((3, 400, 300), np.uint8)
+    img[0, 30:370, 40:80] = 255  # a tall building across every band border
+    img[0, 100:300, 150:170] = 255  # a U: two legs joined at the bottom, in different bands
+    img[0, 100:300, 200:220] = 255
+    img[0, 280:300, 150:220] = 255
+    img[0, 10:20, 250:260] = 255  # a small one inside a single band
+    src = _raster(tmp_path / "b.tif", data=img)
+    outs, st = predict_raster(RedModel(), src, tmp_path / "out", CFG, 0.5, progress=False)
+    fp = gpd.read_file(outs.footprints)
+    assert len(fp) == 3 == st.footprints
+    areas = sorted(fp.area_m2.round(2))
+    assert areas == pytest.approx(sorted([340 * 40 * 0.25, (200 * 20 * 2 + 20 * 30) * 0.25, 100 * 0.25]), rel=1e-6)
+    assert fp.crs.to_epsg() == 32633 and set(fp.columns) >= {"area_m2", "expert", "mean_prob"}
+    assert fp.mean_prob.min() > 0.95
+    gj = gpd.read_file(outs.geojson)
+    assert gj.crs.to_epsg() == 4326 and len(gj) == 3
+    routing = gpd.read_file(outs.routing)
+    assert len(routing) == st.tiles and set(routing.columns) >= {"expert", "distance"}
+    assert routing.union_all().area == pytest.approx(400 * 300 * 0.25)
+
+
+def test_collector_joins_pieces_and_u_shapes():
+    out = []
+    c = FootprintCollector(10, out.extend)
+    a = np.zeros((4, 10), bool)
+    a[2:, 1] = a[2:, 5] = True  # two legs reaching the border
+    b = np.zeros((4, 10), bool)
+    b[:2, 1:6] = True  # the bar joining them in the next band
+    c.add_band(0, a, a.astype(float))
+    c.add_band(4, b, b.astype(float))
+    c.finish()
+    assert len(out) == 1 and out[0].pixels == 4 + 10 and out[0].geom.area == 14
+
+
+def test_regularised_footprints_on_real_geographic_crs(tmp_path):
+    img = np.zeros((3, 200, 200), np.uint8)
+    img[0, 50:120, 60:140] = 255
+    img[0, 120:125, 60:70] = 255  # a notch: regularisation squares it up
+    src = _raster(tmp_path / "geo.tif", data=img, crs="EPSG:4326")
+    cfg = CFG.model_copy(update={"regularize": True, "min_area_m2": 2.0})
+    outs, _ = predict_raster(RedModel(), src, tmp_path / "o", cfg, 0.5, progress=False)
+    fp = gpd.read_file(outs.footprints)
+    assert len(fp) == 1 and fp.crs.to_epsg() == 4326
+    true_area = (70 * 80 + 50) * 1.1132 * 1.1057  # 1e-5 degree near the equator, in metres
+    assert fp.area_m2.iloc[0] == pytest.approx(true_area, rel=0.08)
+
+
+def test_bad_inputs_each_handled(tmp_path):
+    ok = _raster(tmp_path / "ok.tif")
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"not a tiff at all")
+    two = tmp_path / "two.tif"
+    write_geotiff(two, np.zeros((2, 50, 50), np.uint8), "EPSG:32633", from_origin(0, 0, 1, 1))
+    tiny = _raster(tmp_path / "tiny.tif", h=20, w=30)
+    nodata = _raster(tmp_path / "nodata.tif", data=np.zeros((3, 80, 80), np.uint8), nodata=0)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(p.name for p in (ok, broken, two, tiny, nodata)) + "\nmissing.tif\n")
+    with pytest.warns(UserWarning, match="all nodata"):
+        res = {r.path.name: r for r in predict_many(RedModel(), [listing], tmp_path / "out", CFG, 0.5, progress=False)}
+    assert res["ok.tif"].ok and res["tiny.tif"].ok and res["nodata.tif"].ok
+    assert not res["broken.tif"].ok and "broken.tif" in res["broken.tif"].message
+    assert not res["two.tif"].ok and "2 bands" in res["two.tif"].message
+    assert not res["missing.tif"].ok and "no such file" in res["missing.tif"].message
+    with rasterio.open(outputs_for(tiny, tmp_path / "out").prob) as ds:
+        assert (ds.width, ds.height) == (30, 20)
+    with rasterio.open(outputs_for(nodata, tmp_path / "out").mask) as ds:
+        assert (ds.read(1) == 255).all()
+    assert len(gpd.read_file(outputs_for(nodata, tmp_path / "out").footprints)) == 0
+
+
+def test_raster_without_crs_gets_pixel_outputs_and_no_geojson(tmp_path):
+    img = np.zeros((3, 100, 100), np.uint8)
+    img[0, 10:40, 10:40] = 255
+    png = tmp_path / "plain.png"
+    with rasterio.open(png, "w", driver="PNG", width=100, height=100, count=3, dtype="uint8") as ds:
+        ds.write(img)
+    with pytest.warns(UserWarning, match="no CRS"):
+        outs, st = predict_raster(RedModel(), png, tmp_path / "o", CFG, 0.5, progress=False)
+    assert outs.geojson is None and not (tmp_path / "o" / "plain_footprints.geojson").exists()
+    fp = gpd.read_file(outs.footprints)
+    assert len(fp) == 1 and fp.geometry.iloc[0].area == 900  # pixel units
+
+
+def test_interrupted_run_leaves_no_output_and_resume_skips_complete(tmp_path):
+    src = _raster(tmp_path / "in.tif", h=300, w=300)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="killed"):
+        predict_raster(RedModel(fail_after=5), src, out, CFG, 0.5, progress=False)
+    assert not any(p.exists() for p in outputs_for(src, out).all())
+    assert not is_complete(src, out)
+    predict_many(RedModel(), [src], out, CFG, 0.5, progress=False)
+    assert is_complete(src, out)
+    assert [p.name for p in out.iterdir() if ".partial" in p.name] == []
+    res = predict_many(RedModel(fail_after=0), [src], out, CFG, 0.5, resume=True, progress=False)
+    assert res[0].ok and "skipped" in res[0].message
+
+
+def test_cli_predict_with_a_trained_bundle(tmp_path, synth_root):
+    from geomoe.cli import app
+    from geomoe.config import load_config
+    from geomoe.pipelines.train import train_all
+
+    bundle = train_all(synth_root, load_config("tiny"), tmp_path / "b", progress=False, baseline=False, figures=False)
+    scene = next(synth_root.glob("loc1/images/*.tif"))
+    shutil.copy(scene, tmp_path / "scene.tif")
+    (tmp_path / "bad.tif").write_bytes(b"junk")
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "scene.tif"), str(tmp_path / "bad.tif"), "-b", str(bundle),
+                                 "-o", str(tmp_path / "pred"), "--tta", "--soft"])
+    assert r.exit_code == 1 and "1 done, 1 failed" in r.output, r.output
+    summary = json.loads((tmp_path / "pred" / "scene_summary.json").read_text())
+    assert summary["tiles"] > 0 and sum(summary["tiles_per_expert"].values()) == summary["tiles"]
+    with rasterio.open(tmp_path / "pred" / "scene_mask.tif") as ds:
+        assert ds.crs.to_epsg() == 32633 and set(np.unique(ds.read(1))) <= {0, 1}
