@@ -279,11 +279,12 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo_out"), "--out", "-o")) -> None:
-    """Run the demo on the shipped sample (for now: check the data and show patches)."""
-    root = Path(__file__).resolve().parents[1] / "sample" / "train"
-    data_check(root, full=True)
-    data_show(root, out / "patches.png", 12, 0, None)
+def demo(out: Path = typer.Option(Path("demo_out"), "--out", "-o"), config: ConfigOpt = None) -> None:
+    """Train the small configuration on the shipped sample, predict unseen scenes, write an HTML report."""
+    from geomoe.pipelines.demo import run_demo
+
+    report = run_demo(out, load_config(config or "small"))
+    console.print(f"[green]report:[/green] {report.resolve()}")
 
 
 def main() -> None:

@@ -13,13 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def origins(length: int, tile: int, stride: int) -> np.ndarray:
-    """Tile starts covering [0, length): regular steps, the last one aligned to the end."""
-    if length <= tile:
-        return np.array([0])
-    starts = list(range(0, length - tile, stride)) + [length - tile]
-    return np.array(sorted(set(starts)))
+from geomoe.data.sampling import origins
 
 
 def ramp(tile: int, overlap: int) -> np.ndarray:

@@ -220,6 +220,14 @@ def test_train_and_val_windows_never_overlap():
     assert not any(_overlap(t, v) for t in prep.windows("train") for v in val)
 
 
+def test_grid_windows_are_not_padded_when_the_block_holds_a_window():
+    """Austin's 1000 px scenes do not divide into 256 px windows: the last one is pulled inside."""
+    prep = prepare(SAMPLE, DataConfig(patch_size=256, block_size=512))
+    refs = [r for s in ("train", "val") for r in prep.windows(s) if prep.location_of(r) == "austin"]
+    assert refs and all(r.col + 256 <= 1000 and r.row + 256 <= 1000 for r in refs)
+    assert all(GridDataset(prep, [r])[0]["valid"].all() for r in refs[:6])
+
+
 def test_balanced_sampler_draws_each_location_equally():
     prep = prepare(SAMPLE, DataConfig(patch_size=128))
     ds = RandomPatchDataset(prep, 900, augment=False)

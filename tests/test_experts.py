@@ -89,12 +89,6 @@ def test_lr_suggestion_is_on_the_steepest_descent():
     assert 1e-4 <= suggest(lrs, losses) <= 1e-2
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(synth_root, tmp_path_factory):
-    cfg = load_config("tiny")
-    return train_all(synth_root, cfg, tmp_path_factory.mktemp("bundle") / "b", progress=False, figures=True)
-
-
 def test_bundle_is_complete_and_resumes(bundle_dir, synth_root):
     m = json.loads((bundle_dir / "manifest.json").read_text())
     assert m["k"] == 3 and len(m["experts"]) == 3 and m["baseline"] == "experts/baseline.pt"

@@ -207,12 +207,10 @@ def test_interrupted_run_leaves_no_output_and_resume_skips_complete(tmp_path):
     assert res[0].ok and "skipped" in res[0].message
 
 
-def test_cli_predict_with_a_trained_bundle(tmp_path, synth_root):
+def test_cli_predict_with_a_trained_bundle(tmp_path, synth_root, bundle_dir):
     from geomoe.cli import app
-    from geomoe.config import load_config
-    from geomoe.pipelines.train import train_all
 
-    bundle = train_all(synth_root, load_config("tiny"), tmp_path / "b", progress=False, baseline=False, figures=False)
+    bundle = bundle_dir
     scene = next(synth_root.glob("loc1/images/*.tif"))
     shutil.copy(scene, tmp_path / "scene.tif")
     (tmp_path / "bad.tif").write_bytes(b"junk")

@@ -71,15 +71,27 @@ def split_blocks(readers: list[SceneReader], block: int, val_fraction: float, se
     return out
 
 
+def origins(length: int, size: int, stride: int) -> np.ndarray:
+    """Window starts covering [0, length): regular steps, the last one aligned to the end."""
+    if length <= size:
+        return np.array([0])
+    return np.array(sorted(set(range(0, length - size, stride)) | {length - size}))
+
+
 def grid_windows(blocks: list[Block], size: int, split: Split) -> list[PatchRef]:
-    """Non-overlapping ``size`` windows covering every block of ``split`` (edges padded, never crossing blocks)."""
+    """``size`` windows covering every block of ``split``, never crossing a block.
+
+    The last window of a block is aligned to the block's far edge rather than padded past the
+    raster (padding skews embeddings and scores); it may overlap its neighbour. Blocks smaller than
+    a window get one padded window.
+    """
     out = []
     for b in blocks:
         if b.split != split:
             continue
-        for row in range(b.row, b.row + b.height, size):
-            for col in range(b.col, b.col + b.width, size):
-                out.append(PatchRef(b.scene, col, row, size))
+        for row in b.row + origins(b.height, size, size):
+            for col in b.col + origins(b.width, size, size):
+                out.append(PatchRef(b.scene, int(col), int(row), size))
     return out
 
 
