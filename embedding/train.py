@@ -16,7 +16,7 @@ from geomoe.config import Config
 from geomoe.data.datasets import Prepared, RandomPatchDataset, compute_stats
 from geomoe.embedding.losses import batch_triplet_loss
 from geomoe.embedding.model import LocationAutoencoder
-from geomoe.training import CsvLog, load_checkpoint, poly_scheduler, save_checkpoint, seed_everything
+from geomoe.training import CsvLog, load_checkpoint, load_model_file, poly_scheduler, save_checkpoint, seed_everything
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "embedding.pt"
@@ -34,11 +34,7 @@ def save_embedding(model: LocationAutoencoder, path: Path, cfg: Config, location
 
 def load_embedding(path: Path, device: torch.device | str = "cpu") -> tuple[LocationAutoencoder, dict]:
     """The trained embedding network and its metadata (locations, whether the triplet term was used)."""
-    ck = load_checkpoint(Path(path))
-    if ck is None:
-        raise FileNotFoundError(f"{path}: no embedding model here")
-    if "state" not in ck or "embedding" not in ck:
-        raise ValueError(f"{path}: not an embedding model file")
+    ck = load_model_file(path, "embedding", ("state", "embedding"))
     e = ck["embedding"]
     model = LocationAutoencoder(e["encoder"], e["dim"], e["input_size"])
     model.load_state_dict(ck["state"])

@@ -18,7 +18,7 @@ from geomoe.data.sampling import PatchRef
 from geomoe.experts.losses import segmentation_loss
 from geomoe.experts.model import UNet
 from geomoe.metrics import Scores
-from geomoe.training import CsvLog, load_checkpoint, poly_scheduler, save_checkpoint, seed_everything
+from geomoe.training import CsvLog, load_checkpoint, load_model_file, poly_scheduler, save_checkpoint, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,7 @@ def save_expert(model: UNet, path: Path, meta: dict) -> None:
 
 
 def load_expert(path: Path, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
-    ck = load_checkpoint(Path(path))
-    if ck is None:
-        raise FileNotFoundError(f"{path}: no expert model here")
-    if "state" not in ck or "encoder" not in ck:
-        raise ValueError(f"{path}: not an expert model file")
+    ck = load_model_file(path, "expert", ("state", "encoder"))
     model = UNet(ck["encoder"])
     model.load_state_dict(ck["state"])
     return to_device(model, torch.device(device)).eval(), ck

@@ -75,6 +75,7 @@ class PredictConfig(_Strict):
     min_area_m2: float = Field(4.0, ge=0)
     regularize: bool = True
     allow_diagonals: bool = False
+    gdal_cache_mb: int = Field(256, ge=16, description="GDAL block cache during prediction (MB); bounds memory.")
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> "PredictConfig":

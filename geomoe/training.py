@@ -60,3 +60,13 @@ class CsvLog:
     def read(self) -> list[dict[str, str]]:
         with self.path.open(newline="") as f:
             return list(csv.DictReader(f))
+
+
+def load_model_file(path: Path, kind: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A saved model's checkpoint dict, with a clear error when it is missing or of another kind."""
+    ck = load_checkpoint(Path(path))
+    if ck is None:
+        raise FileNotFoundError(f"{path}: no {kind} model here")
+    if not all(k in ck for k in keys):
+        raise ValueError(f"{path}: not an {kind} model file")
+    return ck

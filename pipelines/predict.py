@@ -141,8 +141,10 @@ class _Writers:
         self.prob = rasterio.open(self.raw_prob, "w", **prof)
         self.mask = rasterio.open(self.raw_mask, "w", **prof)
         self.vec_tmp = tmp_name(outs.footprints)
-        if self.vec_tmp.exists():
-            self.vec_tmp.unlink()
+        self.json_tmp = tmp_name(outs.geojson) if outs.geojson else None
+        for p in (self.vec_tmp, self.json_tmp):
+            if p is not None and p.exists():
+                p.unlink()
         self.count = 0
 
     def write_rows(self, row0: int, prob: np.ndarray, valid: np.ndarray, threshold: float) -> np.ndarray:
@@ -159,6 +161,9 @@ class _Writers:
         if len(gdf):
             gdf = gdf[["area_m2", "expert", "mean_prob", "pixels", "geometry"]]
             gdf.to_file(self.vec_tmp, driver="GPKG", layer="footprints", append=self.vec_tmp.exists(), engine="pyogrio")
+            if self.json_tmp is not None:  # written batch by batch too, so no step holds every footprint
+                gdf.to_crs("EPSG:4326").to_file(self.json_tmp, driver="GeoJSON", append=self.json_tmp.exists(),
+                                                engine="pyogrio")
             self.count += len(gdf)
 
     def close(self) -> None:
@@ -173,29 +178,33 @@ class _Writers:
                 rasterio.shutil.copy(raw, tmp, driver="COG", compress="DEFLATE", overview_resampling="nearest",
                                      BIGTIFF="IF_SAFER")
             raw.unlink()
-        if not self.vec_tmp.exists():  # no building found: an empty, valid layer
-            gpd.GeoDataFrame({"area_m2": [], "expert": [], "mean_prob": [], "pixels": []}, geometry=[],
-                             crs=self.crs).to_file(self.vec_tmp, driver="GPKG", layer="footprints")
-        if self.outs.geojson is not None:
-            with atomic_path(self.outs.geojson) as tmp:
-                gpd.read_file(self.vec_tmp).to_crs("EPSG:4326").to_file(tmp, driver="GeoJSON")
+        if not self.vec_tmp.exists():  # no building found: empty, valid layers
+            empty = gpd.GeoDataFrame({"area_m2": [], "expert": [], "mean_prob": [], "pixels": []}, geometry=[], crs=self.crs)
+            empty.to_file(self.vec_tmp, driver="GPKG", layer="footprints")
+            if self.json_tmp is not None:
+                empty.to_crs("EPSG:4326").to_file(self.json_tmp, driver="GeoJSON")
+        if self.json_tmp is not None:
+            self.json_tmp.replace(self.outs.geojson)
         self.vec_tmp.replace(self.outs.footprints)
 
     def abort(self) -> None:
         self.close()
-        for p in (self.raw_prob, self.raw_mask, self.vec_tmp):
-            p.unlink(missing_ok=True)
+        for p in (self.raw_prob, self.raw_mask, self.vec_tmp, self.json_tmp):
+            if p is not None:
+                p.unlink(missing_ok=True)
 
 
 def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, threshold: float,
                    progress: bool = True, fmt: str = "gpkg") -> tuple[Outputs, RunStats]:
     """Predict one raster; every output appears under its final name only when complete."""
     t0 = time.perf_counter()
-    ds = open_raster(src)
-    try:
-        return _predict(model, ds, src, out, cfg, threshold, progress, fmt, t0)
-    finally:
-        ds.close()
+    # GDAL's block cache defaults to 5% of RAM and fills on big rasters: cap it so memory stays flat.
+    with rasterio.Env(GDAL_CACHEMAX=cfg.gdal_cache_mb):
+        ds = open_raster(src)
+        try:
+            return _predict(model, ds, src, out, cfg, threshold, progress, fmt, t0)
+        finally:
+            ds.close()
 
 
 def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, threshold: float, progress: bool,
