@@ -75,7 +75,7 @@ class PredictConfig(_Strict):
     min_area_m2: float = Field(4.0, ge=0)
     regularize: bool = True
     allow_diagonals: bool = False
-    gdal_cache_mb: int = Field(256, ge=16, description="GDAL block cache during prediction (MB); bounds memory.")
+    gdal_cache_mb: int = Field(32, ge=8, description="Least GDAL block cache during prediction (MB); raised to what the raster's width needs.")
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> "PredictConfig":

@@ -198,8 +198,12 @@ def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, t
                    progress: bool = True, fmt: str = "gpkg") -> tuple[Outputs, RunStats]:
     """Predict one raster; every output appears under its final name only when complete."""
     t0 = time.perf_counter()
-    # GDAL's block cache defaults to 5% of RAM and fills on big rasters: cap it so memory stays flat.
-    with rasterio.Env(GDAL_CACHEMAX=cfg.gdal_cache_mb):
+    with open_raster(src) as probe:
+        width = probe.width
+    # GDAL's block cache defaults to 5% of RAM and fills up on big rasters. Streaming needs only about
+    # two rows of 512 px blocks of the input and both outputs (width x 3.5 kB); more just grows RSS.
+    cache_mb = max(cfg.gdal_cache_mb, int(width * 3584 / 2**20) + 16)
+    with rasterio.Env(GDAL_CACHEMAX=cache_mb):
         ds = open_raster(src)
         try:
             return _predict(model, ds, src, out, cfg, threshold, progress, fmt, t0)
@@ -234,7 +238,7 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
         return expert_grid[iy, ix]
 
     writers = _Writers(ds, outs, gsd, cfg, expert_at)
-    collector = FootprintCollector(ds.width, writers.write_pieces)
+    collector = FootprintCollector(ds.width, writers.write_pieces, batch=1000)
     stats = RunStats()
 
     def sink(row0: int, prob: np.ndarray) -> None:
