@@ -64,11 +64,12 @@ class FootprintCollector:
             self.edge[:] = -1
             return
         counts = np.bincount(labels.ravel(), minlength=n + 1)
-        sums = np.bincount(labels.ravel(), weights=prob.ravel().astype(np.float64), minlength=n + 1)
+        sums = np.zeros(n + 1)
+        sums[1:] = ndimage.sum_labels(prob, labels, np.arange(1, n + 1))
         ids = np.arange(n + 1) + self.next_id  # label l -> global id (label 0 unused)
         self.next_id += n + 1
         new: dict[int, Piece] = {}
-        for geom, lab in features.shapes(labels.astype(np.int32), mask=labels > 0, connectivity=4,
+        for geom, lab in features.shapes(labels.astype(np.int32, copy=False), mask=labels > 0, connectivity=4,
                                          transform=Affine.translation(0, row0)):
             lab = int(lab)
             g = shape(geom)

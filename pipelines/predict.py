@@ -149,10 +149,13 @@ class _Writers:
 
     def write_rows(self, row0: int, prob: np.ndarray, valid: np.ndarray, threshold: float) -> np.ndarray:
         win = Window(0, row0, prob.shape[1], prob.shape[0])
-        p8 = np.where(valid, np.clip(np.round(prob * 254), 0, 254), NODATA).astype(np.uint8)
-        m = (prob >= threshold) & valid
+        p8 = (np.clip(prob, 0, 1) * 254 + 0.5).astype(np.uint8)
+        p8[~valid] = NODATA
         self.prob.write(p8, 1, window=win)
-        self.mask.write(np.where(valid, m, NODATA).astype(np.uint8), 1, window=win)
+        m = (prob >= threshold) & valid
+        m8 = m.astype(np.uint8)
+        m8[~valid] = NODATA
+        self.mask.write(m8, 1, window=win)
         return m
 
     def write_pieces(self, pieces: list[Piece]) -> None:
@@ -245,7 +248,7 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
         win = Window(0, row0, ds.width, prob.shape[0])
         valid = valid_window_mask(ds, win, prob.shape, alpha, True)
         m = writers.write_rows(row0, prob, valid, threshold)
-        collector.add_band(row0, m, np.where(valid, prob, 0))
+        collector.add_band(row0, m, prob)  # probabilities are only summed inside m, which excludes nodata
 
     blender = BandBlender(grid, sink)
     bar = tqdm(total=len(grid), desc=src.name, unit="tile", disable=not progress)

@@ -76,12 +76,13 @@ class TileGrid:
 class BandBlender:
     """Accumulates weighted tile predictions for one row of tiles at a time and hands finished rows on.
 
-    ``sink(row0, values)`` receives rows in order, each exactly once, as float32 (n_rows, width).
+    ``sink(row0, values)`` receives rows in order, each exactly once, as float32 (n_rows, width), at
+    most ``flush_rows`` at a time so that what the sink derives from them stays small.
     Memory: one (tile x width) float32 band.
     """
 
-    def __init__(self, grid: TileGrid, sink: Callable[[int, np.ndarray], None]):
-        self.g, self.sink = grid, sink
+    def __init__(self, grid: TileGrid, sink: Callable[[int, np.ndarray], None], flush_rows: int = 64):
+        self.g, self.sink, self.flush_rows = grid, sink, flush_rows
         self.top = 0
         self.band = np.zeros((grid.tile, grid.width), np.float32)
 
@@ -94,7 +95,8 @@ class BandBlender:
         n = min(y - self.top, self.g.height - self.top)
         if n <= 0:
             return
-        self.sink(self.top, self.band[:n].copy())
+        for r in range(0, n, self.flush_rows):
+            self.sink(self.top + r, self.band[r:min(n, r + self.flush_rows)])
         self.band[:-n] = self.band[n:].copy() if n < len(self.band) else 0
         self.band[-n:] = 0
         self.top += n
