@@ -14,6 +14,7 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+logging.getLogger("pyogrio").setLevel(logging.WARNING)
 
 
 def machine() -> str:

@@ -290,6 +290,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", "-o"), config: Conf
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every SIMD variant it tries
+    logging.getLogger("pyogrio").setLevel(logging.WARNING)  # "Created N records" for every write
     warnings.simplefilter("once")
     warnings.filterwarnings("ignore", category=PendingDeprecationWarning)  # affine's '*' notice, from rasterio itself
     app()
