@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.manifold import TSNE
 
+from geomoe.data.catalog import Scene
 from geomoe.data.reader import SceneReader
 from geomoe.embedding.extract import Embeddings
 from geomoe.embedding.regions import assign
@@ -64,8 +65,6 @@ def plot_cluster_samples(emb: Embeddings, centroids: np.ndarray, out: Path, per_
     rng = np.random.default_rng(seed)
     readers: dict[str, SceneReader] = {}
     tiles, titles = [], []
-    from geomoe.data.catalog import Scene
-
     for c in range(len(centroids)):
         idx = np.flatnonzero(clusters == c)
         pick = rng.choice(idx, size=min(per_cluster, len(idx)), replace=False) if len(idx) else []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ def find_lr(prep: Prepared, cfg: Config, steps: int = 60, start: float = 1e-6, e
     device = pick_device(cfg.device)
     model = UNet(cfg.experts.encoder, cfg.experts.pretrained)
     model.norm.set(*compute_stats(prep, seed=cfg.seed))
-    model = to_device(copy.deepcopy(model), device).train()
+    model = to_device(model, device).train()
     opt = torch.optim.Adam(model.parameters(), lr=start, weight_decay=cfg.experts.weight_decay)
     mult = (end / start) ** (1 / max(1, steps - 1))
     ds = RandomPatchDataset(prep, steps * cfg.experts.batch_size, seed=cfg.seed, min_valid=cfg.data.min_valid)

@@ -59,10 +59,7 @@ def validate(model: UNet, prep: Prepared, refs: list[PatchRef], device: torch.de
     for b in DataLoader(GridDataset(prep, refs), batch_size=batch_size):
         prob = predict_probs(model, b["image"], device).numpy()
         for p, t, v in zip(prob, b["mask"].numpy(), b["valid"].numpy()):
-            s.tp += int(((p >= threshold) & (t > 0) & v).sum())
-            s.fp += int(((p >= threshold) & (t == 0) & v).sum())
-            s.fn += int(((p < threshold) & (t > 0) & v).sum())
-            s.tn += int(((p < threshold) & (t == 0) & v).sum())
+            s.update(p >= threshold, t > 0, v, instances=False)
     return {k: v for k, v in s.summary().items() if k in ("iou", "accuracy")}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -54,9 +54,10 @@ class Scores:
     bd_inter: int = 0
     bd_union: int = 0
     patches: int = 0
-    extra: dict = field(default_factory=dict)
 
-    def update(self, pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None, boundary_px: int = 2) -> None:
+    def update(self, pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None, boundary_px: int = 2,
+               instances: bool = True) -> None:
+        """Add one patch; ``instances=False`` counts pixels only (cheap enough for every training epoch)."""
         pred, truth = pred.astype(bool), truth.astype(bool)
         v = np.ones_like(pred) if valid is None else valid.astype(bool)
         p, t = pred & v, truth & v
@@ -64,12 +65,14 @@ class Scores:
         self.fp += int((p & ~t).sum())
         self.fn += int((~p & t & v).sum())
         self.tn += int((~pred & ~truth & v).sum())
+        self.patches += 1
+        if not instances:
+            return
         a, b, c = match_buildings(p, t)
         self.b_tp, self.b_fp, self.b_fn = self.b_tp + a, self.b_fp + b, self.b_fn + c
         bp, bt = _boundary(p, boundary_px), _boundary(t, boundary_px)
         self.bd_inter += int((bp & bt).sum())
         self.bd_union += int((bp | bt).sum())
-        self.patches += 1
 
     def __iadd__(self, o: "Scores") -> "Scores":
         for k in ("tp", "fp", "fn", "tn", "b_tp", "b_fp", "b_fn", "bd_inter", "bd_union", "patches"):

@@ -51,7 +51,7 @@ def line_plot(x, ys: dict[str, list[float]], out: str | Path, xlabel: str, ylabe
               title: str = "", mark_x: float | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, y in ys.items():
-        ax.plot(x if not isinstance(x, dict) else x[name], y, label=name)
+        ax.plot(x, y, label=name)
     if logx:
         ax.set_xscale("log")
     if mark_x is not None:

@@ -42,14 +42,6 @@ class Grid:
         lon, lat = warp_transform(self.crs, "EPSG:4326", [x], [y])
         return float(lon[0]), float(lat[0])
 
-    def same_as(self, other: "Grid", tol: float = 1e-6) -> bool:
-        return (
-            self.width == other.width
-            and self.height == other.height
-            and (self.crs == other.crs)
-            and self.transform.almost_equals(other.transform, precision=tol)
-        )
-
 
 def grid_of(ds: rasterio.io.DatasetReader) -> Grid:
     return Grid(ds.width, ds.height, ds.crs, ds.transform)

@@ -219,8 +219,7 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
     bands, alpha = image_bands(ds, src)
     if ds.count > 4:
         raise RasterError(f"{src}: {ds.count} bands; the bundle expects RGB (3), RGBA (4) or a single band")
-    grid_info = grid_of(ds)
-    gsd = ground_sampling_distance(grid_info)
+    gsd = ground_sampling_distance(grid_of(ds))
     if ds.crs is None:
         warnings.warn(f"{src}: no CRS; outputs are in pixel coordinates and no GeoJSON is written", stacklevel=2)
     elif ds.crs.is_geographic:
@@ -286,7 +285,7 @@ def _run_chunk(model: TileModel, ds, bands, alpha, grid: TileGrid, iy: int, cols
                stats: RunStats) -> None:
     """Read, route, predict (grouped by expert) and blend one chunk of a tile row."""
     y0 = int(grid.ys[iy])
-    tiles, valid_any, keep = [], [], []
+    tiles, keep = [], []
     for ix in cols:
         win = Window(int(grid.xs[ix]), y0, t_src, t_src)
         v = valid_window_mask(ds, win, (T, T), alpha, True)
@@ -295,7 +294,6 @@ def _run_chunk(model: TileModel, ds, bands, alpha, grid: TileGrid, iy: int, cols
             continue
         tiles.append(read_window(ds, bands, win, (T, T), Resampling.bilinear if t_src != T else Resampling.nearest))
         keep.append(ix)
-        valid_any.append(v)
     if not keep:
         return
     batch = torch.from_numpy(np.stack(tiles))

@@ -135,6 +135,3 @@ def check_catalog(cat: Catalog, progress: bool = True) -> tuple[list[SceneReport
         summaries.append(s)
     return reports, summaries
 
-
-def usable_scenes(cat: Catalog, reports: list[SceneReport]) -> list[Scene]:
-    return [r.scene for r in reports if r.ok and r.scene.label is not None]

@@ -13,6 +13,7 @@ from rasterio import features
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
+from shapely.geometry import box
 
 from geomoe.data.catalog import Scene
 from geomoe.raster import (
@@ -116,18 +117,12 @@ class SceneReader:
         t = window_transform(win, self.grid.transform) @ rasterio.Affine.scale(win.width / hw[1], win.height / hw[0])
         x0, y0 = t @ (0, 0)
         x1, y1 = t @ (hw[1], hw[0])
-        idx = gdf.sindex.query(_box(x0, y0, x1, y1))
+        idx = gdf.sindex.query(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
         if len(idx) == 0:
             return np.zeros(hw, np.uint8)
         return features.rasterize(
             ((g, 1) for g in gdf.geometry.iloc[idx]), out_shape=hw, transform=t, fill=0, dtype="uint8"
         )
-
-
-def _box(x0: float, y0: float, x1: float, y1: float):
-    from shapely.geometry import box
-
-    return box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 
 def open_readers(scenes: list[Scene], target_gsd: float | None) -> list[SceneReader]:
