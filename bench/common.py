@@ -37,3 +37,14 @@ def record(title: str, body: str, config: str) -> None:
     print(text)
     with RESULTS.open("a") as f:
         f.write(text)
+
+
+def write_json(name: str, figures: dict, config: dict | str) -> Path:
+    """The latest run's figures as bench/results/<name>.json, with the configuration and the machine."""
+    import json
+
+    out = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+                               "config": config, **figures}, indent=2, default=float) + "\n")
+    return out

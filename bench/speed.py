@@ -4,7 +4,7 @@
    regularise) against the pure forward of the same embedding network and expert on the same tiles.
 2. Routing: embedding + FAISS search per tile, as a fraction of one expert forward (resnet101 and the
    configured expert).
-3. Training: steps/s with the real data loader against the same optimisation step on a batch in memory.
+(Training speed: bench/trainer.py.)
 Usage: uv run python bench/speed.py [--scene ../shared/data/banepa/scene/banepa_mosaic.tif] [--config small]
 """
 
@@ -23,10 +23,8 @@ from rasterio.windows import Window
 
 from geomoe.backbone import autocast, batch_to, pick_device, to_device
 from geomoe.config import load_config
-from geomoe.data.datasets import RandomPatchDataset, prepare
 from geomoe.embedding.model import LocationAutoencoder
-from geomoe.experts.losses import segmentation_loss
-from geomoe.experts.model import UNet
+from geomoe.experts.model import Expert
 from geomoe.pipelines.predict import predict_raster
 from geomoe.pipelines.tiling import TileGrid
 from geomoe.router.routing import Router
@@ -61,15 +59,13 @@ def main() -> None:
     ap.add_argument("--scene", type=Path, default=SHARED / "banepa" / "scene" / "banepa_mosaic.tif")
     ap.add_argument("--crop", type=int, default=1536, help="side of the scene crop predicted (pixels)")
     ap.add_argument("--config", default="small")
-    ap.add_argument("--root", type=Path, default=SHARED)
-    ap.add_argument("--train-steps", type=int, default=12)
     a = ap.parse_args()
     cfg = load_config(a.config)
     dev = pick_device(cfg.device)
     torch.manual_seed(0)
     T, P = cfg.predict.tile_size, min(cfg.data.patch_size, cfg.predict.tile_size)
     emb = to_device(LocationAutoencoder(cfg.embedding.encoder, cfg.embedding.dim, cfg.embedding.input_size), dev).eval()
-    experts = [to_device(UNet(cfg.experts.encoder), dev).eval() for _ in range(cfg.regions.k)]
+    experts = [to_device(Expert(cfg.experts.encoder, cfg.experts.decoder), dev).eval() for _ in range(cfg.regions.k)]
     cen = np.random.default_rng(0).normal(size=(cfg.regions.k, cfg.embedding.dim)).astype(np.float32)
     model = NetModel(emb, experts, T, P, dev, cen)
     lines = []
@@ -109,7 +105,7 @@ def main() -> None:
         t_emb = timed(lambda: model.route(batch), 3) / B
         rows = ["", "### Routing cost", "", "| expert | expert ms/tile | routing ms/tile | routing / expert |", "|---|---|---|---|"]
         for enc in ("resnet101", cfg.experts.encoder):
-            net = to_device(UNet(enc), dev).eval()
+            net = to_device(Expert(enc), dev).eval()
             with torch.no_grad(), autocast(dev):
                 net(batch_to(batch, dev))
                 t_exp = timed(lambda: net(batch_to(batch, dev)), 2) / B
@@ -117,34 +113,7 @@ def main() -> None:
         lines += rows + ["", f"Routing = {cfg.embedding.encoder} embedding of the central {P} px at {cfg.embedding.input_size} px "
                          "+ FAISS search. Target: < 15% of a resnet101 expert."]
 
-    # Training: real loader against an in-memory batch, same step.
-    prep = prepare(a.root, cfg.data, cfg.seed)
-    x = cfg.experts
-    net = to_device(UNet(x.encoder), dev)
-    opt = torch.optim.Adam(net.parameters(), lr=x.lr)
-    ds = RandomPatchDataset(prep, a.train_steps * x.batch_size, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_size=x.batch_size, num_workers=cfg.data.workers)
-
-    def step(b):
-        with autocast(dev):
-            logits = net(batch_to(b["image"], dev))
-        loss = segmentation_loss(logits, b["mask"].to(dev), b["valid"].to(dev), x.alpha)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    first = next(iter(loader))
-    step(first)
-    t_mem = timed(lambda: [step(first) for _ in range(a.train_steps)])
-    t_load = timed(lambda: [step(b) for b in loader])
-    t_data = timed(lambda: [None for _ in loader])
-    lines += ["", "### Training", "", "| | steps/s |", "|---|---|",
-              f"| optimisation step on a batch in memory | {a.train_steps / t_mem:.2f} |",
-              f"| with the real data loader | {a.train_steps / t_load:.2f} |",
-              f"| data loading alone | {a.train_steps / t_data:.2f} |", "",
-              f"{x.encoder} U-Net, batch {x.batch_size}, {cfg.data.patch_size} px, workers {cfg.data.workers}. "
-              f"**Data pipeline overhead: {100 * (t_load / t_mem - 1):.1f}%** (target < 10%)."]
-    record("Speed: pipeline overhead, routing cost, training data pipeline", "\n".join(lines),
+    record("Speed: pipeline overhead, routing cost", "\n".join(lines),
            f"`{a.config}` (random weights; speed does not depend on them), device {dev}")
 
 

@@ -11,9 +11,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from geomoe.atomic import atomic_path
-from geomoe.backbone import autocast, batch_to
 from geomoe.data.datasets import GridDataset, Prepared
-from geomoe.embedding.model import LocationAutoencoder
+from geomoe.embedding.model import LocationAutoencoder, embed_batches
 
 
 @dataclass
@@ -46,18 +45,12 @@ class Embeddings:
             raise ValueError(f"{path}: not an embeddings file written by 'geomoe embed extract' ({e})") from e
 
 
-@torch.no_grad()
-def embed_batches(model: LocationAutoencoder, images: torch.Tensor, device: torch.device) -> np.ndarray:
-    with autocast(device):
-        return model.embed(batch_to(images, device)).float().cpu().numpy()
-
-
 def extract(model: LocationAutoencoder, prep: Prepared, batch_size: int = 32, min_valid: float = 0.5,
             progress: bool = True) -> Embeddings:
-    """Embeddings of every grid window of both splits with at least ``min_valid`` real data."""
+    """Embeddings of every grid window of every split with at least ``min_valid`` real data."""
     device = next(model.parameters()).device
     model.eval()
-    refs = [(r, "train") for r in prep.windows("train")] + [(r, "val") for r in prep.windows("val")]
+    refs = [(r, s) for s in ("train", "val", "test") for r in prep.windows(s)]
     ds = GridDataset(prep, [r for r, _ in refs])
     vecs, keep = [], []
     for batch in tqdm(DataLoader(ds, batch_size=batch_size), desc="embedding patches", unit="batch", disable=not progress):

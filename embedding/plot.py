@@ -47,7 +47,7 @@ def plot_space(emb: Embeddings, centroids: np.ndarray | None, out: Path, methods
     clusters = assign(emb.vectors, centroids) if centroids is not None else None
     cols = 2 if clusters is not None else 1
     fig, axes = plt.subplots(len(methods), cols, figsize=(6 * cols, 5 * len(methods)), squeeze=False)
-    held = emb.split == "val"
+    held = emb.split != "train"
     for r, m in enumerate(methods):
         xy = project(emb.vectors, m, seed)
         _scatter(axes[r, 0], xy, emb.location, f"{m.upper()}: by location (ringed = held out)", held)

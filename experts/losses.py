@@ -1,4 +1,8 @@
-"""alpha * BCE + (1 - alpha) * (1 - soft Jaccard), over valid (non-nodata) pixels only."""
+"""alpha * BCE + (1 - alpha) * (1 - soft Jaccard), over valid (non-nodata) pixels only.
+
+Both terms are computed per image and averaged over the batch, so the loss of a batch split over several
+processes (DDP) averages to the loss of the whole batch, and the two runs take the same steps.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,18 @@ import torch.nn.functional as F
 
 
 def soft_jaccard(prob: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    v = valid.float()
-    inter = (prob * target * v).sum()
-    union = ((prob + target - prob * target) * v).sum()
+    """Per-image soft Jaccard (N,) of ``prob``, ``target``, ``valid`` (N, H, W)."""
+    v = valid.to(prob.dtype)
+    inter = (prob * target * v).sum((-2, -1))
+    union = ((prob + target - prob * target) * v).sum((-2, -1))
     return (inter + eps) / (union + eps)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
     """``logits`` (N, 1, H, W); ``target`` and ``valid`` (N, H, W)."""
-    logits = logits[:, 0].float()
-    v = valid.float()
-    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * v).sum() / v.sum().clamp(min=1)
-    return alpha * bce + (1 - alpha) * (1 - soft_jaccard(torch.sigmoid(logits), target, valid))
+    logits = logits[:, 0]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 in, float32 (or float64) loss
+    target, v = target.to(logits.dtype), valid.to(logits.dtype)
+    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * v).sum((-2, -1)) / v.sum((-2, -1)).clamp(min=1)
+    jac = soft_jaccard(torch.sigmoid(logits), target, valid)
+    return (alpha * bce + (1 - alpha) * (1 - jac)).mean()

@@ -1,53 +1,81 @@
-"""The expert: a U-Net on a torchvision ResNet encoder with one sigmoid output."""
+"""The expert: a segmentation-models-pytorch network behind geomoe's input normalisation, and its model file.
+
+Inference lives here (build, load, predict); training lives in ``experts/task.py``, so loading a bundle does not
+import the training stack.
+"""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+from typing import Any
+
+import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geomoe.backbone import Normalize, ResNetEncoder
+from geomoe.backbone import Normalize, autocast, batch_to, load_encoder_weights, to_device
+from geomoe.modelfile import read_model_file, write_model_file
+
+KIND = "expert"
 
 
-def _conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+class Expert(nn.Module):
+    """uint8 (or 0-1) images of any size in, logits (N, classes, H, W) out.
 
+    smp networks need sides divisible by 32; the input is reflect-padded to that and the output cropped back.
+    """
 
-class _Up(nn.Module):
-    def __init__(self, cin: int, skip: int, cout: int):
+    def __init__(self, encoder: str = "resnet101", decoder: str = "Unet", classes: int = 1,
+                 pretrained: str | Path | None = None):
         super().__init__()
-        self.block = nn.Sequential(_conv(cin + skip, cout), _conv(cout, cout))
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        if skip is not None:
-            x = torch.cat([x, skip], 1)
-        return self.block(x)
-
-
-class UNet(nn.Module):
-    """Encoder features at strides 2-32, five upsampling blocks with skips, a 1-channel logit map."""
-
-    def __init__(self, encoder: str = "resnet101", pretrained=None, decoder=(256, 128, 64, 32, 16)):
-        super().__init__()
-        self.encoder_name = encoder
+        self.encoder_name, self.decoder_name, self.classes = encoder, decoder, classes
         self.norm = Normalize()
-        self.encoder = ResNetEncoder(encoder, pretrained)
-        ch = self.encoder.channels  # strides 2, 4, 8, 16, 32
-        skips = [ch[3], ch[2], ch[1], ch[0], 0]
-        cins = [ch[4], *decoder[:-1]]
-        self.decoder = nn.ModuleList(_Up(ci, s, co) for ci, s, co in zip(cins, skips, decoder))
-        self.head = nn.Conv2d(decoder[-1], 1, 3, padding=1)
+        with warnings.catch_warnings():  # smp warns about deprecated aliases we never use
+            warnings.simplefilter("ignore")
+            self.net = smp.create_model(decoder, encoder_name=encoder, encoder_weights=None, in_channels=3, classes=classes)
+        if pretrained is not None:
+            load_encoder_weights(self.net.encoder, pretrained)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, 1, H, W); H and W are padded internally to a multiple of 32."""
         h, w = x.shape[-2:]
         x = self.norm(x)
         ph, pw = (-h) % 32, (-w) % 32
         if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="reflect")
-        f = self.encoder(x)
-        y = f[4]
-        for up, skip in zip(self.decoder, [f[3], f[2], f[1], f[0], None]):
-            y = up(y, skip)
-        return self.head(y)[..., :h, :w]
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+        return self.net(x)[..., :h, :w]
+
+    def spec(self) -> dict[str, Any]:
+        return {"encoder": self.encoder_name, "decoder": self.decoder_name, "classes": self.classes}
+
+
+def build_expert(encoder: str, decoder: str = "Unet", classes: int = 1, pretrained: str | Path | None = None) -> Expert:
+    return Expert(encoder, decoder, classes, pretrained)
+
+
+def save_expert(model: Expert, path: Path, meta: dict[str, Any] | None = None) -> Path:
+    return write_model_file(path, KIND, model.state_dict(), {**model.spec(), **(meta or {})})
+
+
+def load_expert(path: Path, device: torch.device | str = "cpu") -> tuple[Expert, dict[str, Any]]:
+    """The expert in ``path`` in eval mode on ``device``, and its metadata."""
+    state, meta = read_model_file(path, KIND)
+    model = Expert(meta["encoder"], meta.get("decoder", "Unet"), int(meta.get("classes", 1)))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit a {meta['decoder']} on {meta['encoder']} ({str(e)[:200]})") from e
+    return to_device(model, torch.device(device)).eval(), meta
+
+
+@torch.no_grad()
+def predict_logits(model: Expert, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with autocast(device):
+        return model(batch_to(images, device)).float()
+
+
+@torch.no_grad()
+def predict_probs(model: Expert, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Building probability (N, H, W) in float32 on the CPU (channel 0 of the model's output)."""
+    return torch.sigmoid(predict_logits(model, images, device)[:, 0]).cpu()

@@ -1,4 +1,4 @@
-"""torchvision ResNet encoders shared by the embedding network and the experts, plus device helpers."""
+"""What the embedding network and the experts share: input normalisation, local encoder weights, device helpers."""
 
 from __future__ import annotations
 
@@ -7,55 +7,36 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
-CHANNELS = {
-    "resnet18": (64, 64, 128, 256, 512),
-    "resnet34": (64, 64, 128, 256, 512),
-    "resnet50": (64, 256, 512, 1024, 2048),
-    "resnet101": (64, 256, 512, 1024, 2048),
-}
+def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
+    """Load ImageNet weights into an smp encoder from a local torchvision or timm state dict.
 
-
-class ResNetEncoder(nn.Module):
-    """A torchvision ResNet returning features at strides 2, 4, 8, 16 and 32."""
-
-    def __init__(self, name: str, pretrained: str | Path | None = None):
-        super().__init__()
-        if name not in CHANNELS:
-            raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(CHANNELS)}")
-        net = getattr(torchvision.models, name)(weights=None)  # never download: weights come from a file
-        if pretrained is not None:
-            load_torchvision_weights(net, pretrained)
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu)
-        self.pool = net.maxpool
-        self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
-        self.channels = CHANNELS[name]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = [self.stem(x)]
-        x = self.pool(feats[0])
-        for layer in self.layers:
-            x = layer(x)
-            feats.append(x)
-        return feats
-
-
-def load_torchvision_weights(net: nn.Module, path: str | Path) -> None:
-    """Load an ImageNet state dict in torchvision's format from a local file (the classifier is ignored)."""
+    Classifier heads (``fc.``, ``head.``, ``classifier.``) are ignored; any other missing or unexpected key
+    means the file belongs to another architecture, and the error names the file.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: pretrained weights file not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise ValueError(f"{path}: not a torchvision ResNet state dict of this depth "
-                         f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a PyTorch state dict ({e})") from e
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    heads = ("fc.", "head.", "classifier.", "_fc.")
+    state = {k: v for k, v in state.items() if not k.startswith(heads)}
+    # timm encoders sit under ``model.`` in smp's universal encoder
+    target = getattr(encoder, "model", encoder) if not any(k.startswith("model.") for k in state) else encoder
+    own = target.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(heads)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: weights for another architecture (missing {missing[:2]}, unexpected "
+                         f"{unexpected[:2]}, wrong shape {wrong[:2]})")
+    target.load_state_dict(state, strict=False)
 
 
 class Normalize(nn.Module):
@@ -72,7 +53,7 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
-            x = x.float() / 255.0
+            x = x.to(self.mean.dtype) / 255.0  # float64 when the model is (Lightning's 64-true precision)
         return (x - self.mean) / self.std
 
 

@@ -14,18 +14,18 @@ import torch
 from geomoe.atomic import atomic_path
 from geomoe.config import Config, dump_config, load_config
 from geomoe.embedding.model import LocationAutoencoder
-from geomoe.embedding.train import load_embedding
-from geomoe.experts.model import UNet
-from geomoe.experts.train import load_expert
+from geomoe.embedding.model import load_embedding
+from geomoe.experts.model import Expert
+from geomoe.experts.model import load_expert
 from geomoe.router.routing import Router
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 1: geomoe 0.1 (hand-written U-Net); 2: smp experts, Lightning-trained
 
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for pkg in ("geomoe", "torch", "torchvision", "faiss-cpu", "rasterio", "numpy"):
+    for pkg in ("geomoe", "torch", "segmentation-models-pytorch", "lightning", "faiss-cpu", "rasterio", "numpy"):
         try:
             out[pkg] = version(pkg)
         except Exception:
@@ -69,9 +69,10 @@ class Bundle:
     embedding: LocationAutoencoder
     centroids: np.ndarray
     router: Router
-    experts: list[UNet]
-    baseline: UNet | None
+    experts: list[Expert]
+    baseline: Expert | None
     device: torch.device
+    generalist: Expert | None = None  # what the experts were fine-tuned from (None: trained from scratch)
 
     @property
     def k(self) -> int:
@@ -102,11 +103,16 @@ def load_bundle(root: str | Path, device: torch.device | str = "cpu", with_basel
         m = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{mpath}: not valid JSON ({e})") from e
+    if m.get("format") == 1:
+        raise ValueError(f"{mpath}: bundle format 1, written by geomoe {m.get('versions', {}).get('geomoe', '0.1')}, "
+                         f"whose networks this version cannot load; retrain it with 'geomoe train ROOT -o NEW_BUNDLE'")
     if m.get("format") != FORMAT:
         raise ValueError(f"{mpath}: bundle format {m.get('format')} is not the supported {FORMAT}")
     files = [m["embedding"], m["centroids"], m["index"], "config.yaml", *m["experts"]]
     if with_baseline and m.get("baseline"):
         files.append(m["baseline"])
+    if with_baseline and m.get("generalist"):
+        files.append(m["generalist"])
     missing = [f for f in files if not (root / f).exists()]
     if missing:
         raise ValueError(f"{root}: incomplete bundle, missing: {', '.join(missing)}")
@@ -117,6 +123,7 @@ def load_bundle(root: str | Path, device: torch.device | str = "cpu", with_basel
     router = Router.load(root / m["index"])
     experts = [load_expert(root / f, device)[0] for f in m["experts"]]
     baseline = load_expert(root / m["baseline"], device)[0] if with_baseline and m.get("baseline") else None
+    generalist = load_expert(root / m["generalist"], device)[0] if with_baseline and m.get("generalist") else None
     problems = []
     dim = emb.head[-1].out_features
     if centroids.shape != (m["k"], dim):
@@ -127,7 +134,7 @@ def load_bundle(root: str | Path, device: torch.device | str = "cpu", with_basel
         problems.append(f"{len(experts)} experts for k = {m['k']} regions")
     if problems:
         raise ValueError(f"{root}: inconsistent bundle: " + "; ".join(problems))
-    return Bundle(root, m, cfg, emb, centroids, router, experts, baseline, device)
+    return Bundle(root, m, cfg, emb, centroids, router, experts, baseline, device, generalist)
 
 
 def save_manifest(root: Path, manifest: dict) -> Path:

@@ -27,8 +27,16 @@ ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML c
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {msg}")
+    console.print(f"[red]error:[/red] {msg}", highlight=False)
     raise typer.Exit(code)
+
+
+def _config(config: str | None):
+    try:
+        return load_config(config)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e).strip().splitlines()[0] + ("" if "\n" not in str(e) else " " + "; ".join(
+            l.strip() for l in str(e).strip().splitlines()[1:3])))
 
 
 @data_app.command("check")
@@ -71,7 +79,7 @@ def data_show(root: Path, out: Path = typer.Option(..., "--out", "-o"), n: int =
     from geomoe.data.datasets import prepare
     from geomoe.data.show import show_patches
 
-    cfg = load_config(config)
+    cfg = _config(config)
     try:
         prep = prepare(root, cfg.data, cfg.seed)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
@@ -103,8 +111,11 @@ def embed_train(root: Path, out: Path = typer.Option(..., "--out", "-o"), config
     """Train the triplet autoencoder; resumes from OUT/checkpoint.pt; logs both losses to OUT/log.csv."""
     from geomoe.embedding.train import train_embedding
 
-    cfg = load_config(config)
-    path = train_embedding(_prepare(root, cfg), cfg, out, triplet=triplet)
+    cfg = _config(config)
+    try:
+        path = train_embedding(_prepare(root, cfg), cfg, out, triplet=triplet)
+    except _training_errors() as e:
+        _fail(str(e).strip().splitlines()[0])
     console.print(f"wrote {path}")
 
 
@@ -114,9 +125,9 @@ def embed_extract(root: Path, model: Path = typer.Option(..., "--model", "-m"), 
     """Embed a grid of patches of both splits; writes vectors with location, scene, window and split (.npz)."""
     from geomoe.backbone import pick_device
     from geomoe.embedding.extract import extract
-    from geomoe.embedding.train import load_embedding
+    from geomoe.embedding.model import load_embedding
 
-    cfg = load_config(config)
+    cfg = _config(config)
     net, _ = load_embedding(model, pick_device(cfg.device))
     emb = extract(net, _prepare(root, cfg), min_valid=cfg.data.min_valid)
     console.print(f"wrote {emb.save(out)} ({len(emb)} patches)")
@@ -149,7 +160,7 @@ def embed_plot(embeddings: Path, out: Path = typer.Option(..., "--out", "-o"),
     from geomoe.embedding.plot import plot_cluster_samples, plot_space
     from geomoe.embedding.report import check_dims
 
-    cfg = load_config(config)
+    cfg = _config(config)
     try:
         emb = Embeddings.load(embeddings)
         c = np.load(centroids) if centroids else None
@@ -167,31 +178,61 @@ def _bundle(path: Path, config: str | None = None, with_baseline: bool = True):
     from geomoe.backbone import pick_device
     from geomoe.bundle import load_bundle
 
-    device = pick_device(load_config(config).device if config else "auto")
+    device = pick_device(_config(config).device if config else "auto")
     try:
         return load_bundle(path, device, with_baseline)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
 
+def _with_trainer(cfg, devices: int | None, num_nodes: int | None, accelerator: str | None):
+    """The config with the command line's trainer options applied (they win over the YAML)."""
+    upd = {k: v for k, v in {"devices": devices, "num_nodes": num_nodes, "accelerator": accelerator}.items() if v is not None}
+    if not upd:
+        return cfg
+    try:
+        tc = cfg.trainer.model_validate({**cfg.trainer.model_dump(), **upd})
+    except ValueError as e:
+        _fail(f"trainer options: {e}")
+    return cfg.model_copy(update={"trainer": tc})
+
+
+def _training_errors():
+    """Exceptions a training run reports as one line (Lightning's configuration errors included)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, MisconfigurationException)
+
+
+DevicesOpt = Annotated[Optional[int], typer.Option("--devices", help="processes (GPUs) per machine; >1 runs DDP")]
+NodesOpt = Annotated[Optional[int], typer.Option("--num-nodes", help="machines (torchrun or SLURM sets the ranks)")]
+AccelOpt = Annotated[Optional[str], typer.Option("--accelerator", help="auto, cpu, gpu")]
+
+
 @app.command()
 def train(root: Path, out: Path = typer.Option(..., "--out", "-o", help="bundle directory to write"),
-          config: ConfigOpt = None, baseline: bool = typer.Option(True, help="also train the single-network baseline")) -> None:
+          config: ConfigOpt = None, baseline: bool = typer.Option(True, help="also train the single-network baseline"),
+          only: Optional[list[str]] = typer.Option(None, "--only", help="run only these stages: embedding, regions, "
+                                                   "expert:N, experts, baseline, assemble (repeat or comma-separate)"),
+          devices: DevicesOpt = None, num_nodes: NodesOpt = None, accelerator: AccelOpt = None) -> None:
     """Train the whole chain (embedding, regions, experts, baseline) into a bundle; rerun to resume."""
     from geomoe.pipelines.train import train_all
 
-    cfg = load_config(config)
+    cfg = _with_trainer(_config(config), devices, num_nodes, accelerator)
     try:
-        train_all(root, cfg, out, baseline=baseline)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        _fail(str(e))
-    console.print(f"wrote bundle {out}")
+        train_all(root, cfg, out, baseline=baseline, only=only)
+    except _training_errors() as e:
+        _fail(str(e).strip().splitlines()[0])
+    from geomoe.trainer import is_rank_zero
+
+    if is_rank_zero():
+        console.print(f"wrote bundle {out}" if not only else f"finished {', '.join(only)} in {out}")
 
 
 @app.command()
 def evaluate(root: Path, bundle: Path = typer.Option(..., "--bundle", "-b"), out: Optional[Path] = typer.Option(None, "--out", "-o"),
-             split: str = typer.Option("val", help="val (held out), train or all")) -> None:
-    """The paper's table per location and overall for single, random, embedding, oracle and soft routing."""
+             split: str = typer.Option("test", help="test (held out, never used to choose anything), val, train or all")) -> None:
+    """The paper's table on the test split, per location and overall, for every way of choosing an expert."""
     from geomoe.pipelines.evaluate import evaluate as run_eval
 
     b = _bundle(bundle)
@@ -220,8 +261,11 @@ def lr_find(root: Path, out: Path = typer.Option(..., "--out", "-o", help="PNG o
     """Learning-rate range test for an expert; draws the curve and suggests a rate."""
     from geomoe.experts.lr_find import find_lr, plot_lr
 
-    cfg = load_config(config)
-    curve = find_lr(_prepare(root, cfg), cfg, steps)
+    cfg = _config(config)
+    try:
+        curve = find_lr(_prepare(root, cfg), cfg, steps)
+    except _training_errors() as e:
+        _fail(str(e).strip().splitlines()[0])
     plot_lr(curve, out)
     console.print(f"suggested learning rate: {curve.suggestion:.2e}  (curve: {out})")
 
@@ -236,7 +280,7 @@ def finetune(root: Path, bundle: Path = typer.Option(..., "--bundle", "-b"), out
 
     try:
         run_ft(bundle, root, out, region, new_region, epochs)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except _training_errors() as e:
         _fail(str(e))
     console.print(f"wrote bundle {out}")
 
@@ -283,7 +327,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", "-o"), config: Conf
     """Train the small configuration on the shipped sample, predict unseen scenes, write an HTML report."""
     from geomoe.pipelines.demo import run_demo
 
-    report = run_demo(out, load_config(config or "small"))
+    report = run_demo(out, _config(config or "small"))
     console.print(f"[green]report:[/green] {report.resolve()}")
 
 
@@ -291,6 +335,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every SIMD variant it tries
     logging.getLogger("pyogrio").setLevel(logging.WARNING)  # "Created N records" for every write
+    # Lightning prints its own lines (and would print them twice through the root handler): keep its warnings only.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     warnings.simplefilter("once")
     warnings.filterwarnings("ignore", category=PendingDeprecationWarning)  # affine's '*' notice, from rasterio itself
     app()

@@ -8,7 +8,16 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Encoder = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+# Encoders and decoders from segmentation-models-pytorch that geomoe builds, tests and supports. "tu-" names are
+# timm models through smp's universal encoder. Every name here is built and run by tests/test_models.py.
+Encoder = Literal["resnet18", "resnet34", "resnet50", "resnet101",
+                  "efficientnet-b0", "efficientnet-b1", "efficientnet-b2", "efficientnet-b3", "efficientnet-b4",
+                  "mit_b0", "mit_b1", "mit_b2",
+                  "tu-convnext_tiny", "tu-convnext_small"]
+Decoder = Literal["Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus"]
+# smp cannot pair these (UNet++ needs convolutional skips at every stride; Mix Transformers have none at stride 2).
+UNSUPPORTED = {("UnetPlusPlus", "mit_b0"), ("UnetPlusPlus", "mit_b1"), ("UnetPlusPlus", "mit_b2")}
+EmbeddingEncoder = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 
 
 class _Strict(BaseModel):
@@ -18,8 +27,10 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     target_gsd: float | None = Field(None, gt=0, description="Resample every scene to this GSD (m); None keeps native.")
     patch_size: int = Field(256, ge=32)
-    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Validation: checkpoint choice and any tuning.")
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Test: reported by 'evaluate', never used to choose.")
     block_size: int | None = Field(None, ge=32, description="Spatial split block in target pixels (default 2x patch).")
+    split_gap: int | None = Field(None, ge=0, description="Pixels between windows of different splits (default: one patch).")
     alpha: Literal["drop", "mask"] = "mask"
     min_valid: float = Field(0.5, ge=0.0, le=1.0, description="Skip patches with less valid (non-nodata) area.")
     train_patches_per_location: int = Field(64, ge=1)
@@ -28,7 +39,7 @@ class DataConfig(_Strict):
 
 
 class EmbeddingConfig(_Strict):
-    encoder: Encoder = "resnet34"
+    encoder: EmbeddingEncoder = "resnet34"
     input_size: int = Field(160, ge=32, description="Patches are resized to this before embedding; 160 gives the paper's 5x5 bottleneck.")
     dim: int = Field(2048, ge=8)
     margin: float = Field(0.3, gt=0)
@@ -51,7 +62,8 @@ class RegionsConfig(_Strict):
 
 class ExpertConfig(_Strict):
     encoder: Encoder = "resnet101"
-    pretrained: Path | None = None
+    decoder: Decoder = "Unet"
+    pretrained: Path | None = Field(None, description="Local encoder weights (torchvision or timm state dict).")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of BCE against (1 - soft Jaccard).")
     lr: float = 1e-4
     weight_decay: float = 5e-4
@@ -60,6 +72,33 @@ class ExpertConfig(_Strict):
     steps_per_epoch: int = Field(100, ge=1)
     batch_size: int = Field(8, ge=1)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    init: Literal["generalist", "scratch"] = Field(
+        "generalist", description="generalist: train one network on every location first and fine-tune each region's "
+                                  "expert from it; scratch: the paper's experts, each trained from scratch.")
+    generalist_steps: int | None = Field(None, ge=1, description="Steps of the generalist (default: k x epochs x steps_per_epoch).")
+    min_expert_steps: int | None = Field(None, ge=1, description="Floor of an expert's steps (default: a quarter of the mean).")
+
+    @model_validator(mode="after")
+    def _pair_exists(self) -> "ExpertConfig":
+        if (self.decoder, self.encoder) in UNSUPPORTED:
+            raise ValueError(f"decoder {self.decoder} cannot be built on encoder {self.encoder}; choose Unet, FPN or DeepLabV3Plus")
+        return self
+
+
+class TrainerConfig(_Strict):
+    """PyTorch Lightning's Trainer settings, the same for every training job (embedding, experts, baseline)."""
+
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: int = Field(1, ge=1, description="Processes per machine; more than one runs DDP.")
+    num_nodes: int = Field(1, ge=1, description="Machines; under SLURM or torchrun Lightning reads the rank from the environment.")
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = "auto"
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "64-true"] = Field(
+        "auto", description="auto: bf16-mixed on CUDA, 32-true on CPU (where bf16 is slower on most processors); "
+                            "64-true for reproducibility checks.")
+    sync_batchnorm: bool = True
+    gradient_clip_val: float | None = Field(None, gt=0)
+    logger: Literal["csv", "tensorboard", "mlflow"] = "csv"
+    log_every_n_steps: int = Field(10, ge=1)
 
 
 class RouterConfig(_Strict):
@@ -93,6 +132,7 @@ class Config(_Strict):
     experts: ExpertConfig = ExpertConfig()
     router: RouterConfig = RouterConfig()
     predict: PredictConfig = PredictConfig()
+    trainer: TrainerConfig = TrainerConfig()
 
 
 def load_config(path: str | Path | None) -> Config:

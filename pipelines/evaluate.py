@@ -15,12 +15,19 @@ from tqdm import tqdm
 from geomoe.atomic import atomic_path
 from geomoe.bundle import Bundle
 from geomoe.data.datasets import GridDataset, Prepared, prepare
-from geomoe.embedding.extract import embed_batches
-from geomoe.experts.train import predict_probs
+from geomoe.embedding.model import embed_batches
+from geomoe.experts.model import predict_probs
 from geomoe.metrics import Scores
+from geomoe.data.sampling import space_of, world_box
 from geomoe.router.routing import OracleRouter, RandomRouter
+from geomoe.router.smoothing import smooth_routes
 
-METHODS = ("single", "random", "embedding", "oracle", "soft")
+# single: one network on everything (as many steps as generalist + experts); generalist: what the experts were
+# fine-tuned from; random: a random expert; embedding: the router (nearest centroid);
+# smoothed: the router's choice, then the majority over each tile and its neighbours (router/smoothing.py);
+# location_oracle: each location's majority region; best_expert: per tile, the expert with the fewest wrong pixels
+# (the upper bound of any router that picks one expert); soft: top-k experts blended by distance.
+METHODS = ("single", "generalist", "random", "embedding", "smoothed", "location_oracle", "best_expert", "soft")
 METRICS = ("iou", "accuracy", "precision", "recall", "f1", "building_f1", "boundary_iou")
 
 
@@ -34,17 +41,31 @@ class RoutedBatch:
     distance: np.ndarray  # (N,)
     soft_ids: np.ndarray  # (N, top)
     soft_w: np.ndarray  # (N, top)
+    generalist: torch.Tensor | None = None  # (N, H, W)
+    smoothed: np.ndarray | None = None  # (N,) expert id after spatial smoothing
 
-    def method_probs(self, method: str, random_ids: np.ndarray, oracle_ids: np.ndarray | None) -> torch.Tensor | None:
+    def best_expert(self, truth: np.ndarray, valid: np.ndarray, threshold: float) -> np.ndarray:
+        """Per tile, the expert with the fewest misclassified valid pixels."""
+        wrong = ((self.probs.numpy() >= threshold) != truth[None]) & valid[None]
+        return wrong.reshape(wrong.shape[0], wrong.shape[1], -1).sum(-1).argmin(0)
+
+    def method_probs(self, method: str, random_ids: np.ndarray, oracle_ids: np.ndarray | None,
+                     best_ids: np.ndarray | None = None) -> torch.Tensor | None:
         n = torch.arange(self.probs.shape[1])
         if method == "single":
             return self.baseline
+        if method == "generalist":
+            return self.generalist
         if method == "embedding":
             return self.probs[torch.from_numpy(self.embedding), n]
+        if method == "smoothed":
+            return None if self.smoothed is None else self.probs[torch.from_numpy(self.smoothed), n]
         if method == "random":
             return self.probs[torch.from_numpy(random_ids), n]
-        if method == "oracle":
+        if method == "location_oracle":
             return None if oracle_ids is None else self.probs[torch.from_numpy(oracle_ids), n]
+        if method == "best_expert":
+            return None if best_ids is None else self.probs[torch.from_numpy(best_ids), n]
         if method == "soft":
             w = torch.from_numpy(self.soft_w)[..., None, None]
             return (self.probs[torch.from_numpy(self.soft_ids), n[:, None]] * w).sum(1)
@@ -58,7 +79,19 @@ def route_batch(bundle: Bundle, images: torch.Tensor) -> RoutedBatch:
     sids, sw = bundle.router.soft(emb, r.soft_top_k, r.soft_temperature)
     probs = torch.stack([predict_probs(e, images, bundle.device) for e in bundle.experts])
     base = predict_probs(bundle.baseline, images, bundle.device) if bundle.baseline is not None else None
-    return RoutedBatch(probs, base, ids, dist, sids, sw)
+    gen = predict_probs(bundle.generalist, images, bundle.device) if bundle.generalist is not None else None
+    return RoutedBatch(probs, base, ids, dist, sids, sw, gen)
+
+
+def smoothed_routes(bundle: Bundle, prep: Prepared, refs: list, batch_size: int = 8, progress: bool = True) -> np.ndarray:
+    """The router's expert for every window, smoothed over neighbouring windows (a first, embedding-only pass)."""
+    ids = np.zeros(len(refs), np.int64)
+    for b in tqdm(DataLoader(GridDataset(prep, refs), batch_size=batch_size), desc="routing", unit="batch",
+                  disable=not progress, leave=False):
+        ids[b["index"].numpy()] = bundle.router.route(embed_batches(bundle.embedding, b["image"], bundle.device))[0]
+    boxes = np.array([world_box(prep.readers[r.scene], r.col, r.row, r.size, r.size) for r in refs], float)
+    spaces = np.array([space_of(prep.readers[r.scene]) for r in refs])
+    return smooth_routes(ids, boxes, spaces, bundle.k)
 
 
 @dataclass
@@ -75,10 +108,10 @@ class Evaluation:
         for metric, title in (("iou", "IoU (building class, cumulative over all pixels)"), ("accuracy", "Pixel accuracy"),
                               ("f1", "F1"), ("building_f1", "Building F1 (IoU >= 0.5)"), ("boundary_iou", "Boundary IoU")):
             p = self.pivot(metric)
-            parts.append(f"**{title}**\n\n" + _md(p))
+            parts.append(f"**{title}**\n\n" + markdown_table(p))
         full = self.table[["method", "location", *METRICS, "patches"]]
-        parts.append("**All figures**\n\n" + _md(full.set_index(["method", "location"])))
-        parts.append("**Embedding routing: tiles per expert**\n\n" + _md(self.routing))
+        parts.append("**All figures**\n\n" + markdown_table(full.set_index(["method", "location"])))
+        parts.append("**Embedding routing: tiles per expert**\n\n" + markdown_table(self.routing))
         return "\n\n".join(parts)
 
     def write(self, out: Path) -> list[Path]:
@@ -95,7 +128,7 @@ class Evaluation:
         return paths
 
 
-def _md(df: pd.DataFrame) -> str:
+def markdown_table(df: pd.DataFrame) -> str:
     idx = list(df.index.names) if df.index.names[0] is not None else ["location"]
     head = "| " + " | ".join([*(str(n) for n in idx), *map(str, df.columns)]) + " |"
     lines = [head, "|" + "---|" * (len(idx) + len(df.columns))]
@@ -106,31 +139,38 @@ def _md(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = None, split: str = "val",
+def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = None, split: str = "test",
              batch_size: int = 8, seed: int = 0, progress: bool = True) -> Evaluation:
     """Score every method on the ``split`` windows of ``root`` (the bundle's own split when it trained there)."""
     cfg = bundle.config
     prep = prep or prepare(root, cfg.data, cfg.seed)
-    refs = prep.windows("train") + prep.windows("val") if split == "all" else prep.windows(split)
+    if split not in ("train", "val", "test", "all"):
+        raise ValueError(f"split {split!r}: choose test (reported), val, train or all")
+    refs = [r for s in ("train", "val", "test") for r in prep.windows(s)] if split == "all" else prep.windows(split)
     if not refs:
         raise ValueError(f"{prep.catalog.root}: no {split} windows to evaluate")
     known = set(bundle.region_of_location)
     oracle = OracleRouter(bundle.region_of_location) if set(prep.locations) <= known else None
     rand = RandomRouter(bundle.k, seed)
-    methods = [m for m in METHODS if not (m == "single" and bundle.baseline is None) and not (m == "oracle" and oracle is None)]
+    smoothed = smoothed_routes(bundle, prep, refs, batch_size, progress)
+    methods = [m for m in METHODS if not (m == "single" and bundle.baseline is None)
+               and not (m == "generalist" and bundle.generalist is None)
+               and not (m == "location_oracle" and oracle is None)]
     scores = {(m, loc): Scores() for m in methods for loc in prep.locations}
     routing = np.zeros((len(prep.locations), bundle.k), np.int64)
     for b in tqdm(DataLoader(GridDataset(prep, refs), batch_size=batch_size), desc="evaluating", unit="batch",
                   disable=not progress):
         rb = route_batch(bundle, b["image"])
+        rb.smoothed = smoothed[b["index"].numpy()]
         locs = [prep.locations[i] for i in b["location"].tolist()]
         rids = rand.route(len(locs))
         oids = oracle.route(locs) if oracle else None
         for li, e in zip(b["location"].tolist(), rb.embedding):
             routing[li, e] += 1
         truth, valid = b["mask"].numpy() > 0, b["valid"].numpy()
+        bids = rb.best_expert(truth, valid, bundle.threshold)
         for m in methods:
-            pred = (rb.method_probs(m, rids, oids) >= bundle.threshold).numpy()
+            pred = (rb.method_probs(m, rids, oids, bids) >= bundle.threshold).numpy()
             for j, loc in enumerate(locs):
                 scores[(m, loc)].update(pred[j], truth[j], valid[j])
     rows = []

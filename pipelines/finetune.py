@@ -38,7 +38,7 @@ def finetune(bundle_dir: Path, root: Path, out: Path, region: int | None = None,
     if out.resolve() != Path(bundle_dir).resolve():
         if out.exists():
             raise FileExistsError(f"{out}: already exists; choose a new output bundle")
-        shutil.copytree(bundle_dir, out, ignore=shutil.ignore_patterns("*.ckpt", MANIFEST))
+        shutil.copytree(bundle_dir, out, ignore=shutil.ignore_patterns("*.ckpt", "runs", MANIFEST))
     m = dict(b.manifest)
     start = region if region is not None else nearest
     if not 0 <= start < b.k:

@@ -30,8 +30,8 @@ from geomoe.atomic import atomic_path, tmp_name
 from geomoe.bundle import Bundle
 from geomoe.config import PredictConfig
 from geomoe.data.catalog import IMAGE_SUFFIXES
-from geomoe.embedding.extract import embed_batches
-from geomoe.experts.train import predict_probs
+from geomoe.embedding.model import embed_batches
+from geomoe.experts.model import predict_probs
 from geomoe.pipelines.footprints import FootprintCollector, Piece, pieces_to_frame
 from geomoe.pipelines.tiling import BandBlender, TileGrid
 from geomoe.raster import (RasterError, ground_sampling_distance, grid_of, image_bands, open_raster, read_window,

@@ -13,7 +13,7 @@ from geomoe.pipelines.evaluate import route_batch
 from geomoe.plots import overlay, plt, save_figure
 
 
-def show_results(bundle: Bundle, prep: Prepared, out: Path, n: int = 6, seed: int = 0, split: str = "val") -> Path:
+def show_results(bundle: Bundle, prep: Prepared, out: Path, n: int = 6, seed: int = 0, split: str = "test") -> Path:
     """``n`` windows spread over locations: image / truth / embedding-routed prediction / expert and distance."""
     refs = prep.windows(split)
     rng = np.random.default_rng(seed)

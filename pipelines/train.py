@@ -1,12 +1,18 @@
 """``geomoe train``: embedding, regions, one expert per region and the baseline, into one bundle.
 
-Each stage leaves its output in the bundle directory and is skipped when that output exists, and
-each training loop checkpoints every epoch, so a killed run picks up where it stopped.
+The work is a list of stages: ``embedding``, ``regions``, ``expert:0`` ... ``expert:k-1``, ``baseline``,
+``assemble``. Each leaves its output in the bundle directory and is skipped when that output exists, so a rerun
+never retrains a finished part and a killed run resumes from its last checkpoint. ``only`` runs some of them:
+the experts of one bundle can be trained as independent jobs on several machines sharing the bundle directory,
+then ``assemble`` checks that every part is there and writes the manifest.
+
+Under DDP every process runs this code; only rank 0 writes, and the others wait at a barrier before reading.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +23,34 @@ from geomoe.config import Config
 from geomoe.data.datasets import Prepared, prepare
 from geomoe.data.sampling import PatchRef
 from geomoe.embedding.extract import Embeddings, extract
+from geomoe.embedding.model import load_embedding
 from geomoe.embedding.plot import plot_cluster_samples, plot_space
 from geomoe.embedding.regions import assign
 from geomoe.embedding.report import fit_regions
-from geomoe.embedding.train import load_embedding, train_embedding
+from geomoe.embedding.train import train_embedding
 from geomoe.experts.train import ExpertJob, train_expert
 from geomoe.router.routing import Router, majority_regions
+from geomoe.trainer import barrier, is_rank_zero
 
 log = logging.getLogger(__name__)
+
+
+def stage_names(k: int, baseline: bool = True, generalist: bool = True) -> list[str]:
+    return ["embedding", "regions", *(["generalist"] if generalist else []), *(f"expert:{i}" for i in range(k)),
+            *(["baseline"] if baseline else []), "assemble"]
+
+
+def parse_only(only: list[str] | None, k: int, baseline: bool, generalist: bool = True) -> list[str]:
+    """The stages to run, in order; every name is checked against what this bundle has."""
+    names = stage_names(k, baseline, generalist)
+    if not only:
+        return names
+    asked = [s.strip() for item in only for s in item.split(",") if s.strip()]
+    bad = [s for s in asked if s not in names and s != "experts"]
+    if bad:
+        raise ValueError(f"--only {', '.join(bad)}: unknown stage; this bundle has {', '.join(names)} (and 'experts')")
+    wanted = set(asked) | ({f"expert:{i}" for i in range(k)} if "experts" in asked else set())
+    return [n for n in names if n in wanted]
 
 
 def refs_of(prep: Prepared, emb: Embeddings, keep: np.ndarray) -> list[PatchRef]:
@@ -33,59 +59,173 @@ def refs_of(prep: Prepared, emb: Embeddings, keep: np.ndarray) -> list[PatchRef]
     return [PatchRef(index[str(s)], int(w[0]), int(w[1]), int(w[2])) for s, w in zip(emb.scene[keep], emb.window[keep])]
 
 
-def embed_stage(prep: Prepared, cfg: Config, out: Path, progress: bool = True) -> Embeddings:
+@dataclass
+class BundlePaths:
+    """Where each stage of ``geomoe train`` leaves its output (the manifest names them for prediction)."""
+
+    root: Path
+
+    @property
+    def embedding(self) -> Path:
+        return self.root / "embedding" / "embedding.pt"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embedding" / "embeddings.npz"
+
+    @property
+    def centroids(self) -> Path:
+        return self.root / "regions" / "centroids.npy"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "router.faiss"
+
+    def expert(self, name: str) -> Path:
+        return self.root / "experts" / f"{name}.pt"
+
+    def rel(self, p: Path) -> str:
+        return p.relative_to(self.root).as_posix()
+
+
+def embed_stage(prep: Prepared, cfg: Config, paths: BundlePaths, progress: bool = True) -> Embeddings:
     """Train (or reuse) the embedding network and embed every grid window of both splits."""
-    model_path = out / "embedding" / "embedding.pt"
-    if not model_path.exists():
-        train_embedding(prep, cfg, out / "embedding", progress=progress)
-    emb_path = out / "embedding" / "embeddings.npz"
-    if emb_path.exists():
-        return Embeddings.load(emb_path)
-    model, _ = load_embedding(model_path, pick_device(cfg.device))
-    emb = extract(model, prep, min_valid=cfg.data.min_valid, progress=progress)
-    emb.save(emb_path)
-    return emb
+    train_embedding(prep, cfg, paths.embedding.parent, progress=progress)
+    if not paths.embeddings.exists() and is_rank_zero():
+        model, _ = load_embedding(paths.embedding, pick_device(cfg.device))
+        extract(model, prep, min_valid=cfg.data.min_valid, progress=progress).save(paths.embeddings)
+    barrier()
+    return Embeddings.load(paths.embeddings)
+
+
+def regions_stage(emb: Embeddings, cfg: Config, paths: BundlePaths, figures: bool) -> np.ndarray:
+    """Fit (once) the k-means centroids and the router; a rerun keeps them, so finished experts keep their regions."""
+    if not paths.centroids.exists() and is_rank_zero():
+        fit = fit_regions(emb, cfg.regions.k, cfg.regions.sweep, paths.centroids.parent, cfg.regions.seed)
+        log.info("regions (k = %d): purity %.3f, held-out patches in their location's majority region %.3f",
+                 cfg.regions.k, fit.chosen.purity, fit.chosen.held_out_majority)
+        Router(fit.centroids).save(paths.index)
+        if figures:
+            plot_space(emb, fit.centroids, paths.root / "figures" / "embedding_space.png", seed=cfg.seed)
+            plot_cluster_samples(emb, fit.centroids, paths.root / "figures" / "region_samples.png",
+                                 target_gsd=cfg.data.target_gsd)
+    barrier()
+    centroids = np.load(paths.centroids)
+    if len(centroids) != cfg.regions.k:
+        raise ValueError(f"{paths.centroids}: holds {len(centroids)} regions but the config asks for k = "
+                         f"{cfg.regions.k}; train into a new bundle directory to change k")
+    return centroids
+
+
+def expert_steps(counts: list[int], total: int, floor: int, unit: int = 1) -> list[int]:
+    """Split ``total`` steps over experts in proportion to their training windows, none below ``floor``.
+
+    Each share is a whole number of ``unit``-step epochs, so the steps trained are exactly the steps counted.
+    """
+    n = sum(counts)
+    return [unit * max(-(-floor // unit), round(total * c / n / unit)) for c in counts]
+
+
+def expert_jobs(prep: Prepared, emb: Embeddings, centroids: np.ndarray, cfg: Config, paths: BundlePaths) -> dict[str, ExpertJob]:
+    """The generalist, one job per region (its train and validation windows), and the single network.
+
+    Budget: with ``init: generalist``, the generalist trains on everything, each expert is fine-tuned from it
+    for steps in proportion to its region's share of the training windows, and the reported single network
+    is the generalist trained on for as many steps as all experts together, so single and routed experts cost
+    the same. With ``init: scratch`` (the paper) there is no generalist and the single network trains from
+    scratch for the experts' total.
+    """
+    x = cfg.experts
+    regions = assign(emb.vectors, centroids)
+    train, val = emb.split == "train", emb.split == "val"
+    k = len(centroids)
+    per = x.epochs * x.steps_per_epoch
+    refs = [refs_of(prep, emb, train & (regions == i)) for i in range(k)]
+    for i, tr in enumerate(refs):
+        if not tr:
+            raise ValueError(f"region {i} holds no training patch; lower regions.k (now {cfg.regions.k})")
+    unit = x.steps_per_epoch
+    steps = expert_steps([len(r) for r in refs], per * k, x.min_expert_steps or max(1, per // 4), unit)
+    gen = paths.expert("generalist") if x.init == "generalist" else None
+    jobs = {}
+    if gen is not None:
+        jobs["generalist"] = ExpertJob("generalist", None, prep.windows("val"),
+                                       unit * -(-(x.generalist_steps or per * k) // unit))
+    for i in range(k):
+        jobs[f"expert:{i}"] = ExpertJob(f"region_{i}", refs[i], refs_of(prep, emb, val & (regions == i)), steps[i], gen)
+    jobs["baseline"] = ExpertJob("baseline", None, prep.windows("val"), sum(steps), gen)
+    return jobs
+
+
+def assemble(prep: Prepared, emb: Embeddings, centroids: np.ndarray, cfg: Config, paths: BundlePaths,
+             root: Path, baseline: bool) -> Path:
+    """Check every part is present and write the manifest (last: a bundle without one is incomplete)."""
+    experts = [paths.expert(f"region_{i}") for i in range(len(centroids))]
+    generalist = paths.expert("generalist") if cfg.experts.init == "generalist" else None
+    missing = (["generalist"] if generalist is not None and not generalist.exists() else [])
+    missing += [f"expert:{i}" for i, p in enumerate(experts) if not p.exists()]
+    if baseline and not paths.expert("baseline").exists():
+        missing.append("baseline")
+    if missing:
+        raise ValueError(f"{paths.root}: cannot assemble, stages not finished: {', '.join(missing)} "
+                         f"(run them with --only, e.g. --only {missing[0]})")
+    regions = assign(emb.vectors, centroids)
+    train = emb.split == "train"
+    native = {loc: float(np.median([r.gsd for r in prep.readers if r.scene.location == loc and r.gsd]))
+              for loc in prep.locations if any(r.gsd for r in prep.readers if r.scene.location == loc)}
+    scores = {}
+    rj = paths.centroids.parent / "regions.json"
+    if rj.exists():
+        import json
+
+        scores = json.loads(rj.read_text()).get("scores", {})
+    return write_manifest(paths.root, cfg, k=len(centroids), locations=prep.locations,
+                          region_of_location=majority_regions(emb.location[train], regions[train]),
+                          experts=[paths.rel(p) for p in experts],
+                          baseline=paths.rel(paths.expert("baseline")) if baseline else None,
+                          gsd=cfg.data.target_gsd, native_gsd=native,
+                          extra={"training_root": str(Path(root).resolve()), "regions": scores,
+                                 "generalist": paths.rel(generalist) if generalist is not None else None,
+                                 "expert_init": cfg.experts.init})
 
 
 def train_all(root: Path, cfg: Config, out: Path, progress: bool = True, baseline: bool = True,
-              figures: bool = True) -> Path:
-    """Run the whole chain on ``root`` and write a complete bundle to ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+              figures: bool = True, only: list[str] | None = None) -> Path:
+    """Run the stages of ``geomoe train`` (all, or ``only`` those named) on ``root`` into the bundle ``out``."""
+    stages = parse_only(only, cfg.regions.k, baseline, cfg.experts.init == "generalist")
+    paths = BundlePaths(Path(out))
+    paths.root.mkdir(parents=True, exist_ok=True)
     prep = prepare(root, cfg.data, cfg.seed)
-    log.info("data: %d scenes at %s, %d train / %d val windows", len(prep.readers), ", ".join(prep.locations),
-             len(prep.windows("train")), len(prep.windows("val")))
-    emb = embed_stage(prep, cfg, out, progress)
-    fit = fit_regions(emb, cfg.regions.k, cfg.regions.sweep, out / "regions", cfg.regions.seed)
-    log.info("regions (k = %d): purity %.3f, held-out patches in their location's majority region %.3f",
-             cfg.regions.k, fit.chosen.purity, fit.chosen.held_out_majority)
-    router = Router(fit.centroids)
-    router.save(out / "router.faiss")
-    if figures:
-        plot_space(emb, fit.centroids, out / "figures" / "embedding_space.png", seed=cfg.seed)
-        plot_cluster_samples(emb, fit.centroids, out / "figures" / "region_samples.png", target_gsd=cfg.data.target_gsd)
+    log.info("data: %d scenes at %s, %d train / %d val / %d test windows", len(prep.readers), ", ".join(prep.locations),
+             len(prep.windows("train")), len(prep.windows("val")), len(prep.windows("test")))
+    needs_embeddings = any(s != "embedding" for s in stages)
+    if "embedding" in stages or (needs_embeddings and not paths.embeddings.exists() and "regions" in stages):
+        emb = embed_stage(prep, cfg, paths, progress)
+    elif needs_embeddings:
+        if not paths.embeddings.exists():
+            raise ValueError(f"{paths.root}: the embedding stage has not run; run it first (--only embedding)")
+        emb = Embeddings.load(paths.embeddings)
+    if not needs_embeddings:
+        return paths.root
+    if "regions" in stages:
+        centroids = regions_stage(emb, cfg, paths, figures)
+    elif paths.centroids.exists():
+        centroids = np.load(paths.centroids)
+    else:
+        raise ValueError(f"{paths.root}: the regions stage has not run; run it first (--only regions)")
+    jobs = expert_jobs(prep, emb, centroids, cfg, paths)
+    for name in stages:
+        if name in jobs:
+            job = jobs[name]
+            if job.init_from is not None and not job.init_from.exists():
+                raise ValueError(f"{paths.root}: {name} starts from the generalist, which is not trained yet "
+                                 f"(run --only generalist first)")
+            log.info("%s (%s): %d train / %d val windows, %d steps", name, job.name,
+                     len(job.train_refs) if job.train_refs is not None else len(prep.windows("train")),
+                     len(job.val_refs), job.steps)
+            train_expert(prep, cfg, job, paths.root / "experts", progress)
+    if "assemble" in stages and is_rank_zero():
+        assemble(prep, emb, centroids, cfg, paths, root, baseline)
+    barrier()
+    return paths.root
 
-    regions = assign(emb.vectors, fit.centroids)
-    train, val = emb.split == "train", emb.split == "val"
-    steps = cfg.experts.epochs * cfg.experts.steps_per_epoch
-    experts = []
-    for i in range(cfg.regions.k):
-        tr = refs_of(prep, emb, train & (regions == i))
-        if not tr:
-            raise ValueError(f"region {i} holds no training patch; lower regions.k (now {cfg.regions.k})")
-        job = ExpertJob(f"region_{i}", tr, refs_of(prep, emb, val & (regions == i)), steps)
-        log.info("expert %d: %d train / %d val windows", i, len(tr), len(job.val_refs))
-        train_expert(prep, cfg, job, out / "experts", progress)
-        experts.append(f"experts/region_{i}.pt")
-    base = None
-    if baseline:
-        # The same number of optimisation steps as all experts together, so the comparison is fair.
-        job = ExpertJob("baseline", None, prep.windows("val"), steps * cfg.regions.k)
-        train_expert(prep, cfg, job, out / "experts", progress)
-        base = "experts/baseline.pt"
-    native = {loc: float(np.median([r.gsd for r in prep.readers if r.scene.location == loc and r.gsd]))
-              for loc in prep.locations if any(r.gsd for r in prep.readers if r.scene.location == loc)}
-    write_manifest(out, cfg, k=cfg.regions.k, locations=prep.locations,
-                   region_of_location=majority_regions(emb.location[train], regions[train]),
-                   experts=experts, baseline=base, gsd=cfg.data.target_gsd, native_gsd=native,
-                   extra={"training_root": str(Path(root).resolve()), "regions": fit.chosen.row()})
-    return out

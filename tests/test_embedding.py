@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchvision
 from typer.testing import CliRunner
 
-from geomoe.backbone import ResNetEncoder
 from geomoe.cli import app
 from geomoe.config import load_config
 from geomoe.data.datasets import prepare
 from geomoe.data.synthetic import make_synthetic
 from geomoe.embedding.extract import Embeddings, extract
 from geomoe.embedding.losses import batch_triplet_loss, cosine_distance
-from geomoe.embedding.model import LocationAutoencoder
+from geomoe.embedding.model import LocationAutoencoder, load_embedding
 from geomoe.embedding.regions import fit_kmeans, score
-from geomoe.embedding.train import load_embedding, train_embedding
+from geomoe.embedding.train import train_embedding
+from geomoe.experts.model import Expert
 
 
 def test_paper_network_has_5x5_bottleneck_and_2048d_unit_embedding():
@@ -46,12 +47,17 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
     net = torchvision.models.resnet18(weights=None)
     torch.nn.init.constant_(net.conv1.weight, 0.125)
     torch.save(net.state_dict(), tmp_path / "r18.pth")
-    enc = ResNetEncoder("resnet18", tmp_path / "r18.pth")
-    assert torch.all(enc.stem[0].weight == 0.125)
-    with pytest.raises(ValueError, match="not a torchvision ResNet state dict"):
-        ResNetEncoder("resnet34", tmp_path / "r18.pth")
+    assert torch.all(LocationAutoencoder("resnet18", 16, 64, tmp_path / "r18.pth").encoder.conv1.weight == 0.125)
+    assert torch.all(Expert("resnet18", "FPN", pretrained=tmp_path / "r18.pth").net.encoder.conv1.weight == 0.125)
+    with pytest.raises(ValueError, match="r18.pth: weights for another architecture"):
+        Expert("resnet34", pretrained=tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match="r18.pth: weights for another architecture"):
+        Expert("efficientnet-b0", pretrained=tmp_path / "r18.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        ResNetEncoder("resnet18", tmp_path / "nope.pth")
+        Expert("resnet18", pretrained=tmp_path / "nope.pth")
+    (tmp_path / "junk.pth").write_text("not a state dict")
+    with pytest.raises(ValueError, match="junk.pth: not a PyTorch state dict"):
+        Expert("resnet18", pretrained=tmp_path / "junk.pth")
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +71,23 @@ def trained(synth_root, tmp_path_factory):
 
 def test_training_logs_both_losses_and_resumes(trained):
     cfg, prep, out, path = trained
-    rows = (out / "log.csv").read_text().splitlines()
-    assert rows[0] == "epoch,reconstruction,triplet,total,lr" and len(rows) == 1 + cfg.embedding.epochs
-    assert all(float(r.split(",")[2]) > 0 for r in rows[1:])  # the triplet term is really on
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert ck["epoch"] == cfg.embedding.epochs
-    # a run asked for one more epoch resumes from the checkpoint instead of starting over
+    metrics = pd.read_csv(next((out / "run" / "logs").glob("version_*/metrics.csv")))
+    epochs = metrics.dropna(subset=["triplet_epoch"])
+    assert len(epochs) == cfg.embedding.epochs
+    assert (epochs.triplet_epoch > 0).all() and (epochs.reconstruction_epoch > 0).all()  # both terms are really on
+    ck = torch.load(out / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ck["global_step"] == cfg.embedding.epochs * cfg.embedding.steps_per_epoch
+    # a finished job is not trained again
+    before = path.stat().st_mtime_ns
+    train_embedding(prep, cfg, out, progress=False)
+    assert path.stat().st_mtime_ns == before
+    # asked for one more epoch, an unfinished run resumes from its last checkpoint instead of starting over
+    path.unlink()
     more = cfg.model_copy(update={"embedding": cfg.embedding.model_copy(update={"epochs": cfg.embedding.epochs + 1})})
     train_embedding(prep, more, out, progress=False)
-    rows2 = (out / "log.csv").read_text().splitlines()
-    assert len(rows2) == len(rows) + 1 and rows2[1:len(rows)] == rows[1:]
+    ck2 = torch.load(out / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ck2["global_step"] == (cfg.embedding.epochs + 1) * cfg.embedding.steps_per_epoch
+    assert load_embedding(path)[1]["steps"] == ck2["global_step"]
 
 
 def test_extract_and_regions(trained, tmp_path):
@@ -82,7 +95,7 @@ def test_extract_and_regions(trained, tmp_path):
     model, meta = load_embedding(path)
     assert meta["triplet"] is True and meta["locations"] == ["loc0", "loc1", "loc2"]
     emb = extract(model, prep, batch_size=8, progress=False)
-    assert emb.vectors.shape[1] == cfg.embedding.dim and set(emb.split) == {"train", "val"}
+    assert emb.vectors.shape[1] == cfg.embedding.dim and set(emb.split) == {"train", "val", "test"}
     assert set(emb.location) == {"loc0", "loc1", "loc2"} and emb.window.shape == (len(emb), 3)
     emb.save(tmp_path / "e.npz")
     back = Embeddings.load(tmp_path / "e.npz")

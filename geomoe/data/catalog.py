@@ -12,7 +12,7 @@ IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".vrt"}
 VECTOR_NAMES = ("labels.geojson", "labels.gpkg", "labels.json", "buildings.geojson", "buildings.gpkg")
 INRIA_VAL_TILES = range(1, 6)  # the paper (and Inria's authors) validate on tiles 1-5 of each city
 
-Split = Literal["train", "val"]
+Split = Literal["train", "val", "test"]
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _discover_inria(train_dir: Path, cat: Catalog) -> None:
             continue
         city, n = m.group(1), int(m.group(2))
         mask = _find_mask(train_dir / "gt", img)
-        split: Split = "val" if n in INRIA_VAL_TILES else "train"
+        split: Split = "test" if n in INRIA_VAL_TILES else "train"  # the paper's held-out tiles; val comes from train
         cat.scenes.append(Scene(city, img, mask, "mask" if mask else None, split))
 
 

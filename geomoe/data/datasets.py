@@ -66,7 +66,8 @@ def prepare(root, cfg: DataConfig, seed: int = 0) -> Prepared:
         detail = "; ".join(str(p) for p in cat.problems[:5])
         raise ValueError(f"{root}: no usable labelled images ({detail or 'none found'})")
     block = cfg.block_size or 2 * cfg.patch_size
-    blocks = split_blocks(readers, block, cfg.val_fraction, seed)
+    gap = cfg.patch_size if cfg.split_gap is None else cfg.split_gap
+    blocks = split_blocks(readers, block, cfg.val_fraction, seed, cfg.test_fraction, gap)
     locs = sorted({r.scene.location for r in readers})
     return Prepared(cat, readers, blocks, cfg.patch_size, locs)
 
@@ -87,10 +88,11 @@ class GridDataset(Dataset):
 
 
 class RandomPatchDataset(Dataset):
-    """``length`` random training patches per epoch, balanced across locations, augmented.
+    """Random training patches, balanced across locations, augmented; item ``i`` is a pure function of (seed, i).
 
-    Deterministic for a given (seed, epoch, index), so a resumed run sees the same data. Patches
-    with less than ``min_valid`` real data are redrawn.
+    Epochs are consecutive index ranges (see :class:`geomoe.data.loaders.EpochSampler`), so a resumed run, or a
+    run on another number of processes, sees exactly the same patches. Patches with less than ``min_valid``
+    real data are redrawn.
     """
 
     def __init__(self, prep: Prepared, length: int, seed: int = 0, augment: bool = True, min_valid: float = 0.5,
@@ -99,13 +101,12 @@ class RandomPatchDataset(Dataset):
         # Given windows (a region's share) are drawn as they are; otherwise anywhere in the train blocks.
         self.sampler = WindowSampler(prep.readers, refs) if refs is not None else BalancedSampler(prep.readers, prep.blocks, prep.patch_size)
         self.cycle = cycle_locations  # item i comes from location i mod n: every batch holds every location
-        self.epoch = 0
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int) -> dict:
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        rng = np.random.default_rng([self.seed, i])
         for _ in range(10):
             loc = self.sampler.locations[i % len(self.sampler.locations)] if self.cycle else None
             ref = self.sampler.draw(rng, loc)

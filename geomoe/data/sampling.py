@@ -1,8 +1,8 @@
 """Spatial block split, and the windows that training and evaluation draw from it.
 
-Every scene's (resampled) grid is cut into square blocks; each block is train or val. Training
-windows lie inside one train block and evaluation windows inside one val block, so no patch
-straddles the split even when patches overlap.
+Every scene's (resampled) grid is cut into square blocks; each block is train, val or test. Training
+windows lie inside one train block, validation windows inside one val block, and test windows inside one
+test block; blocks of different splits are pulled apart so windows of different splits keep a gap.
 """
 
 from __future__ import annotations
@@ -41,33 +41,111 @@ def _stable_u01(*parts: object) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def split_blocks(readers: list[SceneReader], block: int, val_fraction: float, seed: int = 0) -> list[Block]:
-    """Cut every scene into ``block``-sized blocks and assign each to train or val.
+def space_of(r: SceneReader) -> str:
+    """Blocks are compared only within one space: a CRS (scenes that may touch), or one ungeoreferenced scene."""
+    return r.grid.crs.to_string() if r.grid.crs is not None else f"pixels:{r.scene.image}"
 
-    Scenes whose split is fixed by the layout (Inria) keep it. Otherwise, per location, the
-    ``val_fraction`` of blocks with the lowest stable hash go to val, so the split does not change
-    when scenes are added elsewhere, and every location with two or more blocks gets a val block.
+
+def world_box(r: SceneReader, col: float, row: float, w: float, h: float) -> tuple[float, float, float, float]:
+    """(xmin, ymin, xmax, ymax) of a window of the resampled grid, in the space's coordinates."""
+    if r.grid.crs is None:
+        return col, row, col + w, row + h
+    fx, fy = r.grid.width / r.width, r.grid.height / r.height  # source pixels per resampled pixel
+    xs, ys = zip(*(r.grid.transform * (c * fx, rr * fy) for c in (col, col + w) for rr in (row, row + h)))
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _to_pixels(r: SceneReader, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """A world box as (col0, row0, col1, row1) on ``r``'s resampled grid (may lie outside the scene)."""
+    if r.grid.crs is None:
+        return box
+    fx, fy = r.grid.width / r.width, r.grid.height / r.height
+    inv = ~r.grid.transform
+    cs, rs = zip(*(inv * (x, y) for x in (box[0], box[2]) for y in (box[1], box[3])))
+    return min(cs) / fx, min(rs) / fy, max(cs) / fx, max(rs) / fy
+
+
+def _order_key(r: SceneReader, b: Block, seed: int) -> tuple:
+    """West to east, then north to south, in world coordinates; ungeoreferenced scenes in a stable shuffled order."""
+    if r.grid.crs is None:
+        return (1, _stable_u01(seed, r.scene.name), b.col, b.row)
+    x0, y0, x1, y1 = world_box(r, b.col, b.row, b.width, b.height)
+    return (0, round((x0 + x1) / 2, 6), -round((y0 + y1) / 2, 6))
+
+
+def split_blocks(readers: list[SceneReader], block: int, val_fraction: float, seed: int = 0,
+                 test_fraction: float = 0.0, gap: int = 0) -> list[Block]:
+    """Cut every scene into ``block``-sized blocks, give each a split, and pull blocks apart by ``gap`` pixels.
+
+    Per location, blocks are ordered west to east (world coordinates, so separate tiles of one place are
+    neighbours) and cut into contiguous runs: the first ``test_fraction`` is test, the next ``val_fraction``
+    validation, the rest training. Contiguous runs keep the borders between splits short. Scenes whose split is
+    fixed by the layout as test (Inria's tiles 1-5) keep it. Then every block gives up ``ceil(gap / 2)`` pixels on each side that
+    faces a block of another split within that distance, so no window of one split comes within ``gap`` pixels
+    of a window of another; blocks left smaller than ``gap`` hold no window and are dropped.
     """
-    blocks: list[tuple[float, Block]] = []
+    raw: list[Block] = []
     for i, r in enumerate(readers):
         for row in range(0, r.height, block):
             for col in range(0, r.width, block):
-                b = Block(i, col, row, min(block, r.width - col), min(block, r.height - row), r.scene.split or "train")
-                blocks.append((_stable_u01(seed, r.scene.location, r.scene.name, col, row), b))
-    out: list[Block] = []
-    by_loc: dict[str, list[tuple[float, Block]]] = {}
-    for u, b in blocks:
-        if readers[b.scene].scene.split is not None:
-            out.append(b)
+                raw.append(Block(i, col, row, min(block, r.width - col), min(block, r.height - row), r.scene.split or "train"))
+    by_loc: dict[str, list[Block]] = {}
+    assigned: list[Block] = []
+    fixed_test = set()
+    for b in raw:
+        if readers[b.scene].scene.split == "test":  # held out by the layout; its train scenes still give a val split
+            assigned.append(b)
+            fixed_test.add(readers[b.scene].scene.location)
         else:
-            by_loc.setdefault(readers[b.scene].scene.location, []).append((u, b))
-    for items in by_loc.values():
-        items.sort(key=lambda t: t[0])
-        n_val = int(round(val_fraction * len(items))) if len(items) > 1 else 0
-        if val_fraction > 0 and len(items) > 1:
-            n_val = max(1, n_val)
-        for j, (_, b) in enumerate(items):
-            out.append(Block(b.scene, b.col, b.row, b.width, b.height, "val" if j < n_val else "train"))
+            by_loc.setdefault(readers[b.scene].scene.location, []).append(b)
+    for loc, items in by_loc.items():
+        items.sort(key=lambda b: _order_key(readers[b.scene], b, seed))
+        n = len(items)
+        n_test = max(1, int(round(test_fraction * n))) if test_fraction > 0 and n > 2 and loc not in fixed_test else 0
+        n_val = max(1, int(round(val_fraction * n))) if val_fraction > 0 and n - n_test > 1 else 0
+        for j, b in enumerate(items):
+            split = "test" if j < n_test else "val" if j < n_test + n_val else "train"
+            assigned.append(Block(b.scene, b.col, b.row, b.width, b.height, split))
+    return _pull_apart(readers, assigned, gap) if gap > 0 else assigned
+
+
+def _pull_apart(readers: list[SceneReader], blocks: list[Block], gap: int) -> list[Block]:
+    half = -(-gap // 2)
+    spaces: dict[str, list[int]] = {}
+    for j, b in enumerate(blocks):
+        spaces.setdefault(space_of(readers[b.scene]), []).append(j)
+    world = [world_box(readers[b.scene], b.col, b.row, b.width, b.height) for b in blocks]
+    out = []
+    for members in spaces.values():
+        boxes = np.array([world[j] for j in members])
+        splits = np.array([blocks[j].split for j in members])
+        for m, j in enumerate(members):
+            b = blocks[j]
+            r = readers[b.scene]
+            c0, r0, c1, r1 = float(b.col), float(b.row), float(b.col + b.width), float(b.row + b.height)
+            # candidates: other-split blocks whose world box comes within (generously) two gaps of this one
+            px = max(abs(r.grid.transform.a), abs(r.grid.transform.e)) * (r.grid.width / r.width) if r.grid.crs else 1.0
+            reach = 2 * gap * px
+            x0, y0, x1, y1 = world[j]
+            near = np.flatnonzero((splits != b.split) & (boxes[:, 0] < x1 + reach) & (boxes[:, 2] > x0 - reach)
+                                  & (boxes[:, 1] < y1 + reach) & (boxes[:, 3] > y0 - reach))
+            for k in near:
+                n0, m0, n1, m1 = _to_pixels(r, tuple(boxes[k]))
+                rows_meet = m0 < r1 + half and m1 > r0 - half
+                cols_meet = n0 < c1 + half and n1 > c0 - half
+                if rows_meet and n1 <= c0 + 0.5 and n1 > c0 - half:
+                    c0 = max(c0, n1 + half)
+                if rows_meet and n0 >= c1 - 0.5 and n0 < c1 + half:
+                    c1 = min(c1, n0 - half)
+                if cols_meet and m1 <= r0 + 0.5 and m1 > r0 - half:
+                    r0 = max(r0, m1 + half)
+                if cols_meet and m0 >= r1 - 0.5 and m0 < r1 + half:
+                    r1 = min(r1, m0 - half)
+            w, h = int(np.floor(c1 - np.ceil(c0))), int(np.floor(r1 - np.ceil(r0)))
+            if (w, h) == (b.width, b.height):
+                out.append(b)
+            elif w >= gap and h >= gap:
+                out.append(Block(b.scene, int(np.ceil(c0)), int(np.ceil(r0)), w, h, b.split))
     return out
 
 

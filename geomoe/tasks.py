@@ -1,0 +1,36 @@
+"""What the two LightningModules share: Adam with the paper's poly schedule, channels_last on CUDA."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+
+def poly_lambda(total_steps: int, power: float):
+    """lr = base * (1 - step / total) ** power, the paper's "poly" schedule, stepped per batch."""
+    total = max(1, total_steps)
+    return lambda s: max(0.0, 1 - s / total) ** power
+
+
+class GeomoeTask(L.LightningModule):
+    """Base of the embedding and expert tasks: ``self.model``, ``self.lr``, ``self.weight_decay``."""
+
+    model: torch.nn.Module
+    lr: float
+    weight_decay: float
+    poly_power: float = 0.9
+    total_steps: int
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(self.total_steps, self.poly_power))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.device.type == "cuda" and batch["image"].ndim == 4:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch

@@ -1,0 +1,99 @@
+"""The evaluation protocol: three spatial splits kept a patch apart, and the best-expert oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from geomoe.config import DataConfig
+from geomoe.data.datasets import RandomPatchDataset, prepare
+from geomoe.data.sampling import world_box
+from geomoe.pipelines.evaluate import RoutedBatch
+
+from conftest import SAMPLE, SHARED
+
+
+def _gaps(prep, a_refs, b_refs) -> float:
+    """Smallest distance (to 0.01 px: world coordinates in metres round), in resampled pixels, between a window of ``a_refs`` and one of ``b_refs`` in one space."""
+    def boxes(refs):
+        out = {}
+        for r in refs:
+            rd = prep.readers[r.scene]
+            px = max(abs(rd.grid.transform.a), abs(rd.grid.transform.e)) * rd.grid.width / rd.width if rd.grid.crs else 1.0
+            key = rd.grid.crs.to_string() if rd.grid.crs else str(rd.scene.image)
+            out.setdefault(key, []).append(np.array(world_box(rd, r.col, r.row, r.size, r.size)) / px)
+        return {k: np.array(v) for k, v in out.items()}
+    A, B = boxes(a_refs), boxes(b_refs)
+    best = np.inf
+    for k in A.keys() & B.keys():
+        a, b = A[k][:, None], B[k][None]
+        dx = np.maximum(0, np.maximum(a[..., 0] - b[..., 2], b[..., 0] - a[..., 2]))
+        dy = np.maximum(0, np.maximum(a[..., 1] - b[..., 3], b[..., 1] - a[..., 3]))
+        best = min(best, float(np.hypot(dx, dy).min()))
+    return best
+
+
+@pytest.mark.parametrize("root", [SAMPLE, SHARED])
+def test_windows_of_different_splits_stay_a_patch_apart(root):
+    if not root.exists():
+        pytest.skip(f"{root} is not here (../shared is beside the checkout only on the development machines)")
+    prep = prepare(root, DataConfig(patch_size=128, block_size=256, full_check=False))
+    win = {s: prep.windows(s) for s in ("train", "val", "test")}
+    for s in win:  # every location has every split
+        assert {prep.location_of(r) for r in win[s]} == set(prep.locations), s
+    rng = np.random.default_rng(0)
+    drawn = [RandomPatchDataset(prep, 10, augment=False).sampler.draw(rng) for _ in range(400)]
+    for a, b in (("train", "test"), ("train", "val"), ("val", "test")):
+        assert _gaps(prep, win[a], win[b]) >= 128 - 0.01, (a, b)
+    assert _gaps(prep, drawn, win["test"]) >= 128 - 0.01
+    assert _gaps(prep, drawn, win["val"]) >= 128 - 0.01
+
+
+def test_without_the_gap_splits_touch():
+    """The check above can fail: with no gap, neighbouring blocks of different splits share an edge."""
+    prep = prepare(SAMPLE, DataConfig(patch_size=128, block_size=256, split_gap=0, full_check=False))
+    w = {s: prep.windows(s) for s in ("train", "val", "test")}
+    assert min(_gaps(prep, w[a], w[b]) for a, b in (("train", "val"), ("val", "test"), ("train", "test"))) < 1
+
+
+def test_best_expert_oracle_is_at_least_as_good_as_every_expert_on_every_tile():
+    rng = np.random.default_rng(0)
+    probs = torch.from_numpy(rng.random((4, 6, 16, 16)).astype(np.float32))
+    truth = rng.random((6, 16, 16)) > 0.6
+    valid = rng.random((6, 16, 16)) > 0.1
+    rb = RoutedBatch(probs, None, np.zeros(6, np.int64), np.zeros(6), np.zeros((6, 1), np.int64), np.ones((6, 1)))
+    best = rb.best_expert(truth, valid, 0.5)
+    errors = (((probs.numpy() >= 0.5) != truth[None]) & valid[None]).sum((2, 3))  # (experts, tiles)
+    chosen = rb.method_probs("best_expert", np.zeros(6, np.int64), None, best).numpy() >= 0.5
+    chosen_err = ((chosen != truth) & valid).sum((1, 2))
+    assert (chosen_err <= errors.min(0)).all() and (chosen_err == errors.min(0)).all()
+    assert len(set(best.tolist())) > 1  # it really chooses per tile
+
+
+def test_expert_budget_is_proportional_with_a_floor_and_adds_up_for_the_single_network():
+    from geomoe.pipelines.train import expert_steps
+
+    assert expert_steps([600, 300, 100], 900, 50) == [540, 270, 90]
+    assert expert_steps([980, 10, 10], 900, 50) == [882, 50, 50]  # small regions still get the floor
+    assert sum(expert_steps([5, 5], 10, 1)) == 10
+    assert expert_steps([980, 10, 10], 900, 50, unit=30) == [870, 60, 60]  # whole epochs of 30 steps
+
+
+def test_smoothed_routing_removes_isolated_flips_and_keeps_boundaries():
+    from geomoe.router.smoothing import smooth_routes
+
+    # a 6 x 4 grid of tiles: left half expert 0, right half expert 1, one stray tile routed to 2
+    boxes, ids = [], []
+    for y in range(4):
+        for x in range(6):
+            boxes.append((x, y, x + 1, y + 1))
+            ids.append(0 if x < 3 else 1)
+    ids[7] = 2
+    out = smooth_routes(np.array(ids), np.array(boxes, float), np.array(["s"] * 24), 3)
+    assert out[7] == 0 and 2 not in out
+    assert (out.reshape(4, 6)[:, :3] == 0).all() and (out.reshape(4, 6)[:, 3:] == 1).all()
+    # another space does not vote: the same stray alone in its own space keeps its expert
+    spaces = np.array(["s"] * 24)
+    spaces[7] = "other"
+    assert smooth_routes(np.array(ids), np.array(boxes, float), spaces, 3)[7] == 2
