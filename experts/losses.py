@@ -26,3 +26,14 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.T
     bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * v).sum((-2, -1)) / v.sum((-2, -1)).clamp(min=1)
     jac = soft_jaccard(torch.sigmoid(logits), target, valid)
     return (alpha * bce + (1 - alpha) * (1 - jac)).mean()
+
+
+def instance_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, alpha: float,
+                  aux_weight: float = 0.5) -> torch.Tensor:
+    """Building channel as :func:`segmentation_loss`; boundary and contact channels by per-image BCE."""
+    loss = segmentation_loss(logits[:, :1], targets[:, 0], valid, alpha)
+    lg = logits[:, 1:3]
+    lg = lg.to(torch.promote_types(lg.dtype, torch.float32))
+    t, v = targets[:, 1:3].to(lg.dtype), valid[:, None].to(lg.dtype)
+    bce = (F.binary_cross_entropy_with_logits(lg, t, reduction="none") * v).sum((-2, -1)) / v.sum((-2, -1)).clamp(min=1)
+    return loss + aux_weight * bce.sum(1).mean()

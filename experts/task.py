@@ -9,7 +9,7 @@ import torch
 from torchmetrics import Metric
 
 from geomoe.config import ExpertConfig
-from geomoe.experts.losses import segmentation_loss
+from geomoe.experts.losses import instance_loss, segmentation_loss
 from geomoe.experts.model import Expert, save_expert
 from geomoe.tasks import GeomoeTask
 
@@ -50,7 +50,11 @@ class SegmentationTask(GeomoeTask):
         return self.model(x)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = segmentation_loss(self.model(batch["image"]), batch["mask"], batch["valid"], self.cfg.alpha)
+        out = self.model(batch["image"])
+        if "targets" in batch:
+            loss = instance_loss(out, batch["targets"], batch["valid"], self.cfg.alpha)
+        else:
+            loss = segmentation_loss(out, batch["mask"], batch["valid"], self.cfg.alpha)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["image"]),
                  sync_dist=False)
         return loss

@@ -39,11 +39,11 @@ def epochs_for(steps: int, steps_per_epoch: int) -> tuple[int, int]:
 def new_expert(prep: Prepared, cfg: Config, init_from: Path | None = None) -> Expert:
     x = cfg.experts
     if init_from is None:
-        model = build_expert(x.encoder, x.decoder, 1, x.pretrained)
+        model = build_expert(x.encoder, x.decoder, 3 if x.outputs == "instances" else 1, x.pretrained)
         model.norm.set(*compute_stats(prep, seed=cfg.seed))  # deterministic: the same on every DDP process
         return model
     src, meta = load_expert(init_from)
-    if (meta["encoder"], meta["decoder"]) != (x.encoder, x.decoder):
+    if (meta["encoder"], meta["decoder"], meta.get("classes", 1)) != (x.encoder, x.decoder, 3 if x.outputs == "instances" else 1):
         raise ValueError(f"{init_from}: a {meta['decoder']} on {meta['encoder']} cannot start a {x.decoder} on {x.encoder}")
     return src.train()
 
@@ -56,7 +56,8 @@ def train_expert(prep: Prepared, cfg: Config, job: ExpertJob, out: Path, progres
     model = new_expert(prep, cfg, job.init_from)
     meta = {"name": job.name, "init_from": str(job.init_from) if job.init_from else None}
     task = SegmentationTask(model, x, epochs * per_epoch, meta)
-    plan = PatchPlan(job.train_refs, job.val_refs, x.batch_size, per_epoch, epochs)
+    plan = PatchPlan(job.train_refs, job.val_refs, x.batch_size, per_epoch, epochs,
+                     instance_targets=x.outputs == "instances")
     data = PatchDataModule(prep, plan, cfg.seed, cfg.data.min_valid, cfg.data.workers)
     fj = FitJob(job.name, out / "runs" / job.name, out / f"{job.name}.pt", epochs,
                 monitor="val_iou" if job.val_refs else None)

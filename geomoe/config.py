@@ -72,6 +72,9 @@ class ExpertConfig(_Strict):
     steps_per_epoch: int = Field(100, ge=1)
     batch_size: int = Field(8, ge=1)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    outputs: Literal["building", "instances"] = Field(
+        "building", description="building: one channel; instances: building, boundary and contact channels, whose "
+                                "watershed separates touching buildings (pipelines/instances.py).")
     init: Literal["generalist", "scratch"] = Field(
         "generalist", description="generalist: train one network on every location first and fine-tune each region's "
                                   "expert from it; scratch: the paper's experts, each trained from scratch.")

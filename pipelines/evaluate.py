@@ -16,7 +16,7 @@ from geomoe.atomic import atomic_path
 from geomoe.bundle import Bundle
 from geomoe.data.datasets import GridDataset, Prepared, prepare
 from geomoe.embedding.model import embed_batches
-from geomoe.experts.model import predict_probs
+from geomoe.experts.model import predict_logits
 from geomoe.metrics import Scores
 from geomoe.data.sampling import space_of, world_box
 from geomoe.router.routing import OracleRouter, RandomRouter
@@ -33,7 +33,11 @@ METRICS = ("iou", "accuracy", "precision", "recall", "f1", "building_f1", "bound
 
 @dataclass
 class RoutedBatch:
-    """One batch of tiles with every expert's probabilities and each method's choice."""
+    """One batch of tiles with every expert's probabilities and each method's choice.
+
+    ``probs`` is the building channel; experts trained with ``outputs: instances`` also give ``aux`` (boundary and
+    contact), from which building masks are separated into instances before scoring.
+    """
 
     probs: torch.Tensor  # (k, N, H, W)
     baseline: torch.Tensor | None  # (N, H, W)
@@ -43,33 +47,58 @@ class RoutedBatch:
     soft_w: np.ndarray  # (N, top)
     generalist: torch.Tensor | None = None  # (N, H, W)
     smoothed: np.ndarray | None = None  # (N,) expert id after spatial smoothing
+    aux: torch.Tensor | None = None  # (k, N, 2, H, W): boundary, contact
+    baseline_aux: torch.Tensor | None = None  # (N, 2, H, W)
+    generalist_aux: torch.Tensor | None = None  # (N, 2, H, W)
 
     def best_expert(self, truth: np.ndarray, valid: np.ndarray, threshold: float) -> np.ndarray:
         """Per tile, the expert with the fewest misclassified valid pixels."""
         wrong = ((self.probs.numpy() >= threshold) != truth[None]) & valid[None]
         return wrong.reshape(wrong.shape[0], wrong.shape[1], -1).sum(-1).argmin(0)
 
+    def _select(self, stack: torch.Tensor | None, single: torch.Tensor | None, generalist: torch.Tensor | None,
+                method: str, random_ids: np.ndarray, oracle_ids: np.ndarray | None,
+                best_ids: np.ndarray | None) -> torch.Tensor | None:
+        if method == "single":
+            return single
+        if method == "generalist":
+            return generalist
+        if stack is None:
+            return None
+        n = torch.arange(stack.shape[1])
+        ids = {"embedding": self.embedding, "smoothed": self.smoothed, "random": random_ids,
+               "location_oracle": oracle_ids, "best_expert": best_ids}
+        if method in ids:
+            return None if ids[method] is None else stack[torch.from_numpy(ids[method]), n]
+        if method == "soft":
+            w = torch.from_numpy(self.soft_w).reshape(*self.soft_w.shape, *([1] * (stack.ndim - 2)))
+            return (stack[torch.from_numpy(self.soft_ids), n[:, None]] * w).sum(1)
+        raise ValueError(method)
+
     def method_probs(self, method: str, random_ids: np.ndarray, oracle_ids: np.ndarray | None,
                      best_ids: np.ndarray | None = None) -> torch.Tensor | None:
-        n = torch.arange(self.probs.shape[1])
-        if method == "single":
-            return self.baseline
-        if method == "generalist":
-            return self.generalist
-        if method == "embedding":
-            return self.probs[torch.from_numpy(self.embedding), n]
-        if method == "smoothed":
-            return None if self.smoothed is None else self.probs[torch.from_numpy(self.smoothed), n]
-        if method == "random":
-            return self.probs[torch.from_numpy(random_ids), n]
-        if method == "location_oracle":
-            return None if oracle_ids is None else self.probs[torch.from_numpy(oracle_ids), n]
-        if method == "best_expert":
-            return None if best_ids is None else self.probs[torch.from_numpy(best_ids), n]
-        if method == "soft":
-            w = torch.from_numpy(self.soft_w)[..., None, None]
-            return (self.probs[torch.from_numpy(self.soft_ids), n[:, None]] * w).sum(1)
-        raise ValueError(method)
+        """The building probability (N, H, W) that ``method`` gives each tile."""
+        return self._select(self.probs, self.baseline, self.generalist, method, random_ids, oracle_ids, best_ids)
+
+    def method_masks(self, method: str, threshold: float, random_ids: np.ndarray, oracle_ids: np.ndarray | None,
+                     best_ids: np.ndarray | None = None) -> np.ndarray | None:
+        """Building masks (N, H, W); separated into instances (one-pixel cuts) where the experts give aux channels."""
+        p = self.method_probs(method, random_ids, oracle_ids, best_ids)
+        if p is None:
+            return None
+        aux = self._select(self.aux, self.baseline_aux, self.generalist_aux, method, random_ids, oracle_ids, best_ids)
+        if aux is None:
+            return (p >= threshold).numpy()
+        from geomoe.pipelines.instances import instance_labels, separated_mask
+
+        full = torch.cat([p[:, None], aux], 1).numpy()
+        return np.stack([separated_mask(instance_labels(f, threshold)) for f in full])
+
+
+def _channels(model, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(building probability (N, H, W), boundary and contact (N, 2, H, W) or None)."""
+    p = torch.sigmoid(predict_logits(model, images, device)).cpu()
+    return p[:, 0], (p[:, 1:3] if p.shape[1] >= 3 else None)
 
 
 def route_batch(bundle: Bundle, images: torch.Tensor) -> RoutedBatch:
@@ -77,10 +106,12 @@ def route_batch(bundle: Bundle, images: torch.Tensor) -> RoutedBatch:
     ids, dist = bundle.router.route(emb)
     r = bundle.config.router
     sids, sw = bundle.router.soft(emb, r.soft_top_k, r.soft_temperature)
-    probs = torch.stack([predict_probs(e, images, bundle.device) for e in bundle.experts])
-    base = predict_probs(bundle.baseline, images, bundle.device) if bundle.baseline is not None else None
-    gen = predict_probs(bundle.generalist, images, bundle.device) if bundle.generalist is not None else None
-    return RoutedBatch(probs, base, ids, dist, sids, sw, gen)
+    outs = [_channels(e, images, bundle.device) for e in bundle.experts]
+    probs = torch.stack([o[0] for o in outs])
+    aux = torch.stack([o[1] for o in outs]) if all(o[1] is not None for o in outs) else None
+    base, base_aux = _channels(bundle.baseline, images, bundle.device) if bundle.baseline is not None else (None, None)
+    gen, gen_aux = _channels(bundle.generalist, images, bundle.device) if bundle.generalist is not None else (None, None)
+    return RoutedBatch(probs, base, ids, dist, sids, sw, gen, None, aux, base_aux, gen_aux)
 
 
 def smoothed_routes(bundle: Bundle, prep: Prepared, refs: list, batch_size: int = 8, progress: bool = True) -> np.ndarray:
@@ -170,7 +201,7 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
         truth, valid = b["mask"].numpy() > 0, b["valid"].numpy()
         bids = rb.best_expert(truth, valid, bundle.threshold)
         for m in methods:
-            pred = (rb.method_probs(m, rids, oids, bids) >= bundle.threshold).numpy()
+            pred = rb.method_masks(m, bundle.threshold, rids, oids, bids)
             for j, loc in enumerate(locs):
                 scores[(m, loc)].update(pred[j], truth[j], valid[j])
     rows = []

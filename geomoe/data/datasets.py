@@ -96,8 +96,9 @@ class RandomPatchDataset(Dataset):
     """
 
     def __init__(self, prep: Prepared, length: int, seed: int = 0, augment: bool = True, min_valid: float = 0.5,
-                 refs: list[PatchRef] | None = None, cycle_locations: bool = False):
+                 refs: list[PatchRef] | None = None, cycle_locations: bool = False, instance_targets: bool = False):
         self.prep, self.length, self.seed, self.aug, self.min_valid = prep, length, seed, augment, min_valid
+        self.instance_targets = instance_targets  # add building / boundary / contact channels ("targets")
         # Given windows (a region's share) are drawn as they are; otherwise anywhere in the train blocks.
         self.sampler = WindowSampler(prep.readers, refs) if refs is not None else BalancedSampler(prep.readers, prep.blocks, prep.patch_size)
         self.cycle = cycle_locations  # item i comes from location i mod n: every batch holds every location
@@ -116,7 +117,12 @@ class RandomPatchDataset(Dataset):
         image, mask, valid = p.image, p.mask, p.valid
         if self.aug:
             image, mask, valid = augment(image, mask, valid, rng)
-        return to_sample(image, mask, valid, self.prep.locations.index(self.prep.location_of(ref)), i)
+        sample = to_sample(image, mask, valid, self.prep.locations.index(self.prep.location_of(ref)), i)
+        if self.instance_targets:
+            from geomoe.experts.targets import building_targets
+
+            sample["targets"] = torch.from_numpy(building_targets(sample["mask"].numpy()))
+        return sample
 
 
 def compute_stats(prep: Prepared, n: int = 64, seed: int = 0) -> tuple[list[float], list[float]]:

@@ -57,6 +57,7 @@ class PatchPlan:
     steps_per_epoch: int
     epochs: int
     cycle_locations: bool = False  # the embedding wants every location in every batch
+    instance_targets: bool = False  # experts with building / boundary / contact outputs
 
 
 class PatchDataModule(L.LightningDataModule):
@@ -84,7 +85,8 @@ class PatchDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         per_epoch = p.steps_per_epoch * p.batch_size
         ds = RandomPatchDataset(self.prep, per_epoch * p.epochs, seed=self.seed, refs=p.train_refs,
-                                min_valid=self.min_valid, cycle_locations=p.cycle_locations)
+                                min_valid=self.min_valid, cycle_locations=p.cycle_locations,
+                                instance_targets=p.instance_targets)
         return self._loader(ds, EpochSampler(per_epoch, rank, world), self.per_device_batch())
 
     def val_dataloader(self) -> DataLoader | list:
