@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geomoe.backbone import Normalize, autocast, batch_to, load_encoder_weights, resize, to_device
-from geomoe.modelfile import read_model_file, write_model_file
+from geomoe.modelfile import fill, read_model_file, write_model_file
 
 KIND = "embedding"
 
@@ -79,11 +79,8 @@ def save_embedding(model: LocationAutoencoder, path: Path, meta: dict[str, Any] 
 def load_embedding(path: Path, device: torch.device | str = "cpu") -> tuple[LocationAutoencoder, dict[str, Any]]:
     """The trained embedding network in eval mode, and its metadata (locations, whether the triplet term was used)."""
     state, meta = read_model_file(path, KIND)
-    model = LocationAutoencoder(meta["encoder"], int(meta["dim"]), int(meta["input_size"]))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit a {meta['encoder']} embedding ({str(e)[:200]})") from e
+    model = fill(LocationAutoencoder(meta["encoder"], int(meta["dim"]), int(meta["input_size"])), state, path,
+                 f"a {meta['encoder']} embedding")
     return to_device(model, torch.device(device)).eval(), meta
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geomoe.backbone import Normalize, autocast, batch_to, load_encoder_weights, to_device
-from geomoe.modelfile import read_model_file, write_model_file
+from geomoe.modelfile import fill, read_model_file, write_model_file
 
 KIND = "expert"
 
@@ -61,11 +61,8 @@ def save_expert(model: Expert, path: Path, meta: dict[str, Any] | None = None) -
 def load_expert(path: Path, device: torch.device | str = "cpu") -> tuple[Expert, dict[str, Any]]:
     """The expert in ``path`` in eval mode on ``device``, and its metadata."""
     state, meta = read_model_file(path, KIND)
-    model = Expert(meta["encoder"], meta.get("decoder", "Unet"), int(meta.get("classes", 1)))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit a {meta['decoder']} on {meta['encoder']} ({str(e)[:200]})") from e
+    model = fill(Expert(meta["encoder"], meta.get("decoder", "Unet"), int(meta.get("classes", 1))), state, path,
+                 f"a {meta.get('decoder', 'Unet')} on {meta['encoder']}")
     return to_device(model, torch.device(device)).eval(), meta
 
 

@@ -15,13 +15,9 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     Classifier heads (``fc.``, ``head.``, ``classifier.``) are ignored; any other missing or unexpected key
     means the file belongs to another architecture, and the error names the file.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: pretrained weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a PyTorch state dict ({e})") from e
+    from geomoe.modelfile import load_file
+
+    state = load_file(Path(path), "a PyTorch state dict of pretrained weights", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -23,15 +23,29 @@ def write_model_file(path: Path, kind: str, state: dict[str, torch.Tensor], meta
     return path
 
 
-def read_model_file(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, metadata) of a ``kind`` model file, with one clear error for every way it can be wrong."""
+def load_file(path: Path, what: str, weights_only: bool) -> Any:
+    """``torch.load`` onto the CPU, with a missing or unreadable file named in one line."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no {kind} model here")
+        raise FileNotFoundError(f"{path}: not found (expected {what})")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a model file ({str(e)[:200]})") from e
+        raise ValueError(f"{path}: cannot be read as {what} ({str(e).splitlines()[0][:200]})") from e
+
+
+def fill(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> torch.nn.Module:
+    """Load ``state`` into ``model``; a mismatch names the file and what it should have held."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit {what} ({str(e)[:200]})") from e
+    return model
+
+
+def read_model_file(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) of a ``kind`` model file, with one clear error for every way it can be wrong."""
+    ck = load_file(path, f"a geomoe {kind} model file", weights_only=False)
     if not isinstance(ck, dict):
         raise ValueError(f"{path}: not a geomoe model file")
     if "format" not in ck and "state" in ck:

@@ -53,10 +53,10 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
         Expert("resnet34", pretrained=tmp_path / "r18.pth")
     with pytest.raises(ValueError, match="r18.pth: weights for another architecture"):
         Expert("efficientnet-b0", pretrained=tmp_path / "r18.pth")
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(FileNotFoundError, match="nope.pth: not found"):
         Expert("resnet18", pretrained=tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_text("not a state dict")
-    with pytest.raises(ValueError, match="junk.pth: not a PyTorch state dict"):
+    with pytest.raises(ValueError, match="junk.pth: cannot be read as a PyTorch state dict"):
         Expert("resnet18", pretrained=tmp_path / "junk.pth")
 
 
