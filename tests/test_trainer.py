@@ -177,9 +177,11 @@ def test_two_process_ddp_gives_the_weights_of_one_process(staged, reference, syn
     _same(_last_weights(ddp), reference, 1e-6)
 
 
-def test_run_killed_mid_training_resumes_to_the_same_weights(staged, reference, synth_root):
+@pytest.mark.parametrize("resume_devices", [1, 2])
+def test_run_killed_mid_training_resumes_to_the_same_weights(staged, reference, synth_root, resume_devices):
+    """Killed with SIGKILL, then resumed on the same or on another number of processes."""
     d, cfg = staged
-    run = d / "killed"
+    run = d / f"killed{resume_devices}"
     shutil.copytree(d / "base", run)
     cmd = _cli("train", str(synth_root), "-o", str(run), "-c", str(cfg), "--only", "expert:0")
     last = run / "experts" / "runs" / "region_0" / "checkpoints" / "last.ckpt"
@@ -192,7 +194,7 @@ def test_run_killed_mid_training_resumes_to_the_same_weights(staged, reference, 
     assert p.returncode == -signal.SIGKILL and last.exists()
     assert not (run / "experts" / "region_0.pt").exists()
     killed_at = torch.load(last, weights_only=False)["global_step"]
-    p2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p2 = subprocess.run([*cmd, "--devices", str(resume_devices)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
     assert torch.load(last, weights_only=False)["global_step"] > killed_at
     # Lightning restores a checkpoint into the module before casting it to float64, so a resumed 64-true run passes
