@@ -11,6 +11,7 @@ Under DDP every process runs this code; only rank 0 writes, and the others wait 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,8 +177,6 @@ def assemble(prep: Prepared, emb: Embeddings, centroids: np.ndarray, cfg: Config
     scores = {}
     rj = paths.centroids.parent / "regions.json"
     if rj.exists():
-        import json
-
         scores = json.loads(rj.read_text()).get("scores", {})
     return write_manifest(paths.root, cfg, k=len(centroids), locations=prep.locations,
                           region_of_location=majority_regions(emb.location[train], regions[train]),
