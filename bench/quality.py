@@ -6,11 +6,13 @@ oracle, soft routing; and the paper's from-scratch experts routed by the same em
 F1 at IoU 0.5, boundary IoU. Also a picture of a dense test area (image, truth, single, routed, outlines).
 Writes bench/results/quality.json and appends the tables to bench/RESULTS.md.
 Usage: uv run python bench/quality.py [--config medium] [--root ../shared/data] [--out bench/runs/quality]
+       [--parts main,scratch,k5]   (finished parts are reused: a rerun only adds what is missing)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -28,11 +30,23 @@ from geomoe.backbone import pick_device
 from geomoe.bundle import load_bundle
 from geomoe.config import load_config
 from geomoe.data.datasets import GridDataset, prepare
-from geomoe.experts.model import predict_probs
-from geomoe.pipelines.evaluate import evaluate, markdown_table, route_batch
-from geomoe.pipelines.train import train_all
+from geomoe.embedding.extract import Embeddings
+from geomoe.pipelines.evaluate import Evaluation, evaluate, markdown_table, route_batch
+from geomoe.pipelines.train import BundlePaths, expert_jobs, train_all
 
 METRICS = ("iou", "building_f1", "boundary_iou", "accuracy")
+
+
+def timed(out: Path, name: str, fn):
+    """Run ``fn`` once and remember its wall time in out/times.json (a rerun reuses finished parts)."""
+    tf = out / "times.json"
+    times = json.loads(tf.read_text()) if tf.exists() else {}
+    t0 = time.perf_counter()
+    result = fn()
+    if name not in times:
+        times[name] = time.perf_counter() - t0
+        tf.write_text(json.dumps(times, indent=2))
+    return result
 
 
 def scratch_bundle(root: Path, cfg, base: Path, out: Path) -> Path:
@@ -47,6 +61,42 @@ def scratch_bundle(root: Path, cfg, base: Path, out: Path) -> Path:
                      only=[*(f"expert:{i}" for i in range(cfg.regions.k)), "assemble"])
 
 
+def k_bundle(root: Path, cfg, k: int, base: Path, out: Path) -> Path:
+    """Another k on the same embedding and generalist, with the same total fine-tuning steps as ``base``.
+
+    When the steps come out the same, the single network is the same job and is reused, not retrained.
+    """
+    (out / "embedding").mkdir(parents=True, exist_ok=True)
+    (out / "experts").mkdir(parents=True, exist_ok=True)
+    for f in ("embedding/embedding.pt", "embedding/embeddings.npz", "experts/generalist.pt"):
+        if not (out / f).exists():
+            shutil.copy(base / f, out / f)
+    x = cfg.experts
+    total = x.expert_steps_total or x.epochs * x.steps_per_epoch * cfg.regions.k
+    kcfg = cfg.model_copy(update={"regions": cfg.regions.model_copy(update={"k": k}),
+                                  "experts": x.model_copy(update={"expert_steps_total": total})})
+    train_all(root, kcfg, out, figures=True, only=["regions"])
+    prep = prepare(root, kcfg.data, kcfg.seed)
+    jobs = expert_jobs(prep, Embeddings.load(out / "embedding" / "embeddings.npz"),
+                       np.load(out / "regions" / "centroids.npy"), kcfg, BundlePaths(out))
+    base_jobs = expert_jobs(prep, Embeddings.load(base / "embedding" / "embeddings.npz"),
+                            np.load(base / "regions" / "centroids.npy"), cfg, BundlePaths(base))
+    if jobs["baseline"].steps == base_jobs["baseline"].steps and not (out / "experts" / "baseline.pt").exists():
+        shutil.copy(base / "experts" / "baseline.pt", out / "experts" / "baseline.pt")
+    return train_all(root, kcfg, out, figures=False)
+
+
+def cached_evaluation(bundle_dir: Path, prep, dev, out: Path) -> Evaluation:
+    """Evaluate ``bundle_dir`` on the test split once; a rerun of the bench reads the written tables."""
+    if (out / "evaluation.csv").exists() and (out / "evaluation.json").exists():
+        routing = json.loads((out / "evaluation.json").read_text())["routing"]
+        return Evaluation(pd.read_csv(out / "evaluation.csv"),
+                          pd.DataFrame(routing).T.rename_axis("location"))
+    ev = evaluate(load_bundle(bundle_dir, dev), prep=prep, split="test")
+    ev.write(out)
+    return ev
+
+
 def dense_picture(bundle, prep, out: Path) -> Path:
     """The test window with the most buildings in Banepa (or Xiamen): image, truth, single, routed, outlines."""
     refs = [r for r in prep.windows("test") if prep.location_of(r) in ("banepa", "xiamen")] or prep.windows("test")
@@ -55,8 +105,10 @@ def dense_picture(bundle, prep, out: Path) -> Path:
     d = ds[best]
     img = d["image"][None]
     rb = route_batch(bundle, img)
-    routed = rb.probs[int(rb.embedding[0]), 0].numpy() >= bundle.threshold
-    single = predict_probs(bundle.baseline, img, bundle.device)[0].numpy() >= bundle.threshold
+    none = np.zeros(1, np.int64)  # the random and oracle choices are not drawn
+    # the masks scored by evaluate: cut between touching buildings where the experts give instance channels
+    routed = rb.method_masks("embedding", bundle.threshold, none, None)[0]
+    single = rb.method_masks("single", bundle.threshold, none, None)[0]
     truth = d["mask"].numpy() > 0
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
     rgb = d["image"].permute(1, 2, 0).numpy()
@@ -77,67 +129,91 @@ def dense_picture(bundle, prep, out: Path) -> Path:
     return out
 
 
+def targets_of(iou: pd.DataFrame, f1: pd.DataFrame) -> dict:
+    locs = [l for l in iou.index if l != "overall"]
+    return {
+        "routed_at_or_above_single_every_location": bool((iou.loc[locs, "embedding"] >= iou.loc[locs, "single"]).all()),
+        "routed_minus_single_overall_iou_points": float(100 * (iou.loc["overall", "embedding"] - iou.loc["overall", "single"])),
+        "routed_building_f1_overall": float(f1.loc["overall", "embedding"]),
+        "router_minus_location_oracle_iou_points": float(100 * (iou.loc["overall", "embedding"] - iou.loc["overall", "location_oracle"]))
+        if "location_oracle" in iou else float("nan"),
+    }
+
+
+def targets_line(t: dict) -> str:
+    d = t["router_minus_location_oracle_iou_points"]
+    return (f"routed experts at or above the single network at every location: "
+            f"{'met' if t['routed_at_or_above_single_every_location'] else 'NOT met'}; "
+            f"overall {t['routed_minus_single_overall_iou_points']:+.2f} IoU points (target +2.0: "
+            f"{'met' if t['routed_minus_single_overall_iou_points'] >= 2.0 else 'NOT met'}); building F1 "
+            f"{t['routed_building_f1_overall']:.3f} (target 0.5: {'met' if t['routed_building_f1_overall'] >= 0.5 else 'NOT met'}); "
+            f"router vs location oracle {d:+.2f} points (target within 1.0: {'met' if d >= -1.0 else 'NOT met'}).")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", type=Path, default=SHARED)
     ap.add_argument("--out", type=Path, default=Path("bench/runs/quality"))
     ap.add_argument("--config", default="medium")
-    ap.add_argument("--no-scratch", action="store_true", help="skip the from-scratch experts")
+    ap.add_argument("--parts", default="main,scratch,k5",
+                    help="main (generalist-started experts, k from the config), scratch (the paper's experts, same "
+                         "regions), k5 (k = 5 on the same embedding and generalist); finished parts are reused")
     a = ap.parse_args()
+    parts = [p.strip() for p in a.parts.split(",")]
     cfg = load_config(a.config)
     dev = pick_device(cfg.device)
     t0 = time.perf_counter()
-    train_all(a.root, cfg, a.out / "bundle")
-    t_train = time.perf_counter() - t0
+    a.out.mkdir(parents=True, exist_ok=True)
+    base = timed(a.out, "train", lambda: train_all(a.root, cfg, a.out / "bundle"))
     prep = prepare(a.root, cfg.data, cfg.seed)
-    bundle = load_bundle(a.out / "bundle", dev)
-    ev = evaluate(bundle, prep=prep, split="test")
-    ev.write(a.out / "evaluation")
+    ev = timed(a.out, "evaluate", lambda: cached_evaluation(base, prep, dev, a.out / "evaluation"))
+    tables = {f"k{cfg.regions.k}": ev.table}
     table = ev.table.copy()
-    t_scratch = 0.0
-    if not a.no_scratch:
-        t1 = time.perf_counter()
-        sb = scratch_bundle(a.root, cfg, a.out / "bundle", a.out / "scratch")
-        t_scratch = time.perf_counter() - t1
-        sev = evaluate(load_bundle(sb, dev), prep=prep, split="test")
-        extra = sev.table[sev.table.method.isin(["embedding", "smoothed", "best_expert"])].copy()
+    if "scratch" in parts:
+        sb = timed(a.out, "scratch", lambda: scratch_bundle(a.root, cfg, base, a.out / "scratch"))
+        sev = timed(a.out, "evaluate_scratch", lambda: cached_evaluation(sb, prep, dev, a.out / "evaluation_scratch"))
+        extra = sev.table[sev.table.method.isin(["embedding", "smoothed", "best_expert", "location_oracle"])].copy()
         extra["method"] = "scratch_" + extra["method"]
         table = pd.concat([table, extra], ignore_index=True)
-    pic = dense_picture(bundle, prep, Path("docs") / "quality_dense_test_area.png")
-    minutes = (time.perf_counter() - t0) / 60
+    routing = {f"k{cfg.regions.k}": ev.routing}
+    if "k5" in parts and cfg.regions.k != 5:
+        kb = timed(a.out, "k5", lambda: k_bundle(a.root, cfg, 5, base, a.out / "k5"))
+        kev = timed(a.out, "evaluate_k5", lambda: cached_evaluation(kb, prep, dev, a.out / "evaluation_k5"))
+        tables["k5"] = kev.table
+        routing["k5"] = kev.routing
+    pic = dense_picture(load_bundle(base, dev), prep, Path("docs") / "quality_dense_test_area.png")
+    times = json.loads((a.out / "times.json").read_text())
+    minutes = sum(times.values()) / 60
 
     piv = {m: table.pivot(index="location", columns="method", values=m) for m in METRICS}
-    iou = piv["iou"]
-    locs = [l for l in iou.index if l != "overall"]
-    targets = {
-        "routed_at_or_above_single_every_location": bool((iou.loc[locs, "embedding"] >= iou.loc[locs, "single"]).all()),
-        "routed_minus_single_overall_iou_points": float(100 * (iou.loc["overall", "embedding"] - iou.loc["overall", "single"])),
-        "routed_building_f1_overall": float(piv["building_f1"].loc["overall", "embedding"]),
-        "router_minus_location_oracle_iou_points": float(100 * (iou.loc["overall", "embedding"] - iou.loc["overall", "location_oracle"]))
-        if "location_oracle" in iou else float("nan"),
-    }
+    targets = targets_of(piv["iou"], piv["building_f1"])
     md = []
     for m, title in (("iou", "IoU"), ("building_f1", "Building F1 (IoU >= 0.5)"), ("boundary_iou", "Boundary IoU")):
-        md.append(f"**{title}, test split**\n\n" + markdown_table(piv[m]))
-    md.append("**Embedding routing: test tiles per expert**\n\n" + markdown_table(ev.routing))
-    md.append(
-        f"Targets: routed experts at or above the single network at every location: "
-        f"{'met' if targets['routed_at_or_above_single_every_location'] else 'NOT met'}; "
-        f"overall {targets['routed_minus_single_overall_iou_points']:+.2f} IoU points (target +2.0: "
-        f"{'met' if targets['routed_minus_single_overall_iou_points'] >= 2.0 else 'NOT met'}); building F1 "
-        f"{targets['routed_building_f1_overall']:.3f} (target 0.5: {'met' if targets['routed_building_f1_overall'] >= 0.5 else 'NOT met'}); "
-        f"router vs location oracle {targets['router_minus_location_oracle_iou_points']:+.2f} points (target within 1.0: "
-        f"{'met' if abs(targets['router_minus_location_oracle_iou_points']) <= 1.0 or targets['router_minus_location_oracle_iou_points'] > 0 else 'NOT met'}).")
-    md.append(f"Wall time {minutes:.1f} min (training {t_train / 60:.1f} min, from-scratch experts {t_scratch / 60:.1f} min). "
+        md.append(f"**{title}, test split, k = {cfg.regions.k}**\n\n" + markdown_table(piv[m]))
+    for name, t in tables.items():
+        if name == f"k{cfg.regions.k}":
+            continue
+        kp = {m: t.pivot(index="location", columns="method", values=m) for m in ("iou", "building_f1")}
+        md.append(f"**{name}: IoU and building F1, test split**\n\n" + markdown_table(kp["iou"]) + "\n\n"
+                  + markdown_table(kp["building_f1"]))
+        md.append(f"{name} targets: " + targets_line(targets_of(kp["iou"], kp["building_f1"])))
+    for name, r in routing.items():
+        md.append(f"**{name}: embedding routing, test tiles per expert**\n\n" + markdown_table(r))
+    md.append(f"Targets (k = {cfg.regions.k}): " + targets_line(targets))
+    md.append(f"Wall time {minutes:.1f} min in all ("
+              + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + " min). "
               f"Picture: `{pic}`. Methods: single = generalist trained on for the experts' total steps; "
               f"embedding = routed experts (fine-tuned from the generalist), tile by tile; smoothed = majority of "
               f"neighbouring tiles; scratch_* = the paper's experts trained from scratch, same regions and budget.")
-    record(f"Quality: honest protocol, `{a.config}`, k = {cfg.regions.k}", "\n\n".join(md),
-           f"`{a.config}` on {a.root} (test split)")
+    record(f"Quality: honest protocol, `{a.config}`, k = {cfg.regions.k}" + (", k = 5" if "k5" in tables else ""),
+           "\n\n".join(md), f"`{a.config}` on {a.root} (test split)")
     write_json("quality", {
-        "wall_minutes": minutes, "targets": targets,
+        "wall_minutes": minutes, "times_s": times, "targets": targets,
         "table": {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
                       for loc, row in piv[m].iterrows()} for m in METRICS},
+        "other_k": {name: {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
+                               for loc, row in t.pivot(index="location", columns="method", values=m).iterrows()}
+                           for m in METRICS} for name, t in tables.items() if name != f"k{cfg.regions.k}"},
     }, {"config": a.config, "k": cfg.regions.k, **cfg.model_dump(mode="json")})
 
 

@@ -73,6 +73,12 @@ def predict_logits(model: Expert, images: torch.Tensor, device: torch.device) ->
 
 
 @torch.no_grad()
+def predict_channels(model: Expert, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every output channel's probability (N, C, H, W) in float32 on the CPU (building first)."""
+    return torch.sigmoid(predict_logits(model, images, device)).cpu()
+
+
+@torch.no_grad()
 def predict_probs(model: Expert, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Building probability (N, H, W) in float32 on the CPU (channel 0 of the model's output)."""
     return torch.sigmoid(predict_logits(model, images, device)[:, 0]).cpu()

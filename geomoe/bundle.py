@@ -87,6 +87,26 @@ class Bundle:
         return self.manifest.get("gsd")
 
     @property
+    def gsd_range(self) -> tuple[float, float] | None:
+        """Finest and coarsest ground resolution (m) the experts trained on, from each location's native GSD."""
+        if self.gsd is not None:
+            return (self.gsd, self.gsd)
+        vals = [float(v) for v in (self.manifest.get("native_gsd") or {}).values() if v]
+        return (min(vals), max(vals)) if vals else None
+
+    def input_gsd(self, native: float | None) -> float | None:
+        """The GSD an input of ``native`` m/pixel is resampled to before the models see it.
+
+        A bundle trained at one GSD resamples everything to it; one trained at each location's native GSD leaves
+        inputs inside the range it trained on alone and brings finer or coarser ones to the nearest end of it
+        (a 5 cm drone mosaic is not shown to experts that never saw roofs that large). None: unknown, no resampling.
+        """
+        rng = self.gsd_range
+        if native is None or rng is None:
+            return None
+        return min(max(native, rng[0]), rng[1])
+
+    @property
     def region_of_location(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.manifest["region_of_location"].items()}
 

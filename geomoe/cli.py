@@ -291,6 +291,10 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
             batch_size: Optional[int] = typer.Option(None, "--batch-size"), device: str = "auto",
             tta: bool = typer.Option(False, help="average flipped predictions"),
             soft: bool = typer.Option(False, help="blend the top-k experts by distance instead of the nearest"),
+            routing: Optional[str] = typer.Option(None, help="tile (each tile to its nearest region's expert), smoothed "
+                                                  "(majority of each tile and its neighbours) or scene (one expert per scene)"),
+            gsd: Optional[float] = typer.Option(None, help="metres per pixel of inputs without a CRS (default: a "
+                                                "locations.csv above them, else not resampled)"),
             resume: bool = typer.Option(False, help="skip inputs whose outputs are complete"),
             no_regularize: bool = typer.Option(False, "--no-regularize"),
             min_area: Optional[float] = typer.Option(None, help="drop footprints smaller than this (m^2)")) -> None:
@@ -303,13 +307,17 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         b = load_bundle(bundle, pick_device(device), with_baseline=False)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    upd = {k: v for k, v in {"overlap": overlap, "batch_size": batch_size, "tta": tta or None,
+    if gsd is not None and gsd <= 0:
+        _fail(f"--gsd {gsd}: must be a positive number of metres per pixel")
+    if soft and routing not in (None, "tile"):
+        _fail(f"--soft blends experts per tile; it cannot be combined with --routing {routing}")
+    upd = {k: v for k, v in {"overlap": overlap, "batch_size": batch_size, "tta": tta or None, "routing": routing,
                              "min_area_m2": min_area, "regularize": False if no_regularize else None}.items() if v is not None}
     try:
         pcfg = b.config.predict.model_validate({**b.config.predict.model_dump(), **upd})
     except ValueError as e:
         _fail(str(e))
-    results = predict_many(BundleModel(b, soft=soft, tta=pcfg.tta), inputs, out, pcfg, b.threshold, resume=resume)
+    results = predict_many(BundleModel(b, soft=soft, tta=pcfg.tta), inputs, out, pcfg, b.threshold, resume=resume, gsd=gsd)
     t = Table(title="predict")
     for c in ("input", "status", "details"):
         t.add_column(c)

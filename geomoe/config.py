@@ -80,6 +80,8 @@ class ExpertConfig(_Strict):
                                   "expert from it; scratch: the paper's experts, each trained from scratch.")
     generalist_steps: int | None = Field(None, ge=1, description="Steps of the generalist (default: k x epochs x steps_per_epoch).")
     min_expert_steps: int | None = Field(None, ge=1, description="Floor of an expert's steps (default: a quarter of the mean).")
+    expert_steps_total: int | None = Field(None, ge=1, description="Steps shared by all experts in proportion to their "
+                                           "regions (default: k x epochs x steps_per_epoch); fixing it compares k fairly.")
 
     @model_validator(mode="after")
     def _pair_exists(self) -> "ExpertConfig":
@@ -111,6 +113,9 @@ class RouterConfig(_Strict):
 
 class PredictConfig(_Strict):
     tile_size: int = Field(512, ge=32)
+    routing: Literal["tile", "smoothed", "scene"] = Field(
+        "tile", description="tile: each tile to its nearest region's expert; smoothed: the majority over each tile "
+                            "and its 8 neighbours (a first routing pass over the scene); scene: one expert per scene.")
     overlap: int = Field(128, ge=0)
     batch_size: int = Field(8, ge=1)
     tta: bool = False

@@ -47,6 +47,16 @@ def grid_of(ds: rasterio.io.DatasetReader) -> Grid:
     return Grid(ds.width, ds.height, ds.crs, ds.transform)
 
 
+def is_mercator(crs) -> bool:
+    """Web Mercator and other Mercator projections, by EPSG code or by projection method (WKT without a code)."""
+    if crs.to_epsg() in (3857, 900913, 3785, 102100, 3395):
+        return True
+    try:
+        return crs.to_dict().get("proj") == "merc"
+    except Exception:  # noqa: BLE001 - some WKT cannot be expressed as PROJ parameters
+        return "mercator" in crs.to_wkt().lower()
+
+
 def ground_sampling_distance(grid: Grid) -> float | None:
     """True ground size of one pixel in metres (mean of x and y), or None without a CRS.
 
@@ -66,7 +76,7 @@ def ground_sampling_distance(grid: Grid) -> float | None:
         return float((rx * deg * coslat + ry * deg) / 2)
     unit = grid.crs.linear_units_factor[1] if grid.crs.linear_units_factor else 1.0
     gsd = (rx + ry) / 2 * unit
-    if grid.crs.to_epsg() in (3857, 900913, 3785, 102100):
+    if is_mercator(grid.crs):
         gsd *= coslat
     return float(gsd)
 

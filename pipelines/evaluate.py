@@ -101,11 +101,30 @@ def _channels(model, images: torch.Tensor, device: torch.device) -> tuple[torch.
     return p[:, 0], (p[:, 1:3] if p.shape[1] >= 3 else None)
 
 
-def route_batch(bundle: Bundle, images: torch.Tensor) -> RoutedBatch:
+@dataclass
+class Routes:
+    """The router's choices for every evaluated window, from one embedding pass."""
+
+    ids: np.ndarray  # (n,) nearest region
+    distance: np.ndarray  # (n,)
+    soft_ids: np.ndarray  # (n, top)
+    soft_w: np.ndarray  # (n, top)
+    smoothed: np.ndarray  # (n,) after the neighbourhood majority
+
+
+def route_images(bundle: Bundle, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(nearest region, distance, soft ids, soft weights) for a batch of images."""
     emb = embed_batches(bundle.embedding, images, bundle.device)
     ids, dist = bundle.router.route(emb)
     r = bundle.config.router
     sids, sw = bundle.router.soft(emb, r.soft_top_k, r.soft_temperature)
+    return ids, dist, sids, sw
+
+
+def route_batch(bundle: Bundle, images: torch.Tensor, routes: tuple | None = None) -> RoutedBatch:
+    """Every expert's (and the single network's) output on ``images``; ``routes`` from ``route_images`` when the
+    windows were routed already."""
+    ids, dist, sids, sw = routes if routes is not None else route_images(bundle, images)
     outs = [_channels(e, images, bundle.device) for e in bundle.experts]
     probs = torch.stack([o[0] for o in outs])
     aux = torch.stack([o[1] for o in outs]) if all(o[1] is not None for o in outs) else None
@@ -114,15 +133,18 @@ def route_batch(bundle: Bundle, images: torch.Tensor) -> RoutedBatch:
     return RoutedBatch(probs, base, ids, dist, sids, sw, gen, None, aux, base_aux, gen_aux)
 
 
-def smoothed_routes(bundle: Bundle, prep: Prepared, refs: list, batch_size: int = 8, progress: bool = True) -> np.ndarray:
-    """The router's expert for every window, smoothed over neighbouring windows (a first, embedding-only pass)."""
-    ids = np.zeros(len(refs), np.int64)
+def route_windows(bundle: Bundle, prep: Prepared, refs: list, batch_size: int = 8, progress: bool = True) -> Routes:
+    """Route every window (one embedding pass), then smooth each choice over its neighbouring windows."""
+    n, top = len(refs), min(bundle.config.router.soft_top_k, bundle.k)
+    ids, dist = np.zeros(n, np.int64), np.zeros(n, np.float32)
+    sids, sw = np.zeros((n, top), np.int64), np.zeros((n, top), np.float32)
     for b in tqdm(DataLoader(GridDataset(prep, refs), batch_size=batch_size), desc="routing", unit="batch",
                   disable=not progress, leave=False):
-        ids[b["index"].numpy()] = bundle.router.route(embed_batches(bundle.embedding, b["image"], bundle.device))[0]
+        i = b["index"].numpy()
+        ids[i], dist[i], sids[i], sw[i] = route_images(bundle, b["image"])
     boxes = np.array([world_box(prep.readers[r.scene], r.col, r.row, r.size, r.size) for r in refs], float)
     spaces = np.array([space_of(prep.readers[r.scene]) for r in refs])
-    return smooth_routes(ids, boxes, spaces, bundle.k)
+    return Routes(ids, dist, sids, sw, smooth_routes(ids, boxes, spaces, bundle.k))
 
 
 @dataclass
@@ -183,7 +205,7 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
     known = set(bundle.region_of_location)
     oracle = OracleRouter(bundle.region_of_location) if set(prep.locations) <= known else None
     rand = RandomRouter(bundle.k, seed)
-    smoothed = smoothed_routes(bundle, prep, refs, batch_size, progress)
+    routes = route_windows(bundle, prep, refs, batch_size, progress)
     methods = [m for m in METHODS if not (m == "single" and bundle.baseline is None)
                and not (m == "generalist" and bundle.generalist is None)
                and not (m == "location_oracle" and oracle is None)]
@@ -191,8 +213,9 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
     routing = np.zeros((len(prep.locations), bundle.k), np.int64)
     for b in tqdm(DataLoader(GridDataset(prep, refs), batch_size=batch_size), desc="evaluating", unit="batch",
                   disable=not progress):
-        rb = route_batch(bundle, b["image"])
-        rb.smoothed = smoothed[b["index"].numpy()]
+        i = b["index"].numpy()
+        rb = route_batch(bundle, b["image"], (routes.ids[i], routes.distance[i], routes.soft_ids[i], routes.soft_w[i]))
+        rb.smoothed = routes.smoothed[i]
         locs = [prep.locations[i] for i in b["location"].tolist()]
         rids = rand.route(len(locs))
         oids = oracle.route(locs) if oracle else None

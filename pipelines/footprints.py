@@ -132,11 +132,15 @@ def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd
          "mean_prob": np.array([p.prob_sum / max(p.pixels, 1) for p in pieces], np.float32),
          "pixels": np.array([p.pixels for p in pieces], np.int64)},
         geometry=geoms, crs=crs)
-    if crs is None or gsd is None:
+    if gsd is None:
         gdf["area_m2"] = np.nan
         return gdf
-    work = gdf.to_crs(gdf.estimate_utm_crs()) if len(gdf) else gdf
-    work["area_m2"] = work.geometry.area
+    if crs is None:  # pixel coordinates with a known resolution (locations.csv or --gsd): measure in pixels
+        work, unit = gdf, 1.0 / gsd
+        work["area_m2"] = work.geometry.area * gsd * gsd
+    else:
+        work, unit = (gdf.to_crs(gdf.estimate_utm_crs()) if len(gdf) else gdf), 1.0
+        work["area_m2"] = work.geometry.area
     work = work[work.area_m2 >= min_area_m2]
     if regularize and len(work):
         try:
@@ -144,11 +148,13 @@ def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                reg = regularize_geodataframe(work, parallel_threshold=2 * gsd, simplify_tolerance=gsd,
+                reg = regularize_geodataframe(work, parallel_threshold=2 * gsd * unit, simplify_tolerance=gsd * unit,
                                               allow_45_degree=diagonals, allow_circles=False, num_cores=1)
             reg = reg[reg.geometry.notna() & ~reg.geometry.is_empty]
-            reg["area_m2"] = reg.geometry.area
+            reg["area_m2"] = reg.geometry.area * (gsd * gsd if crs is None else 1.0)
             work = reg
         except Exception as e:  # keep the raw polygons rather than lose the batch
             log.warning("regularisation failed on a batch (%s); raw polygons kept", e)
+    if crs is None:
+        return work
     return work.to_crs(crs)

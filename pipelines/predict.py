@@ -29,29 +29,35 @@ from tqdm import tqdm
 from geomoe.atomic import atomic_path, tmp_name
 from geomoe.bundle import Bundle
 from geomoe.config import PredictConfig
-from geomoe.data.catalog import IMAGE_SUFFIXES
+from geomoe.data.catalog import IMAGE_SUFFIXES, gsd_near
 from geomoe.embedding.model import embed_batches
-from geomoe.experts.model import predict_probs
+from geomoe.experts.model import predict_channels
 from geomoe.pipelines.footprints import FootprintCollector, Piece, pieces_to_frame
+from geomoe.pipelines.instances import instance_labels, separated_mask
 from geomoe.pipelines.tiling import BandBlender, TileGrid
 from geomoe.raster import (RasterError, ground_sampling_distance, grid_of, image_bands, open_raster, read_window,
                            scale_for, valid_window_mask)
+from geomoe.router.smoothing import scene_majority, smooth_grid
 
 log = logging.getLogger(__name__)
 NODATA = 255
 
 
 class TileModel(Protocol):
-    """What prediction needs from a model: tile size, routing, and per-expert probabilities."""
+    """What prediction needs from a model: tile size, routing, and per-expert probabilities.
+
+    ``channels`` (optional, default 1): 3 when the experts give building, boundary and contact probabilities,
+    which are separated into one instance per building before polygonising (pipelines/instances.py).
+    """
 
     tile_size: int
-    gsd: float | None
+    gsd: float | None  # the GSD every input is resampled to (None: inputs keep theirs unless ``input_gsd`` says)
 
     def route(self, tiles: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(expert ids (N, top), blend weights (N, top), distance to the nearest centroid (N,))."""
 
     def predict(self, expert: int, tiles: torch.Tensor) -> torch.Tensor:
-        """Building probability (n, T, T) for uint8 tiles (n, 3, T, T)."""
+        """Probabilities (n, T, T), or (n, channels, T, T), for uint8 tiles (n, 3, T, T)."""
 
 
 class BundleModel:
@@ -62,6 +68,10 @@ class BundleModel:
         self.tile_size = bundle.config.predict.tile_size
         self.patch = min(bundle.config.data.patch_size, self.tile_size)
         self.gsd = bundle.gsd
+        self.channels = 3 if all(e.classes >= 3 for e in bundle.experts) else 1
+
+    def input_gsd(self, native: float | None) -> float | None:
+        return self.b.input_gsd(native)
 
     def route(self, tiles: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         o = (tiles.shape[-1] - self.patch) // 2
@@ -75,10 +85,10 @@ class BundleModel:
 
     def predict(self, expert: int, tiles: torch.Tensor) -> torch.Tensor:
         model = self.b.experts[expert]
-        p = predict_probs(model, tiles, self.b.device)
+        p = predict_channels(model, tiles, self.b.device)[:, :self.channels]
         if self.tta:  # flips are exact symmetries of the task: average them back
-            p = p + predict_probs(model, tiles.flip(-1), self.b.device).flip(-1)
-            p = p + predict_probs(model, tiles.flip(-2), self.b.device).flip(-2)
+            p = p + predict_channels(model, tiles.flip(-1), self.b.device)[:, :self.channels].flip(-1)
+            p = p + predict_channels(model, tiles.flip(-2), self.b.device)[:, :self.channels].flip(-2)
             p = p / 3
         return p
 
@@ -148,11 +158,20 @@ class _Writers:
         self.count = 0
 
     def write_rows(self, row0: int, prob: np.ndarray, valid: np.ndarray, threshold: float) -> np.ndarray:
-        win = Window(0, row0, prob.shape[1], prob.shape[0])
-        p8 = (np.clip(prob, 0, 1) * 254 + 0.5).astype(np.uint8)
+        """Write building probability and mask for rows ``prob`` (channels, n, width); return the mask.
+
+        With instance channels the mask is cut between touching buildings (watershed), so each polygon is one
+        building; the cuts never fall on the band's edges, so the collector still joins buildings across bands.
+        """
+        building = prob[0]
+        win = Window(0, row0, building.shape[1], building.shape[0])
+        p8 = (np.clip(building, 0, 1) * 254 + 0.5).astype(np.uint8)
         p8[~valid] = NODATA
         self.prob.write(p8, 1, window=win)
-        m = (prob >= threshold) & valid
+        if len(prob) >= 3:
+            m = separated_mask(instance_labels(prob, threshold)) & valid
+        else:
+            m = (building >= threshold) & valid
         m8 = m.astype(np.uint8)
         m8[~valid] = NODATA
         self.mask.write(m8, 1, window=win)
@@ -198,8 +217,11 @@ class _Writers:
 
 
 def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, threshold: float,
-                   progress: bool = True, fmt: str = "gpkg") -> tuple[Outputs, RunStats]:
-    """Predict one raster; every output appears under its final name only when complete."""
+                   progress: bool = True, fmt: str = "gpkg", gsd: float | None = None) -> tuple[Outputs, RunStats]:
+    """Predict one raster; every output appears under its final name only when complete.
+
+    ``gsd`` (m/pixel) is used when the raster has no CRS; otherwise a locations.csv above it is asked.
+    """
     t0 = time.perf_counter()
     with open_raster(src) as probe:
         width = probe.width
@@ -209,29 +231,37 @@ def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, t
     with rasterio.Env(GDAL_CACHEMAX=cache_mb):
         ds = open_raster(src)
         try:
-            return _predict(model, ds, src, out, cfg, threshold, progress, fmt, t0)
+            return _predict(model, ds, src, out, cfg, threshold, progress, fmt, t0, gsd)
         finally:
             ds.close()
 
 
 def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, threshold: float, progress: bool,
-             fmt: str, t0: float):
+             fmt: str, t0: float, given_gsd: float | None):
     bands, alpha = image_bands(ds, src)
     if ds.count > 4:
         raise RasterError(f"{src}: {ds.count} bands; the bundle expects RGB (3), RGBA (4) or a single band")
     gsd = ground_sampling_distance(grid_of(ds))
     if ds.crs is None:
-        warnings.warn(f"{src}: no CRS; outputs are in pixel coordinates and no GeoJSON is written", stacklevel=2)
+        gsd = given_gsd or gsd_near(src)
+        warnings.warn(f"{src}: no CRS; outputs are in pixel coordinates and no GeoJSON is written"
+                      + ("" if gsd else "; its resolution is unknown (give --gsd) so it is not resampled"), stacklevel=2)
     elif ds.crs.is_geographic:
         log.info("%s: geographic CRS; footprints are regularised in the local UTM zone", src.name)
-    scale = scale_for(gsd, model.gsd)
+    target = model.input_gsd(gsd) if hasattr(model, "input_gsd") else model.gsd
+    scale = scale_for(gsd, target)
     T = model.tile_size
     t_src = max(1, int(round(T * scale)))
     grid = TileGrid(ds.width, ds.height, t_src, int(round(cfg.overlap * scale)))
     out.mkdir(parents=True, exist_ok=True)
     outs = outputs_for(src, out, fmt, geojson=ds.crs is not None)
-    expert_grid = np.full((len(grid.ys), len(grid.xs)), -1, np.int16)
-    dist_grid = np.full(expert_grid.shape, np.nan, np.float32)
+    tiles = TileSource(ds, bands, alpha, grid, T, t_src)
+    if cfg.routing == "tile":
+        layer = RoutingLayer(np.full((len(grid.ys), len(grid.xs)), -1, np.int16),
+                             np.full((len(grid.ys), len(grid.xs)), np.nan, np.float32))
+    else:
+        layer = route_scene(model, tiles, cfg.routing, cfg.batch_size, progress, src.name)
+    expert_grid = layer.experts
     ex, ey = grid.cell_edges("x"), grid.cell_edges("y")
 
     def expert_at(cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -244,25 +274,28 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
     stats = RunStats()
 
     def sink(row0: int, prob: np.ndarray) -> None:
-        win = Window(0, row0, ds.width, prob.shape[0])
-        valid = valid_window_mask(ds, win, prob.shape, alpha, True)
+        win = Window(0, row0, ds.width, prob.shape[1])
+        valid = valid_window_mask(ds, win, prob.shape[1:], alpha, True)
         m = writers.write_rows(row0, prob, valid, threshold)
-        collector.add_band(row0, m, prob)  # probabilities are only summed inside m, which excludes nodata
+        collector.add_band(row0, m, prob[0])  # probabilities are only summed inside m, which excludes nodata
 
-    blender = BandBlender(grid, sink)
+    channels = getattr(model, "channels", 1)
+    # the watershed must see whole buildings: instance outputs are flushed a tile row at a time, not in strips
+    blender = BandBlender(grid, sink, flush_rows=None if channels > 1 else 64, channels=channels)
     bar = tqdm(total=len(grid), desc=src.name, unit="tile", disable=not progress)
     try:
-        row = list(range(len(grid.xs)))
-        for iy in range(len(grid.ys)):
-            blender.start_row(iy)
-            for chunk in (row[i:i + 4 * cfg.batch_size] for i in range(0, len(row), 4 * cfg.batch_size)):
-                _run_chunk(model, ds, bands, alpha, grid, iy, chunk, T, t_src, cfg, blender, expert_grid, dist_grid, stats)
-                bar.update(len(chunk))
+        last = -1
+        for iy, chunk in tiles.chunks(4 * cfg.batch_size):
+            if iy != last:
+                blender.start_row(iy)
+                last = iy
+            _run_chunk(model, tiles, iy, chunk, cfg, blender, layer, stats)
+            bar.update(len(chunk))
         blender.finish()
         collector.finish()
         bar.close()
         stats.footprints = writers.count
-        _write_routing(outs.routing, grid, ex, ey, expert_grid, dist_grid, ds)
+        _write_routing(outs.routing, grid, ex, ey, layer.experts, layer.distance, ds)
         writers.finish()
     except BaseException:
         bar.close()
@@ -272,46 +305,101 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
     with atomic_path(outs.summary) as tmp:
         tmp.write_text(json.dumps({"input": str(src), "tiles": stats.tiles, "empty_tiles": stats.skipped_tiles,
                                    "seconds": round(stats.seconds, 2), "tiles_per_second": round(len(grid) / stats.seconds, 2),
-                                   "footprints": stats.footprints, "tiles_per_expert": stats.per_expert,
-                                   "gsd": gsd, "bundle_gsd": model.gsd, "crs": str(ds.crs) if ds.crs else None,
+                                   "footprints": stats.footprints, "tiles_per_expert": stats.per_expert, "routing": cfg.routing,
+                                   "gsd": gsd, "model_gsd": target, "crs": str(ds.crs) if ds.crs else None,
                                    "outputs": [str(p) for p in outs.all() if p != outs.summary]}, indent=2))
     if stats.tiles == 0:
         warnings.warn(f"{src}: no valid data (all nodata); outputs are empty", stacklevel=2)
     return outs, stats
 
 
-def _run_chunk(model: TileModel, ds, bands, alpha, grid: TileGrid, iy: int, cols: list[int], T: int, t_src: int,
-               cfg: PredictConfig, blender: BandBlender, expert_grid: np.ndarray, dist_grid: np.ndarray,
-               stats: RunStats) -> None:
-    """Read, route, predict (grouped by expert) and blend one chunk of a tile row."""
-    y0 = int(grid.ys[iy])
-    tiles, keep = [], []
-    for ix in cols:
-        win = Window(int(grid.xs[ix]), y0, t_src, t_src)
-        v = valid_window_mask(ds, win, (T, T), alpha, True)
-        if not v.any():
-            stats.skipped_tiles += 1
-            continue
-        tiles.append(read_window(ds, bands, win, (T, T), Resampling.bilinear if t_src != T else Resampling.nearest))
-        keep.append(ix)
+@dataclass
+class TileSource:
+    """Reads a scene's tiles (resampled to the bundle's tile size) a chunk of one tile row at a time."""
+
+    ds: rasterio.DatasetReader
+    bands: list[int]
+    alpha: int | None
+    grid: TileGrid
+    T: int  # tile size the model sees
+    t_src: int  # the same tile in source pixels
+
+    def read(self, iy: int, cols: list[int]) -> tuple[torch.Tensor | None, list[int]]:
+        """uint8 tiles (n, 3, T, T) of the columns with any valid pixel, and those columns."""
+        y0 = int(self.grid.ys[iy])
+        tiles, keep = [], []
+        for ix in cols:
+            win = Window(int(self.grid.xs[ix]), y0, self.t_src, self.t_src)
+            if not valid_window_mask(self.ds, win, (self.T, self.T), self.alpha, True).any():
+                continue
+            rs = Resampling.bilinear if self.t_src != self.T else Resampling.nearest
+            tiles.append(read_window(self.ds, self.bands, win, (self.T, self.T), rs))
+            keep.append(ix)
+        return (torch.from_numpy(np.stack(tiles)) if tiles else None), keep
+
+    def chunks(self, size: int):
+        """(row, columns) in reading order, ``size`` columns at a time."""
+        row = list(range(len(self.grid.xs)))
+        for iy in range(len(self.grid.ys)):
+            for i in range(0, len(row), size):
+                yield iy, row[i:i + size]
+
+
+@dataclass
+class RoutingLayer:
+    """Expert and distance per tile; ``fixed`` holds routes decided before prediction (smoothed or per scene)."""
+
+    experts: np.ndarray  # (rows, cols) int16, -1 where no tile ran
+    distance: np.ndarray  # (rows, cols) float32, distance to the nearest centroid
+    fixed: bool = False
+
+
+def route_scene(model: TileModel, src: TileSource, how: str, batch: int, progress: bool = False,
+                name: str = "") -> RoutingLayer:
+    """A first, embedding-only pass over the scene; then each tile takes its neighbourhood's (or the scene's)
+    majority expert. The experts run in the second pass on these routes."""
+    layer = RoutingLayer(np.full((len(src.grid.ys), len(src.grid.xs)), -1, np.int16),
+                         np.full((len(src.grid.ys), len(src.grid.xs)), np.nan, np.float32), fixed=True)
+    with tqdm(total=len(src.grid), desc=f"{name} routing", unit="tile", disable=not progress, leave=False) as bar:
+        for iy, cols in src.chunks(4 * batch):
+            tiles, keep = src.read(iy, cols)
+            if keep:
+                ids, _, dist = model.route(tiles)
+                layer.experts[iy, keep] = ids[:, 0]
+                layer.distance[iy, keep] = dist
+            bar.update(len(cols))
+    layer.experts = (smooth_grid(layer.experts) if how == "smoothed" else scene_majority(layer.experts)).astype(np.int16)
+    return layer
+
+
+def _run_chunk(model: TileModel, src: TileSource, iy: int, cols: list[int], cfg: PredictConfig,
+               blender: BandBlender, layer: RoutingLayer, stats: RunStats) -> None:
+    """Read, route (unless routed already), predict (grouped by expert) and blend one chunk of a tile row."""
+    batch, keep = src.read(iy, cols)
+    stats.skipped_tiles += len(cols) - len(keep)
     if not keep:
         return
-    batch = torch.from_numpy(np.stack(tiles))
-    ids, weights, dist = model.route(batch)
-    probs = torch.zeros(len(keep), T, T)
+    if layer.fixed:
+        ids = layer.experts[iy, keep].astype(np.int64)[:, None]
+        weights = np.ones((len(keep), 1), np.float32)
+    else:
+        ids, weights, dist = model.route(batch)
+        layer.experts[iy, keep] = ids[:, 0]
+        layer.distance[iy, keep] = dist
+    T = src.T
+    probs = torch.zeros(len(keep), getattr(model, "channels", 1), T, T)
     for e in np.unique(ids):
         rows, slots = np.nonzero(ids == e)
         for s in range(0, len(rows), cfg.batch_size):
             r = rows[s:s + cfg.batch_size]
             p = model.predict(int(e), batch[r])
-            probs[r] += p * torch.from_numpy(weights[r, slots[s:s + cfg.batch_size]])[:, None, None]
+            p = p[:, None] if p.ndim == 3 else p
+            probs[r] += p * torch.from_numpy(weights[r, slots[s:s + cfg.batch_size]])[:, None, None, None]
         stats.per_expert[int(e)] = stats.per_expert.get(int(e), 0) + int((ids[:, 0] == e).sum())
-    if t_src != T:
-        probs = F.interpolate(probs[:, None], size=(t_src, t_src), mode="bilinear", align_corners=False)[:, 0]
+    if src.t_src != T:
+        probs = F.interpolate(probs, size=(src.t_src, src.t_src), mode="bilinear", align_corners=False)
     for j, ix in enumerate(keep):
         blender.add(ix, iy, probs[j].numpy())
-        expert_grid[iy, ix] = ids[j, 0]
-        dist_grid[iy, ix] = dist[j]
     stats.tiles += len(keep)
 
 
@@ -351,7 +439,7 @@ class InputResult:
 
 
 def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictConfig, threshold: float,
-                 resume: bool = False, progress: bool = True) -> list[InputResult]:
+                 resume: bool = False, progress: bool = True, gsd: float | None = None) -> list[InputResult]:
     """Predict each input; a failure is recorded and the others still run."""
     results = []
     for src in expand_inputs(inputs):
@@ -361,7 +449,7 @@ def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictCo
         try:
             if not src.exists():
                 raise RasterError(f"{src}: no such file")
-            outs, st = predict_raster(model, src, out, cfg, threshold, progress)
+            outs, st = predict_raster(model, src, out, cfg, threshold, progress, gsd=gsd)
             results.append(InputResult(src, True, f"{st.tiles} tiles, {st.footprints} footprints, "
                                        f"{st.tiles / max(st.seconds, 1e-9):.1f} tiles/s",
                                        st.seconds))

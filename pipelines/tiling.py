@@ -76,15 +76,17 @@ class TileGrid:
 class BandBlender:
     """Accumulates weighted tile predictions for one row of tiles at a time and hands finished rows on.
 
-    ``sink(row0, values)`` receives rows in order, each exactly once, as float32 (n_rows, width), at
-    most ``flush_rows`` at a time so that what the sink derives from them stays small.
-    Memory: one (tile x width) float32 band.
+    ``sink(row0, values)`` receives rows in order, each exactly once, as float32 (channels, n_rows, width), at
+    most ``flush_rows`` at a time so that what the sink derives from them stays small (``None``: every row a
+    tile row finishes at once, which the watershed of instance outputs needs to see whole buildings).
+    Memory: one (channels x tile x width) float32 band.
     """
 
-    def __init__(self, grid: TileGrid, sink: Callable[[int, np.ndarray], None], flush_rows: int = 64):
+    def __init__(self, grid: TileGrid, sink: Callable[[int, np.ndarray], None], flush_rows: int | None = 64,
+                 channels: int = 1):
         self.g, self.sink, self.flush_rows = grid, sink, flush_rows
         self.top = 0
-        self.band = np.zeros((grid.tile, grid.width), np.float32)
+        self.band = np.zeros((channels, grid.tile, grid.width), np.float32)
 
     def start_row(self, iy: int) -> None:
         """Begin tile row ``iy``: rows above its origin can no longer change, so they are flushed."""
@@ -95,19 +97,22 @@ class BandBlender:
         n = min(y - self.top, self.g.height - self.top)
         if n <= 0:
             return
-        for r in range(0, n, self.flush_rows):
-            self.sink(self.top + r, self.band[r:min(n, r + self.flush_rows)])
-        self.band[:-n] = self.band[n:].copy() if n < len(self.band) else 0
-        self.band[-n:] = 0
+        step = self.flush_rows or n
+        for r in range(0, n, step):
+            self.sink(self.top + r, self.band[:, r:min(n, r + step)])
+        rows = self.band.shape[1]
+        self.band[:, :-n] = self.band[:, n:].copy() if n < rows else 0
+        self.band[:, -n:] = 0
         self.top += n
 
     def add(self, ix: int, iy: int, values: np.ndarray) -> None:
-        """Add tile (ix, iy)'s prediction (tile x tile, or larger: it is cropped to the raster)."""
+        """Add tile (ix, iy)'s prediction ((channels,) tile x tile, or larger: it is cropped to the raster)."""
         x0, y0 = int(self.g.xs[ix]), int(self.g.ys[iy])
         wgt = self.g.weight(ix, iy)
         h, w = wgt.shape
         r = y0 - self.top
-        self.band[r:r + h, x0:x0 + w] += values[:h, :w] * wgt
+        v = values if values.ndim == 3 else values[None]
+        self.band[:, r:r + h, x0:x0 + w] += v[:, :h, :w] * wgt
 
     def finish(self) -> None:
         self._flush_to(self.g.height)

@@ -146,7 +146,7 @@ def expert_jobs(prep: Prepared, emb: Embeddings, centroids: np.ndarray, cfg: Con
         if not tr:
             raise ValueError(f"region {i} holds no training patch; lower regions.k (now {cfg.regions.k})")
     unit = x.steps_per_epoch
-    steps = expert_steps([len(r) for r in refs], per * k, x.min_expert_steps or max(1, per // 4), unit)
+    steps = expert_steps([len(r) for r in refs], x.expert_steps_total or per * k, x.min_expert_steps or max(1, per // 4), unit)
     gen = paths.expert("generalist") if x.init == "generalist" else None
     jobs = {}
     if gen is not None:
@@ -159,7 +159,7 @@ def expert_jobs(prep: Prepared, emb: Embeddings, centroids: np.ndarray, cfg: Con
 
 
 def assemble(prep: Prepared, emb: Embeddings, centroids: np.ndarray, cfg: Config, paths: BundlePaths,
-             root: Path, baseline: bool) -> Path:
+             root: Path, baseline: bool, steps: dict[str, int] | None = None) -> Path:
     """Check every part is present and write the manifest (last: a bundle without one is incomplete)."""
     experts = [paths.expert(f"region_{i}") for i in range(len(centroids))]
     generalist = paths.expert("generalist") if cfg.experts.init == "generalist" else None
@@ -185,7 +185,7 @@ def assemble(prep: Prepared, emb: Embeddings, centroids: np.ndarray, cfg: Config
                           gsd=cfg.data.target_gsd, native_gsd=native,
                           extra={"training_root": str(Path(root).resolve()), "regions": scores,
                                  "generalist": paths.rel(generalist) if generalist is not None else None,
-                                 "expert_init": cfg.experts.init})
+                                 "expert_init": cfg.experts.init, "steps": steps or {}})
 
 
 def train_all(root: Path, cfg: Config, out: Path, progress: bool = True, baseline: bool = True,
@@ -224,7 +224,7 @@ def train_all(root: Path, cfg: Config, out: Path, progress: bool = True, baselin
                      len(job.val_refs), job.steps)
             train_expert(prep, cfg, job, paths.root / "experts", progress)
     if "assemble" in stages and is_rank_zero():
-        assemble(prep, emb, centroids, cfg, paths, root, baseline)
+        assemble(prep, emb, centroids, cfg, paths, root, baseline, {n: j.steps for n, j in jobs.items()})
     barrier()
     return paths.root
 

@@ -29,3 +29,27 @@ def smooth_routes(ids: np.ndarray, boxes: np.ndarray, spaces: np.ndarray, k: int
             votes[ids[j]] += 0.5  # ties keep the tile's own choice
             out[j] = int(votes.argmax())
     return out
+
+
+def smooth_grid(ids: np.ndarray, reach: int = 1) -> np.ndarray:
+    """``smooth_routes`` on a scene's tile grid (rows x cols, -1 where no tile ran): the majority of each tile's
+    (2 reach + 1)^2 neighbourhood, the tile's own expert winning ties. Linear in the number of tiles."""
+    from scipy import ndimage
+
+    ids = np.asarray(ids, np.int64)
+    k = int(ids.max()) + 1 if (ids >= 0).any() else 0
+    if k == 0:
+        return ids.copy()
+    size = 2 * reach + 1
+    votes = np.stack([ndimage.convolve((ids == e).astype(np.float32), np.ones((size, size), np.float32),
+                                       mode="constant") for e in range(k)])
+    votes += 0.5 * (ids[None] == np.arange(k)[:, None, None])
+    return np.where(ids >= 0, votes.argmax(0), -1)
+
+
+def scene_majority(ids: np.ndarray) -> np.ndarray:
+    """One expert for the whole scene: the one most of its tiles were routed to (-1 cells stay -1)."""
+    ids = np.asarray(ids, np.int64)
+    if not (ids >= 0).any():
+        return ids.copy()
+    return np.where(ids >= 0, np.bincount(ids[ids >= 0]).argmax(), -1)

@@ -258,3 +258,45 @@ def test_grid_dataset_and_normalisation_stats():
     mean, std = compute_stats(prep, n=12)
     assert all(0.15 < m < 0.7 for m in mean) and all(0.03 < s < 0.4 for s in std)
     assert not math.isnan(sum(mean))
+
+
+def test_resolution_from_locations_csv_and_mercator_wkt(tmp_path):
+    """A raster without a CRS takes its GSD from locations.csv; Mercator given as WKT without a code is still
+    scaled by cos(latitude); a bundle trained at native GSDs clamps inputs to the range it saw."""
+    from rasterio.crs import CRS
+    from geomoe.data.catalog import gsd_near
+    from geomoe.data.reader import SceneReader
+    from geomoe.raster import Grid, ground_sampling_distance
+
+    loc = tmp_path / "village" / "images"
+    loc.mkdir(parents=True)
+    (tmp_path / "village" / "masks").mkdir()
+    img = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8)
+    for p, data in ((loc / "a.png", img), (tmp_path / "village" / "masks" / "a.png", (img[:1] > 128).astype(np.uint8) * 255)):
+        with rasterio.open(p, "w", driver="PNG", width=64, height=64, count=len(data), dtype="uint8") as ds:
+            ds.write(data)
+    (tmp_path / "locations.csv").write_text("location,lat,lon,gsd_m\nvillage,57.7,14.25,0.15\n")
+    cat = discover(tmp_path)
+    assert cat.scenes[0].gsd_hint == pytest.approx(0.15)
+    assert SceneReader(cat.scenes[0]).gsd == pytest.approx(0.15)
+    assert SceneReader(cat.scenes[0], target_gsd=0.3).width == 32  # so it is resampled like the others
+    assert gsd_near(loc / "a.png") == pytest.approx(0.15)
+
+    merc = CRS.from_epsg(3857)
+    wkt = CRS.from_wkt(merc.to_wkt().replace('ID["EPSG",3857]', "").replace('AUTHORITY["EPSG","3857"]', ""))
+    t = from_origin(9519000, 3204000, 0.149, 0.149)  # Banepa, zoom 19
+    a = ground_sampling_distance(Grid(512, 512, merc, t))
+    b = ground_sampling_distance(Grid(512, 512, wkt, t))
+    assert a == pytest.approx(0.132, abs=0.002) and b == pytest.approx(a, rel=1e-6)
+
+
+def test_bundle_input_gsd_clamps_to_the_trained_range():
+    from types import SimpleNamespace
+
+    from geomoe.bundle import Bundle
+
+    b = SimpleNamespace(manifest={"gsd": None, "native_gsd": {"a": 0.15, "b": 0.5}})
+    b.gsd = None
+    b.gsd_range = Bundle.gsd_range.fget(b)
+    assert Bundle.input_gsd(b, 0.3) == 0.3 and Bundle.input_gsd(b, 0.05) == 0.15 and Bundle.input_gsd(b, 2.0) == 0.5
+    assert Bundle.input_gsd(b, None) is None

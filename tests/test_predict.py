@@ -66,22 +66,26 @@ def test_band_blender_reproduces_a_field_and_flushes_each_row_once():
     rng = np.random.default_rng(0)
     field = rng.random((300, 230)).astype(np.float32)
     g = TileGrid(230, 300, 64, 16)
-    got = np.full_like(field, np.nan)
-    seen = []
 
     def sink(r0, rows):
-        seen.append((r0, len(rows)))
-        got[r0:r0 + len(rows)] = rows
+        seen.append((r0, rows.shape[1]))
+        got[:, r0:r0 + rows.shape[1]] = rows
 
-    b = BandBlender(g, sink)
-    for iy in range(len(g.ys)):
-        b.start_row(iy)
-        for ix in range(len(g.xs)):
-            y0, x0 = g.ys[iy], g.xs[ix]
-            b.add(ix, iy, field[y0:y0 + 64, x0:x0 + 64])
-    b.finish()
-    assert np.allclose(got, field, atol=1e-5)
-    assert sum(n for _, n in seen) == 300 and [r for r, _ in seen] == sorted(r for r, _ in seen)
+    for channels, flush in ((1, 64), (3, None)):  # one channel in small flushes; instance channels a tile row at once
+        stack = np.stack([field * (c + 1) for c in range(channels)])
+        got = np.full_like(stack, np.nan)
+        seen = []
+        b = BandBlender(g, sink, flush_rows=flush, channels=channels)
+        for iy in range(len(g.ys)):
+            b.start_row(iy)
+            for ix in range(len(g.xs)):
+                y0, x0 = g.ys[iy], g.xs[ix]
+                b.add(ix, iy, stack[:, y0:y0 + 64, x0:x0 + 64])
+        b.finish()
+        assert np.allclose(got, stack, atol=1e-4)
+        assert sum(n for _, n in seen) == 300 and [r for r, _ in seen] == sorted(r for r, _ in seen)
+        if flush is None:  # each flush is everything above the next tile row (the stride), the last the rest
+            assert [n for _, n in seen[:-1]] == list(np.diff(g.ys)) and seen[-1][1] == g.tile
 
 
 def test_identity_model_reproduces_input_across_tile_borders(tmp_path):

@@ -97,3 +97,49 @@ def test_smoothed_routing_removes_isolated_flips_and_keeps_boundaries():
     spaces = np.array(["s"] * 24)
     spaces[7] = "other"
     assert smooth_routes(np.array(ids), np.array(boxes, float), spaces, 3)[7] == 2
+
+
+def test_grid_smoothing_and_scene_routing():
+    from geomoe.router.smoothing import scene_majority, smooth_grid
+
+    g = np.zeros((5, 6), np.int64)
+    g[:, 4:] = 2  # a real boundary between two kinds of place
+    g[2, 1] = 1  # an isolated flip inside the first
+    g[0, 0] = -1  # a tile that did not run (nodata) stays without an expert
+    s = smooth_grid(g)
+    assert s[2, 1] == 0 and s[0, 0] == -1
+    assert (s[:, 4:] == 2).all() and (s[1:, :3] == 0).all()
+    assert set(np.unique(scene_majority(g))) == {-1, 0}
+
+
+def test_predict_with_smoothed_and_scene_routing(tmp_path):
+    """predict --routing smoothed removes a lone tile's flip on a real scene; scene gives one expert."""
+    import geopandas as gpd
+
+    from geomoe.config import PredictConfig
+    from geomoe.data.synthetic import write_geotiff
+    from geomoe.pipelines.predict import predict_raster
+    from rasterio.transform import from_origin
+
+    img = np.full((3, 200, 200), 60, np.uint8)
+    img[:, 96:144, 96:144] = 200  # one bright tile in a dark scene: the router flips it alone
+
+    class Bright:
+        tile_size, gsd = 64, None
+
+        def route(self, tiles):
+            ids = (tiles.float().mean((1, 2, 3)) > 120).long().numpy()
+            return ids[:, None], np.ones((len(ids), 1), np.float32), np.zeros(len(ids), np.float32)
+
+        def predict(self, expert, tiles):
+            return torch.full((len(tiles), 64, 64), 0.1 + 0.5 * expert)
+
+    src = tmp_path / "s.tif"
+    write_geotiff(src, img, "EPSG:32633", from_origin(500000, 4000000, 0.5, 0.5), None)
+    experts = {}
+    for how in ("tile", "smoothed", "scene"):
+        cfg = PredictConfig(tile_size=64, overlap=16, batch_size=4, min_area_m2=0.0, regularize=False, routing=how)
+        outs, st = predict_raster(Bright(), src, tmp_path / how, cfg, 0.5, progress=False)
+        experts[how] = gpd.read_file(outs.routing).expert.value_counts().to_dict()
+    assert experts["tile"].get(1, 0) >= 1
+    assert set(experts["smoothed"]) == {0} and set(experts["scene"]) == {0}

@@ -24,6 +24,7 @@ class Scene:
     label: Path | None = None
     label_kind: Literal["mask", "vector"] | None = None
     split: Split | None = None  # fixed by the layout (Inria); None means the spatial block split decides
+    gsd_hint: float | None = None  # metres per pixel from locations.csv, used only when the raster has no CRS
 
     @property
     def name(self) -> str:
@@ -94,6 +95,32 @@ def read_locations_csv(path: Path) -> dict[str, dict[str, str]]:
     return {r["location"]: r for r in rows}
 
 
+def csv_gsd(row: dict[str, str]) -> float | None:
+    """The ``gsd_m`` of a locations.csv row (metres per pixel), or None when absent or not a positive number."""
+    try:
+        v = float(row.get("gsd_m", "") or "nan")
+    except ValueError:
+        return None
+    return v if v > 0 else None
+
+
+def gsd_near(path: Path, levels: int = 3) -> float | None:
+    """A raster's GSD from a locations.csv in one of its parent folders, whose location names a folder on the way."""
+    path = Path(path).resolve()
+    for up in list(path.parents)[:levels]:
+        csv_path = up / "locations.csv"
+        if csv_path.exists():
+            try:
+                meta = read_locations_csv(csv_path)
+            except (ValueError, csv.Error, OSError):
+                return None
+            for part in path.relative_to(up).parts[:-1]:
+                if part in meta:
+                    return csv_gsd(meta[part])
+            return None
+    return None
+
+
 def _inria_dir(root: Path) -> Path | None:
     for cand in (root / "AerialImageDataset" / "train", root / "train", root):
         if (cand / "images").is_dir() and (cand / "gt").is_dir():
@@ -156,6 +183,8 @@ def discover(root: str | Path) -> Catalog:
             cat.locations_meta = read_locations_csv(csv_path)
         except (ValueError, csv.Error) as e:
             cat.problems.append(Problem(csv_path, str(e), fatal=False))
+        for sc in cat.scenes:
+            sc.gsd_hint = csv_gsd(cat.locations_meta.get(sc.location, {}))
     if not cat.scenes and not cat.problems:
         cat.problems.append(
             Problem(root, "no images found (expected <location>/images/, or the Inria train/images + train/gt layout)")

@@ -64,7 +64,8 @@ class SceneReader:
         with open_raster(scene.image) as ds:
             self.grid: Grid = grid_of(ds)
             self.bands, self.alpha = image_bands(ds, scene.image)
-        self.gsd = ground_sampling_distance(self.grid)
+        # a raster without a CRS takes its resolution from locations.csv (Scene.gsd_hint), so it is resampled too
+        self.gsd = ground_sampling_distance(self.grid) if self.grid.crs is not None else scene.gsd_hint
         self.scale = scale_for(self.gsd, target_gsd)
         self.height, self.width = target_shape(self.grid, self.scale)
 
