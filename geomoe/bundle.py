@@ -17,6 +17,7 @@ from geomoe.embedding.model import LocationAutoencoder
 from geomoe.embedding.model import load_embedding
 from geomoe.experts.model import Expert
 from geomoe.experts.model import load_expert
+from geomoe.router.familiarity import Familiarity
 from geomoe.router.routing import Router
 
 MANIFEST = "manifest.json"
@@ -46,6 +47,7 @@ def write_manifest(root: Path, cfg: Config, *, k: int, locations: list[str], reg
         "embedding": "embedding/embedding.pt",
         "centroids": "regions/centroids.npy",
         "index": "router.faiss",
+        "familiarity": "regions/familiarity.json",
         "experts": experts,
         "baseline": baseline,
         "threshold": cfg.experts.threshold,
@@ -73,6 +75,13 @@ class Bundle:
     baseline: Expert | None
     device: torch.device
     generalist: Expert | None = None  # what the experts were fine-tuned from (None: trained from scratch)
+    familiarity: Familiarity | None = None  # per-region distance thresholds (None: nothing is flagged)
+
+    def unfamiliar(self, ids: np.ndarray, dist: np.ndarray) -> np.ndarray:
+        """True for tiles farther from their region's centroid than the region's training tiles (see router/familiarity.py)."""
+        if self.familiarity is None:
+            return np.zeros(len(ids), bool)
+        return self.familiarity.unfamiliar(ids, dist)
 
     @property
     def k(self) -> int:
@@ -154,7 +163,22 @@ def load_bundle(root: str | Path, device: torch.device | str = "cpu", with_basel
         problems.append(f"{len(experts)} experts for k = {m['k']} regions")
     if problems:
         raise ValueError(f"{root}: inconsistent bundle: " + "; ".join(problems))
-    return Bundle(root, m, cfg, emb, centroids, router, experts, baseline, device, generalist)
+    return Bundle(root, m, cfg, emb, centroids, router, experts, baseline, device, generalist,
+                  _familiarity(root, m, router, cfg.router.unfamiliar_quantile))
+
+
+def _familiarity(root: Path, m: dict, router: Router, quantile: float) -> Familiarity | None:
+    """The bundle's thresholds; older bundles get them from their training embeddings when those are there."""
+    f = root / m.get("familiarity", "regions/familiarity.json")
+    if f.exists():
+        return Familiarity.load(f)
+    npz = root / "embedding" / "embeddings.npz"
+    if npz.exists():
+        d = np.load(npz, allow_pickle=False)
+        train = d["split"] == "train"
+        ids, dist = router.route(d["vectors"][train])
+        return Familiarity.fit(ids, dist, router.k, quantile)
+    return None
 
 
 def save_manifest(root: Path, manifest: dict) -> Path:

@@ -293,6 +293,8 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
             soft: bool = typer.Option(False, help="blend the top-k experts by distance instead of the nearest"),
             routing: Optional[str] = typer.Option(None, help="tile (each tile to its nearest region's expert), smoothed "
                                                   "(majority of each tile and its neighbours) or scene (one expert per scene)"),
+            unfamiliar: Optional[str] = typer.Option(None, help="on tiles unlike the training data: route (the nearest "
+                                                     "region's expert, flagged), baseline (the single network), skip (nodata)"),
             gsd: Optional[float] = typer.Option(None, help="metres per pixel of inputs without a CRS (default: a "
                                                 "locations.csv above them, else not resampled)"),
             resume: bool = typer.Option(False, help="skip inputs whose outputs are complete"),
@@ -303,15 +305,22 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
     from geomoe.bundle import load_bundle
     from geomoe.pipelines.predict import BundleModel, predict_many
 
+    if unfamiliar not in (None, "route", "baseline", "skip"):
+        _fail(f"--unfamiliar {unfamiliar}: choose route, baseline or skip")
+    if routing not in (None, "tile", "smoothed", "scene"):
+        _fail(f"--routing {routing}: choose tile, smoothed or scene")
     try:
-        b = load_bundle(bundle, pick_device(device), with_baseline=False)
+        b = load_bundle(bundle, pick_device(device), with_baseline=unfamiliar == "baseline")
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    if unfamiliar == "baseline" and b.baseline is None:
+        _fail(f"{bundle}: --unfamiliar baseline needs the single network, which this bundle does not have "
+              f"(train with --baseline, or use --unfamiliar route or skip)")
     if gsd is not None and gsd <= 0:
         _fail(f"--gsd {gsd}: must be a positive number of metres per pixel")
     if soft and routing not in (None, "tile"):
         _fail(f"--soft blends experts per tile; it cannot be combined with --routing {routing}")
-    upd = {k: v for k, v in {"overlap": overlap, "batch_size": batch_size, "tta": tta or None, "routing": routing,
+    upd = {k: v for k, v in {"overlap": overlap, "batch_size": batch_size, "tta": tta or None, "routing": routing, "unfamiliar": unfamiliar,
                              "min_area_m2": min_area, "regularize": False if no_regularize else None}.items() if v is not None}
     try:
         pcfg = b.config.predict.model_validate({**b.config.predict.model_dump(), **upd})

@@ -107,12 +107,17 @@ class TrainerConfig(_Strict):
 
 
 class RouterConfig(_Strict):
+    unfamiliar_quantile: float = Field(0.99, gt=0.0, le=1.0, description="A tile farther from its region's centroid "
+                                       "than this quantile of the region's training tiles is flagged unfamiliar.")
     soft_top_k: int = Field(2, ge=1)
     soft_temperature: float = Field(0.05, gt=0)
 
 
 class PredictConfig(_Strict):
     tile_size: int = Field(512, ge=32)
+    unfamiliar: Literal["route", "baseline", "skip"] = Field(
+        "route", description="What runs on unfamiliar tiles: route (the nearest region's expert, flagged), baseline "
+                             "(the single network), skip (no prediction: nodata).")
     routing: Literal["tile", "smoothed", "scene"] = Field(
         "tile", description="tile: each tile to its nearest region's expert; smoothed: the majority over each tile "
                             "and its 8 neighbours (a first routing pass over the scene); scene: one expert per scene.")

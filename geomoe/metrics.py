@@ -86,14 +86,13 @@ class Scores:
     def summary(self) -> dict[str, float]:
         prec = self._div(self.tp, self.tp + self.fp)
         rec = self._div(self.tp, self.tp + self.fn)
-        bp = self._div(self.b_tp, self.b_tp + self.b_fp)
-        br = self._div(self.b_tp, self.b_tp + self.b_fn)
         return {
             "iou": self._div(self.tp, self.tp + self.fp + self.fn),
             "accuracy": self._div(self.tp + self.tn, self.tp + self.tn + self.fp + self.fn),
             "precision": prec,
             "recall": rec,
             "f1": self._div(2 * self.tp, 2 * self.tp + self.fp + self.fn),
-            "building_f1": self._div(2 * bp * br, bp + br) if bp == bp and br == br else float("nan"),
+            # 0 when buildings exist but none matches; undefined (NaN) only with no building on either side
+            "building_f1": self._div(2 * self.b_tp, 2 * self.b_tp + self.b_fp + self.b_fn),
             "boundary_iou": self._div(self.bd_inter, self.bd_union),
         }

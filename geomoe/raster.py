@@ -144,6 +144,20 @@ def read_window(
     )
 
 
+def fill_invalid(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Give every invalid pixel (outside the raster, nodata, transparent) the value of the nearest valid one.
+
+    Training and prediction both complete patches this way, so a tile at a raster edge or next to a nodata border
+    looks to the model like the inside of a scene rather than a black frame (which it reads as roofs or shadows).
+    """
+    if valid.all() or not valid.any():
+        return image
+    from scipy import ndimage
+
+    _, (iy, ix) = ndimage.distance_transform_edt(~valid, return_indices=True)
+    return image[:, iy, ix]
+
+
 def valid_window_mask(
     ds: rasterio.io.DatasetReader,
     window: Window,

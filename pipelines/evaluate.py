@@ -164,7 +164,8 @@ class Evaluation:
             parts.append(f"**{title}**\n\n" + markdown_table(p))
         full = self.table[["method", "location", *METRICS, "patches"]]
         parts.append("**All figures**\n\n" + markdown_table(full.set_index(["method", "location"])))
-        parts.append("**Embedding routing: tiles per expert**\n\n" + markdown_table(self.routing))
+        parts.append("**Embedding routing: tiles per expert, and the share flagged unfamiliar**\n\n"
+                     + markdown_table(self.routing))
         return "\n\n".join(parts)
 
     def write(self, out: Path) -> list[Path]:
@@ -176,7 +177,7 @@ class Evaluation:
             self.table.to_csv(t, index=False, float_format="%.4f")
         with atomic_path(paths[2]) as t:
             t.write_text(json.dumps({"rows": self.table.to_dict(orient="records"),
-                                     "routing": {str(k): {str(c): int(v) for c, v in row.items()}
+                                     "routing": {str(k): {str(c): (float(v) if c == "unfamiliar" else int(v)) for c, v in row.items()}
                                                  for k, row in self.routing.iterrows()}}, indent=2, default=float))
         return paths
 
@@ -211,6 +212,7 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
                and not (m == "location_oracle" and oracle is None)]
     scores = {(m, loc): Scores() for m in methods for loc in prep.locations}
     routing = np.zeros((len(prep.locations), bundle.k), np.int64)
+    flagged = np.zeros(len(prep.locations), np.int64)
     for b in tqdm(DataLoader(GridDataset(prep, refs), batch_size=batch_size), desc="evaluating", unit="batch",
                   disable=not progress):
         i = b["index"].numpy()
@@ -219,8 +221,10 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
         locs = [prep.locations[i] for i in b["location"].tolist()]
         rids = rand.route(len(locs))
         oids = oracle.route(locs) if oracle else None
-        for li, e in zip(b["location"].tolist(), rb.embedding):
+        unf = bundle.unfamiliar(rb.embedding, rb.distance)
+        for li, e, u in zip(b["location"].tolist(), rb.embedding, unf):
             routing[li, e] += 1
+            flagged[li] += int(u)
         truth, valid = b["mask"].numpy() > 0, b["valid"].numpy()
         bids = rb.best_expert(truth, valid, bundle.threshold)
         for m in methods:
@@ -236,4 +240,6 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
         rows.append({"method": m, "location": "overall", **overall.summary(), "patches": overall.patches})
     table = pd.DataFrame(rows)
     rt = pd.DataFrame(routing, index=pd.Index(prep.locations, name="location"), columns=[f"expert {i}" for i in range(bundle.k)])
+    # the share of each location's tiles the router flags as unlike its training data (router/familiarity.py)
+    rt["unfamiliar"] = flagged / np.maximum(routing.sum(1), 1)
     return Evaluation(table, rt)

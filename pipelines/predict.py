@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from rasterio.enums import Resampling
 from rasterio.windows import Window
-from shapely.geometry import box
+from shapely.geometry import Polygon
 from tqdm import tqdm
 
 from geomoe.atomic import atomic_path, tmp_name
@@ -35,7 +35,7 @@ from geomoe.experts.model import predict_channels
 from geomoe.pipelines.footprints import FootprintCollector, Piece, pieces_to_frame
 from geomoe.pipelines.instances import instance_labels, separated_mask
 from geomoe.pipelines.tiling import BandBlender, TileGrid
-from geomoe.raster import (RasterError, ground_sampling_distance, grid_of, image_bands, open_raster, read_window,
+from geomoe.raster import (RasterError, fill_invalid, ground_sampling_distance, grid_of, image_bands, open_raster, read_window,
                            scale_for, valid_window_mask)
 from geomoe.router.smoothing import scene_majority, smooth_grid
 
@@ -69,9 +69,18 @@ class BundleModel:
         self.patch = min(bundle.config.data.patch_size, self.tile_size)
         self.gsd = bundle.gsd
         self.channels = 3 if all(e.classes >= 3 for e in bundle.experts) else 1
+        self.use_alpha = bundle.config.data.alpha == "mask"  # as in training
 
     def input_gsd(self, native: float | None) -> float | None:
         return self.b.input_gsd(native)
+
+    @property
+    def baseline_id(self) -> int | None:
+        """The id ``predict`` takes for the single network (after the experts), when the bundle has one loaded."""
+        return self.b.k if self.b.baseline is not None else None
+
+    def unfamiliar(self, ids: np.ndarray, dist: np.ndarray) -> np.ndarray:
+        return self.b.unfamiliar(ids, dist)
 
     def route(self, tiles: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         o = (tiles.shape[-1] - self.patch) // 2
@@ -84,7 +93,7 @@ class BundleModel:
         return ids[:, None], np.ones((len(ids), 1), np.float32), dist
 
     def predict(self, expert: int, tiles: torch.Tensor) -> torch.Tensor:
-        model = self.b.experts[expert]
+        model = self.b.baseline if expert == self.b.k else self.b.experts[expert]
         p = predict_channels(model, tiles, self.b.device)[:, :self.channels]
         if self.tta:  # flips are exact symmetries of the task: average them back
             p = p + predict_channels(model, tiles.flip(-1), self.b.device)[:, :self.channels].flip(-1)
@@ -133,6 +142,7 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 class RunStats:
     tiles: int = 0
     skipped_tiles: int = 0
+    unfamiliar: int = 0
     seconds: float = 0.0
     footprints: int = 0
     per_expert: dict[int, int] = field(default_factory=dict)
@@ -255,19 +265,19 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
     grid = TileGrid(ds.width, ds.height, t_src, int(round(cfg.overlap * scale)))
     out.mkdir(parents=True, exist_ok=True)
     outs = outputs_for(src, out, fmt, geojson=ds.crs is not None)
-    tiles = TileSource(ds, bands, alpha, grid, T, t_src)
+    use_alpha = getattr(model, "use_alpha", True)
+    tiles = TileSource(ds, bands, alpha, grid, T, t_src, use_alpha)
     if cfg.routing == "tile":
-        layer = RoutingLayer(np.full((len(grid.ys), len(grid.xs)), -1, np.int16),
-                             np.full((len(grid.ys), len(grid.xs)), np.nan, np.float32))
+        layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
     else:
         layer = route_scene(model, tiles, cfg.routing, cfg.batch_size, progress, src.name)
-    expert_grid = layer.experts
     ex, ey = grid.cell_edges("x"), grid.cell_edges("y")
 
     def expert_at(cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """What ran at these pixels: an expert id, k for the single network (unfamiliar tiles), -2 skipped."""
         ix = np.clip(np.searchsorted(ex, cols, side="right") - 1, 0, len(grid.xs) - 1)
         iy = np.clip(np.searchsorted(ey, rows, side="right") - 1, 0, len(grid.ys) - 1)
-        return expert_grid[iy, ix]
+        return layer.ran[iy, ix]
 
     writers = _Writers(ds, outs, gsd, cfg, expert_at)
     collector = FootprintCollector(ds.width, writers.write_pieces, batch=1000)
@@ -275,7 +285,11 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
 
     def sink(row0: int, prob: np.ndarray) -> None:
         win = Window(0, row0, ds.width, prob.shape[1])
-        valid = valid_window_mask(ds, win, prob.shape[1:], alpha, True)
+        valid = valid_window_mask(ds, win, prob.shape[1:], alpha, use_alpha)
+        if (layer.ran == -2).any():  # tiles skipped as unfamiliar: their cells are nodata
+            cy = np.clip(np.searchsorted(ey, np.arange(row0, row0 + prob.shape[1]), side="right") - 1, 0, len(grid.ys) - 1)
+            cx = np.clip(np.searchsorted(ex, np.arange(ds.width), side="right") - 1, 0, len(grid.xs) - 1)
+            valid &= layer.ran[cy][:, cx] != -2
         m = writers.write_rows(row0, prob, valid, threshold)
         collector.add_band(row0, m, prob[0])  # probabilities are only summed inside m, which excludes nodata
 
@@ -295,7 +309,7 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
         collector.finish()
         bar.close()
         stats.footprints = writers.count
-        _write_routing(outs.routing, grid, ex, ey, layer.experts, layer.distance, ds)
+        _write_routing(outs.routing, grid, ex, ey, layer, ds, getattr(model, "baseline_id", None))
         writers.finish()
     except BaseException:
         bar.close()
@@ -306,6 +320,7 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
         tmp.write_text(json.dumps({"input": str(src), "tiles": stats.tiles, "empty_tiles": stats.skipped_tiles,
                                    "seconds": round(stats.seconds, 2), "tiles_per_second": round(len(grid) / stats.seconds, 2),
                                    "footprints": stats.footprints, "tiles_per_expert": stats.per_expert, "routing": cfg.routing,
+                                   "unfamiliar_tiles": stats.unfamiliar, "unfamiliar_action": cfg.unfamiliar,
                                    "gsd": gsd, "model_gsd": target, "crs": str(ds.crs) if ds.crs else None,
                                    "outputs": [str(p) for p in outs.all() if p != outs.summary]}, indent=2))
     if stats.tiles == 0:
@@ -323,6 +338,7 @@ class TileSource:
     grid: TileGrid
     T: int  # tile size the model sees
     t_src: int  # the same tile in source pixels
+    use_alpha: bool = True  # the bundle's data.alpha: "mask" (transparent pixels are nodata) or "drop"
 
     def read(self, iy: int, cols: list[int]) -> tuple[torch.Tensor | None, list[int]]:
         """uint8 tiles (n, 3, T, T) of the columns with any valid pixel, and those columns."""
@@ -330,10 +346,12 @@ class TileSource:
         tiles, keep = [], []
         for ix in cols:
             win = Window(int(self.grid.xs[ix]), y0, self.t_src, self.t_src)
-            if not valid_window_mask(self.ds, win, (self.T, self.T), self.alpha, True).any():
+            valid = valid_window_mask(self.ds, win, (self.T, self.T), self.alpha, self.use_alpha)
+            if not valid.any():
                 continue
             rs = Resampling.bilinear if self.t_src != self.T else Resampling.nearest
-            tiles.append(read_window(self.ds, self.bands, win, (self.T, self.T), rs))
+            # completed as in training (nearest valid pixel), never a black frame at edges and nodata borders
+            tiles.append(fill_invalid(read_window(self.ds, self.bands, win, (self.T, self.T), rs), valid))
             keep.append(ix)
         return (torch.from_numpy(np.stack(tiles)) if tiles else None), keep
 
@@ -349,24 +367,36 @@ class TileSource:
 class RoutingLayer:
     """Expert and distance per tile; ``fixed`` holds routes decided before prediction (smoothed or per scene)."""
 
-    experts: np.ndarray  # (rows, cols) int16, -1 where no tile ran
+    experts: np.ndarray  # (rows, cols) int16: the region's expert; -1 where no tile ran
     distance: np.ndarray  # (rows, cols) float32, distance to the nearest centroid
     fixed: bool = False
+    unfamiliar: np.ndarray | None = None  # (rows, cols) bool: beyond the region's training distances
+    ran: np.ndarray | None = None  # (rows, cols) int16: what ran (expert id, k = single network, -2 skipped)
+
+    @classmethod
+    def empty(cls, rows: int, cols: int, fixed: bool = False) -> "RoutingLayer":
+        return cls(np.full((rows, cols), -1, np.int16), np.full((rows, cols), np.nan, np.float32), fixed,
+                   np.zeros((rows, cols), bool), np.full((rows, cols), -1, np.int16))
+
+    def flag(self, model: TileModel, iy: int, cols: list[int], ids: np.ndarray, dist: np.ndarray) -> None:
+        """Record route and distance of tiles (iy, cols) and whether each is unfamiliar."""
+        self.experts[iy, cols] = ids
+        self.distance[iy, cols] = dist
+        if hasattr(model, "unfamiliar"):
+            self.unfamiliar[iy, cols] = model.unfamiliar(ids, dist)
 
 
 def route_scene(model: TileModel, src: TileSource, how: str, batch: int, progress: bool = False,
                 name: str = "") -> RoutingLayer:
     """A first, embedding-only pass over the scene; then each tile takes its neighbourhood's (or the scene's)
     majority expert. The experts run in the second pass on these routes."""
-    layer = RoutingLayer(np.full((len(src.grid.ys), len(src.grid.xs)), -1, np.int16),
-                         np.full((len(src.grid.ys), len(src.grid.xs)), np.nan, np.float32), fixed=True)
+    layer = RoutingLayer.empty(len(src.grid.ys), len(src.grid.xs), fixed=True)
     with tqdm(total=len(src.grid), desc=f"{name} routing", unit="tile", disable=not progress, leave=False) as bar:
         for iy, cols in src.chunks(4 * batch):
             tiles, keep = src.read(iy, cols)
             if keep:
                 ids, _, dist = model.route(tiles)
-                layer.experts[iy, keep] = ids[:, 0]
-                layer.distance[iy, keep] = dist
+                layer.flag(model, iy, keep, ids[:, 0], dist)
             bar.update(len(cols))
     layer.experts = (smooth_grid(layer.experts) if how == "smoothed" else scene_majority(layer.experts)).astype(np.int16)
     return layer
@@ -377,6 +407,7 @@ def _run_chunk(model: TileModel, src: TileSource, iy: int, cols: list[int], cfg:
     """Read, route (unless routed already), predict (grouped by expert) and blend one chunk of a tile row."""
     batch, keep = src.read(iy, cols)
     stats.skipped_tiles += len(cols) - len(keep)
+    stats.tiles += len(keep)  # tiles with data, whether predicted or skipped as unfamiliar
     if not keep:
         return
     if layer.fixed:
@@ -384,8 +415,25 @@ def _run_chunk(model: TileModel, src: TileSource, iy: int, cols: list[int], cfg:
         weights = np.ones((len(keep), 1), np.float32)
     else:
         ids, weights, dist = model.route(batch)
-        layer.experts[iy, keep] = ids[:, 0]
-        layer.distance[iy, keep] = dist
+        layer.flag(model, iy, keep, ids[:, 0], dist)
+    unf = layer.unfamiliar[iy, keep]
+    stats.unfamiliar += int(unf.sum())
+    if unf.any() and cfg.unfamiliar != "route":
+        if cfg.unfamiliar == "skip":  # these tiles get no prediction; their cells are written as nodata
+            layer.ran[iy, np.asarray(keep)[unf]] = -2
+            sel = np.flatnonzero(~unf)
+            batch, ids, weights, keep = batch[sel], ids[sel], weights[sel], [keep[j] for j in sel]
+            if not keep:
+                return
+        else:  # the single network on every unfamiliar tile
+            base = getattr(model, "baseline_id", None)
+            if base is None:
+                raise ValueError("--unfamiliar baseline needs a bundle with its single network (trained with --baseline)")
+            ids, weights = ids.copy(), weights.copy()
+            ids[unf] = base
+            weights[unf] = 0
+            weights[unf, 0] = 1
+    layer.ran[iy, keep] = ids[:, 0]
     T = src.T
     probs = torch.zeros(len(keep), getattr(model, "channels", 1), T, T)
     for e in np.unique(ids):
@@ -400,23 +448,27 @@ def _run_chunk(model: TileModel, src: TileSource, iy: int, cols: list[int], cfg:
         probs = F.interpolate(probs, size=(src.t_src, src.t_src), mode="bilinear", align_corners=False)
     for j, ix in enumerate(keep):
         blender.add(ix, iy, probs[j].numpy())
-    stats.tiles += len(keep)
 
 
-def _write_routing(path: Path, grid: TileGrid, ex: np.ndarray, ey: np.ndarray, experts: np.ndarray, dist: np.ndarray, ds) -> None:
-    """One polygon per tile's cell, with the expert that handled it and its distance to that centroid."""
+def _write_routing(path: Path, grid: TileGrid, ex: np.ndarray, ey: np.ndarray, layer: RoutingLayer, ds,
+                   baseline_id: int | None) -> None:
+    """One polygon per tile's cell (its true footprint, rotated grids included): the region's expert, its distance,
+    whether the tile was unfamiliar and what ran on it."""
     rows = []
     t = ds.transform
     for iy in range(len(grid.ys)):
         for ix in range(len(grid.xs)):
-            if experts[iy, ix] < 0:
+            e = int(layer.experts[iy, ix])
+            if e < 0:
                 continue
-            x0, y0 = t @ (ex[ix], ey[iy])
-            x1, y1 = t @ (ex[ix + 1], ey[iy + 1])
-            rows.append({"expert": int(experts[iy, ix]), "distance": float(dist[iy, ix]), "tile_col": ix, "tile_row": iy,
-                         "geometry": box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))})
-    gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=ds.crs) if rows else gpd.GeoDataFrame(
-        {"expert": [], "distance": [], "tile_col": [], "tile_row": []}, geometry=[], crs=ds.crs)
+            ran = int(layer.ran[iy, ix])
+            corners = [t @ (ex[a], ey[b]) for a, b in ((ix, iy), (ix + 1, iy), (ix + 1, iy + 1), (ix, iy + 1))]
+            rows.append({"expert": e, "distance": float(layer.distance[iy, ix]),
+                         "unfamiliar": bool(layer.unfamiliar[iy, ix]),
+                         "ran": "skipped" if ran == -2 else "single network" if ran == baseline_id else f"expert {ran}",
+                         "tile_col": ix, "tile_row": iy, "geometry": Polygon(corners)})
+    cols = {"expert": [], "distance": [], "unfamiliar": [], "ran": [], "tile_col": [], "tile_row": []}
+    gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=ds.crs) if rows else gpd.GeoDataFrame(cols, geometry=[], crs=ds.crs)
     with atomic_path(path) as tmp:
         gdf.to_file(tmp, driver="GPKG", layer="routing")
 

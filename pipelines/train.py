@@ -30,6 +30,7 @@ from geomoe.embedding.regions import assign
 from geomoe.embedding.report import fit_regions
 from geomoe.embedding.train import train_embedding
 from geomoe.experts.train import ExpertJob, train_expert
+from geomoe.router.familiarity import Familiarity
 from geomoe.router.routing import Router, majority_regions
 from geomoe.trainer import barrier, is_rank_zero
 
@@ -82,6 +83,10 @@ class BundlePaths:
     def index(self) -> Path:
         return self.root / "router.faiss"
 
+    @property
+    def familiarity(self) -> Path:
+        return self.root / "regions" / "familiarity.json"
+
     def expert(self, name: str) -> Path:
         return self.root / "experts" / f"{name}.pt"
 
@@ -99,17 +104,28 @@ def embed_stage(prep: Prepared, cfg: Config, paths: BundlePaths, progress: bool 
     return Embeddings.load(paths.embeddings)
 
 
+def familiarity_of(emb: Embeddings, router: Router, cfg: Config) -> Familiarity:
+    """Each region's distance threshold from its training tiles (beyond it a tile is flagged unfamiliar)."""
+    train = emb.split == "train"
+    ids, dist = router.route(emb.vectors[train])
+    return Familiarity.fit(ids, dist, router.k, cfg.router.unfamiliar_quantile)
+
+
 def regions_stage(emb: Embeddings, cfg: Config, paths: BundlePaths, figures: bool) -> np.ndarray:
     """Fit (once) the k-means centroids and the router; a rerun keeps them, so finished experts keep their regions."""
     if not paths.centroids.exists() and is_rank_zero():
         fit = fit_regions(emb, cfg.regions.k, cfg.regions.sweep, paths.centroids.parent, cfg.regions.seed)
         log.info("regions (k = %d): purity %.3f, held-out patches in their location's majority region %.3f",
                  cfg.regions.k, fit.chosen.purity, fit.chosen.held_out_majority)
-        Router(fit.centroids).save(paths.index)
+        router = Router(fit.centroids)
+        router.save(paths.index)
+        familiarity_of(emb, router, cfg).save(paths.familiarity)
         if figures:
             plot_space(emb, fit.centroids, paths.root / "figures" / "embedding_space.png", seed=cfg.seed)
             plot_cluster_samples(emb, fit.centroids, paths.root / "figures" / "region_samples.png",
                                  target_gsd=cfg.data.target_gsd)
+    if not paths.familiarity.exists() and is_rank_zero():  # bundles from before the unfamiliar flag
+        familiarity_of(emb, Router.load(paths.index), cfg).save(paths.familiarity)
     barrier()
     centroids = np.load(paths.centroids)
     if len(centroids) != cfg.regions.k:

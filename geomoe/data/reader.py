@@ -19,6 +19,7 @@ from geomoe.data.catalog import Scene
 from geomoe.raster import (
     Grid,
     RasterError,
+    fill_invalid,
     ground_sampling_distance,
     grid_of,
     image_bands,
@@ -108,8 +109,7 @@ class SceneReader:
             mask = self._rasterize(win, hw)
         if mask is not None:
             mask[~valid] = 0
-        image[:, ~valid] = 0
-        return Patch(image, mask, valid)
+        return Patch(fill_invalid(image, valid), mask, valid)
 
     def _rasterize(self, win: Window, hw: tuple[int, int]) -> np.ndarray:
         if self.grid.crs is None:

@@ -1,0 +1,107 @@
+"""Imagery as users have it and a router that says when it does not know: regression tests for the trust issue."""
+
+from __future__ import annotations
+
+import json
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from geomoe.config import PredictConfig
+from geomoe.data.synthetic import write_geotiff
+from geomoe.metrics import Scores
+from geomoe.pipelines.predict import BundleModel, predict_raster
+from geomoe.raster import fill_invalid
+
+
+def test_building_f1_is_zero_when_nothing_matches_and_undefined_only_without_buildings():
+    truth = np.zeros((32, 32), bool)
+    truth[4:12, 4:12] = True
+    s = Scores()
+    s.update(np.zeros_like(truth), truth)  # a building missed, nothing predicted
+    assert s.summary()["building_f1"] == 0.0
+    s = Scores()
+    s.update(np.zeros_like(truth), np.zeros_like(truth))
+    assert np.isnan(s.summary()["building_f1"])
+
+
+def test_invalid_pixels_take_the_nearest_valid_value():
+    img = np.zeros((3, 6, 6), np.uint8)
+    img[:, :, :3] = 10
+    img[:, :, 3:] = 200
+    valid = np.ones((6, 6), bool)
+    valid[:, 4:] = False  # a nodata border on the right
+    out = fill_invalid(img, valid)
+    assert (out[:, :, 4:] == 200).all() and (out[:, :, :4] == img[:, :, :4]).all()
+
+
+class _Recorder:
+    """Keeps every tile the model is shown."""
+
+    tile_size, gsd = 64, None
+
+    def __init__(self):
+        self.seen = []
+
+    def route(self, tiles):
+        n = len(tiles)
+        return np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32), np.zeros(n, np.float32)
+
+    def predict(self, expert, tiles):
+        self.seen.append(tiles.clone())
+        return torch.zeros(len(tiles), 64, 64)
+
+
+def test_prediction_never_shows_the_model_nodata_values_or_black_frames(tmp_path):
+    """Tiles past the raster edge and over nodata are completed from valid pixels, as in training."""
+    img = np.full((3, 100, 90), 120, np.uint8)
+    img[:, :, 60:] = 0  # nodata value on the right third
+    src = tmp_path / "nd.tif"
+    write_geotiff(src, img, "EPSG:32633", from_origin(500000, 4000000, 0.5, 0.5), nodata=0)
+    rec = _Recorder()
+    predict_raster(rec, src, tmp_path / "o", PredictConfig(tile_size=64, overlap=16, batch_size=4, regularize=False),
+                   0.5, progress=False)
+    seen = torch.cat(rec.seen)
+    assert seen.min() == 120 and seen.max() == 120  # no 0 from the nodata, no black padding past the edges
+
+
+def test_unfamiliar_tiles_are_flagged_routed_to_the_baseline_or_skipped(bundle_dir, synth_root, tmp_path):
+    from geomoe.bundle import load_bundle
+
+    b = load_bundle(bundle_dir)
+    assert (bundle_dir / "regions" / "familiarity.json").exists() and b.familiarity.quantile == 0.99
+    assert np.isfinite(b.familiarity.thresholds).all()
+    # a training scene is mostly familiar; a scene of saturated noise is not
+    scene = sorted((synth_root / "loc0" / "images").glob("*.tif"))[0]
+    rng = np.random.default_rng(0)
+    noise = np.where(rng.random((3, 192, 192)) > 0.5, 255, 0).astype(np.uint8)
+    odd = tmp_path / "noise.tif"
+    write_geotiff(odd, noise, "EPSG:32633", from_origin(600000, 4000000, 0.5, 0.5))
+    cfg = b.config.predict
+    _, st = predict_raster(BundleModel(b), scene, tmp_path / "known", cfg, b.threshold, progress=False)
+    assert st.unfamiliar / st.tiles <= 0.25
+    _, st = predict_raster(BundleModel(b), odd, tmp_path / "odd", cfg, b.threshold, progress=False)
+    assert st.unfamiliar == st.tiles > 0
+    for action in ("baseline", "skip"):
+        pc = cfg.model_copy(update={"unfamiliar": action})
+        outs, st = predict_raster(BundleModel(b), odd, tmp_path / action, pc, b.threshold, progress=False)
+        layer = gpd.read_file(outs.routing)
+        assert layer.unfamiliar.all()
+        assert set(layer.ran) == {"single network" if action == "baseline" else "skipped"}
+        with rasterio.open(outs.prob) as ds:
+            nodata = (ds.read(1) == 255).mean()
+        assert nodata == (1.0 if action == "skip" else 0.0)
+        assert json.loads(outs.summary.read_text())["unfamiliar_tiles"] == st.tiles
+
+
+def test_evaluate_reports_the_unfamiliar_share_per_location(bundle_dir, synth_root):
+    from geomoe.bundle import load_bundle
+    from geomoe.pipelines.evaluate import evaluate
+
+    ev = evaluate(load_bundle(bundle_dir), synth_root, split="all", progress=False)
+    share = ev.routing["unfamiliar"]
+    assert ((share >= 0) & (share <= 0.1)).all()  # training data is, by construction, almost all familiar
