@@ -70,6 +70,11 @@ class BundleModel:
         self.gsd = bundle.gsd
         self.channels = 3 if all(e.classes >= 3 for e in bundle.experts) else 1
         self.use_alpha = bundle.config.data.alpha == "mask"  # as in training
+        # resume only trusts outputs of the same bundle: its manifest (which names every file) and its location
+        import hashlib
+
+        manifest = (bundle.root / "manifest.json").read_bytes()
+        self.identity = f"{bundle.root.resolve()}#{hashlib.sha1(manifest).hexdigest()[:12]}"
 
     def input_gsd(self, native: float | None) -> float | None:
         return self.b.input_gsd(native)
@@ -115,8 +120,9 @@ class Outputs:
         return [p for p in (self.prob, self.mask, self.routing, self.footprints, self.geojson, self.summary) if p]
 
 
-def outputs_for(src: Path, out: Path, fmt: str = "gpkg", geojson: bool = True) -> Outputs:
-    s = src.stem
+def outputs_for(src: Path, out: Path, fmt: str = "gpkg", geojson: bool = True, name: str | None = None) -> Outputs:
+    """Output paths of ``src``; ``name`` (default: the file's stem) keeps inputs of the same name apart."""
+    s = name or src.stem
     return Outputs(out / f"{s}_prob.tif", out / f"{s}_mask.tif", out / f"{s}_routing.gpkg",
                    out / f"{s}_footprints.{fmt}", out / f"{s}_footprints.geojson" if geojson else None,
                    out / f"{s}_summary.json")
@@ -126,8 +132,8 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     """Files as given; folders become their rasters; a .txt lists one path per line (relative to it)."""
     out: list[Path] = []
     for p in inputs:
-        if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        if p.is_dir():  # hidden files (macOS ._AppleDouble, .DS_Store) are not imagery
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and not q.name.startswith("."))
         elif p.suffix.lower() == ".txt" and p.exists():
             for line in p.read_text().splitlines():
                 if line.strip() and not line.startswith("#"):
@@ -227,7 +233,8 @@ class _Writers:
 
 
 def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, threshold: float,
-                   progress: bool = True, fmt: str = "gpkg", gsd: float | None = None) -> tuple[Outputs, RunStats]:
+                   progress: bool = True, fmt: str = "gpkg", gsd: float | None = None,
+                   name: str | None = None) -> tuple[Outputs, RunStats]:
     """Predict one raster; every output appears under its final name only when complete.
 
     ``gsd`` (m/pixel) is used when the raster has no CRS; otherwise a locations.csv above it is asked.
@@ -241,13 +248,13 @@ def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, t
     with rasterio.Env(GDAL_CACHEMAX=cache_mb):
         ds = open_raster(src)
         try:
-            return _predict(model, ds, src, out, cfg, threshold, progress, fmt, t0, gsd)
+            return _predict(model, ds, src, out, cfg, threshold, progress, fmt, t0, gsd, name)
         finally:
             ds.close()
 
 
 def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, threshold: float, progress: bool,
-             fmt: str, t0: float, given_gsd: float | None):
+             fmt: str, t0: float, given_gsd: float | None, name: str | None):
     bands, alpha = image_bands(ds, src)
     if ds.count > 4:
         raise RasterError(f"{src}: {ds.count} bands; the bundle expects RGB (3), RGBA (4) or a single band")
@@ -264,7 +271,7 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
     t_src = max(1, int(round(T * scale)))
     grid = TileGrid(ds.width, ds.height, t_src, int(round(cfg.overlap * scale)))
     out.mkdir(parents=True, exist_ok=True)
-    outs = outputs_for(src, out, fmt, geojson=ds.crs is not None)
+    outs = outputs_for(src, out, fmt, geojson=ds.crs is not None, name=name)
     use_alpha = getattr(model, "use_alpha", True)
     tiles = TileSource(ds, bands, alpha, grid, T, t_src, use_alpha)
     if cfg.routing == "tile":
@@ -317,7 +324,8 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
         raise
     stats.seconds = time.perf_counter() - t0
     with atomic_path(outs.summary) as tmp:
-        tmp.write_text(json.dumps({"input": str(src), "tiles": stats.tiles, "empty_tiles": stats.skipped_tiles,
+        tmp.write_text(json.dumps({"input": str(src), "input_identity": input_identity(src),
+                                   "bundle": getattr(model, "identity", None), "tiles": stats.tiles, "empty_tiles": stats.skipped_tiles,
                                    "seconds": round(stats.seconds, 2), "tiles_per_second": round(len(grid) / stats.seconds, 2),
                                    "footprints": stats.footprints, "tiles_per_expert": stats.per_expert, "routing": cfg.routing,
                                    "unfamiliar_tiles": stats.unfamiliar, "unfamiliar_action": cfg.unfamiliar,
@@ -473,13 +481,50 @@ def _write_routing(path: Path, grid: TileGrid, ex: np.ndarray, ey: np.ndarray, l
         gdf.to_file(tmp, driver="GPKG", layer="routing")
 
 
-def is_complete(src: Path, out: Path, fmt: str = "gpkg") -> bool:
-    """True when every output of ``src`` exists (each is renamed into place only when complete)."""
-    s = outputs_for(src, out, fmt)
+def output_names(inputs: list[Path]) -> dict[Path, str]:
+    """A distinct output name per input: the file's stem, or where stems collide its path below the inputs'
+    common folder (``a/scene.tif`` and ``b/scene.tif`` give ``a_scene`` and ``b_scene``), plus a short hash if needed."""
+    import hashlib
+    import os
+
+    stems: dict[str, int] = {}
+    for p in inputs:
+        stems[p.stem] = stems.get(p.stem, 0) + 1
+    res = [p.resolve() for p in inputs]
+    common = Path(os.path.commonpath([str(r.parent) for r in res])) if res else Path(".")
+    names = {}
+    for p, r in zip(inputs, res):
+        names[p] = p.stem if stems[p.stem] == 1 else "_".join(r.relative_to(common).with_suffix("").parts)
+    seen: dict[str, int] = {}
+    for n in names.values():
+        seen[n] = seen.get(n, 0) + 1
+    for p, r in zip(inputs, res):
+        if seen[names[p]] > 1:  # the same file given twice, or names that still collide
+            names[p] += "_" + hashlib.sha1(str(r).encode()).hexdigest()[:8]
+    return names
+
+
+def input_identity(src: Path) -> dict:
+    """What makes a finished output belong to this input: its absolute path, size and modification time."""
+    st = src.stat()
+    return {"path": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def is_complete(src: Path, out: Path, fmt: str = "gpkg", name: str | None = None, model_id: str | None = None) -> bool:
+    """True when every output of ``src`` exists and was made from this very file (path, size, modification
+    time) by the same bundle; outputs of another input or bundle under the same names are redone."""
+    s = outputs_for(src, out, fmt, name=name)
     if not s.summary.exists():
         return False
-    listed = json.loads(s.summary.read_text()).get("outputs", [])
-    return all(Path(p).exists() for p in listed)
+    try:
+        summary = json.loads(s.summary.read_text())
+    except json.JSONDecodeError:
+        return False
+    if src.exists() and summary.get("input_identity") != input_identity(src):
+        return False
+    if model_id is not None and summary.get("bundle") != model_id:
+        return False
+    return all(Path(p).exists() for p in summary.get("outputs", []))
 
 
 @dataclass
@@ -492,20 +537,28 @@ class InputResult:
 
 def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictConfig, threshold: float,
                  resume: bool = False, progress: bool = True, gsd: float | None = None) -> list[InputResult]:
-    """Predict each input; a failure is recorded and the others still run."""
+    """Predict each input; a failure (unreadable file, out of memory, anything but an interrupt) is recorded with
+    its reason and the others still run."""
     results = []
-    for src in expand_inputs(inputs):
-        if resume and is_complete(src, out):
+    srcs = expand_inputs(inputs)
+    names = output_names(srcs)
+    model_id = getattr(model, "identity", None)
+    for src in srcs:
+        if resume and is_complete(src, out, name=names[src], model_id=model_id):
             results.append(InputResult(src, True, "skipped (complete)"))
             continue
         try:
             if not src.exists():
                 raise RasterError(f"{src}: no such file")
-            outs, st = predict_raster(model, src, out, cfg, threshold, progress, gsd=gsd)
+            outs, st = predict_raster(model, src, out, cfg, threshold, progress, gsd=gsd, name=names[src])
             results.append(InputResult(src, True, f"{st.tiles} tiles, {st.footprints} footprints, "
-                                       f"{st.tiles / max(st.seconds, 1e-9):.1f} tiles/s",
-                                       st.seconds))
+                                       f"{st.tiles / max(st.seconds, 1e-9):.1f} tiles/s"
+                                       + (f", {st.unfamiliar} unfamiliar" if st.unfamiliar else ""), st.seconds))
         except (RasterError, rasterio.errors.RasterioError, ValueError) as e:
             log.error("%s", e)
             results.append(InputResult(src, False, str(e)))
+        except Exception as e:  # noqa: BLE001 - one scene's failure (OSError, out of memory) must not end the run
+            msg = f"{src}: {type(e).__name__}: {e}".splitlines()[0]
+            log.error("%s", msg)
+            results.append(InputResult(src, False, msg))
     return results

@@ -105,3 +105,56 @@ def test_evaluate_reports_the_unfamiliar_share_per_location(bundle_dir, synth_ro
     ev = evaluate(load_bundle(bundle_dir), synth_root, split="all", progress=False)
     share = ev.routing["unfamiliar"]
     assert ((share >= 0) & (share <= 0.1)).all()  # training data is, by construction, almost all familiar
+
+
+class _Flat:
+    tile_size, gsd = 64, None
+
+    def __init__(self, value: float = 0.7, fail: Exception | None = None):
+        self.value, self.fail = value, fail
+
+    def route(self, tiles):
+        n = len(tiles)
+        return np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32), np.zeros(n, np.float32)
+
+    def predict(self, expert, tiles):
+        if self.fail is not None:
+            raise self.fail
+        return torch.full((len(tiles), 64, 64), self.value)
+
+
+def test_same_file_names_in_two_folders_get_their_own_outputs_and_resume_checks_the_input(tmp_path):
+    from geomoe.pipelines.predict import is_complete, output_names, outputs_for, predict_many
+
+    cfg = PredictConfig(tile_size=64, overlap=16, batch_size=4, regularize=False)
+    srcs = []
+    for i, folder in enumerate(("north", "south")):
+        (tmp_path / folder).mkdir()
+        p = tmp_path / folder / "scene.tif"
+        write_geotiff(p, np.full((3, 80, 80), 50 + 100 * i, np.uint8), "EPSG:32633", from_origin(500000, 4000000, 0.5, 0.5))
+        srcs.append(p)
+    (tmp_path / "north" / "._scene.tif").write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
+    names = output_names(srcs)
+    assert names[srcs[0]] != names[srcs[1]]
+    out = tmp_path / "out"
+    res = predict_many(_Flat(), [tmp_path / "north", tmp_path / "south"], out, cfg, 0.5, progress=False)
+    assert [r.ok for r in res] == [True, True]  # the AppleDouble file is skipped, not a failure
+    assert all(is_complete(s, out, name=names[s]) for s in srcs)
+    assert len({outputs_for(s, out, name=names[s]).prob for s in srcs}) == 2
+    # the input changes after its outputs were written: resume predicts it again
+    write_geotiff(srcs[0], np.full((3, 80, 80), 90, np.uint8), "EPSG:32633", from_origin(500000, 4000000, 0.5, 0.5))
+    assert not is_complete(srcs[0], out, name=names[srcs[0]])
+    res = predict_many(_Flat(), srcs, out, cfg, 0.5, resume=True, progress=False)
+    assert [r.message for r in res][1] == "skipped (complete)" and "skipped" not in res[0].message
+
+
+def test_one_scene_failing_with_any_error_does_not_end_the_run(tmp_path):
+    from geomoe.pipelines.predict import predict_many
+
+    cfg = PredictConfig(tile_size=64, overlap=16, batch_size=4, regularize=False)
+    src = tmp_path / "a.tif"
+    write_geotiff(src, np.full((3, 80, 80), 50, np.uint8), "EPSG:32633", from_origin(500000, 4000000, 0.5, 0.5))
+    res = predict_many(_Flat(fail=OSError("disk full")), [src, tmp_path / "missing.tif"], tmp_path / "o", cfg, 0.5,
+                       progress=False)
+    assert [r.ok for r in res] == [False, False]
+    assert "OSError: disk full" in res[0].message and "no such file" in res[1].message

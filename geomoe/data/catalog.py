@@ -64,7 +64,9 @@ class Catalog:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files of ``folder``; hidden ones (macOS ._AppleDouble copies, .DS_Store) are junk, not imagery."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def _find_mask(masks_dir: Path, image: Path) -> Path | None:
