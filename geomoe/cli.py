@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -23,12 +25,23 @@ regions_app = typer.Typer(no_args_is_help=True, help="Fit regions (k-means centr
 app.add_typer(regions_app, name="regions")
 console = Console(width=None if Console().is_terminal else 160)
 
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file, or a packaged name: small, paper, tiny.")]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file, or a packaged name: tiny, small, medium, paper.")]
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {msg}", highlight=False)
+    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)  # one line, however long
     raise typer.Exit(code)
+
+
+def _out_dir(path: Path) -> Path:
+    """Create the output folder now, before any long computation, or end with one line saying why it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        _fail(f"{path}: cannot be an output folder: it, or a folder above it, is a file")
+    except PermissionError:
+        _fail(f"{path}: no permission to create or write this output folder")
+    return path
 
 
 def _config(config: str | None):
@@ -214,11 +227,16 @@ def train(root: Path, out: Path = typer.Option(..., "--out", "-o", help="bundle 
           config: ConfigOpt = None, baseline: bool = typer.Option(True, help="also train the single-network baseline"),
           only: Optional[list[str]] = typer.Option(None, "--only", help="run only these stages: embedding, regions, "
                                                    "expert:N, experts, baseline, assemble (repeat or comma-separate)"),
-          devices: DevicesOpt = None, num_nodes: NodesOpt = None, accelerator: AccelOpt = None) -> None:
+          devices: DevicesOpt = None, num_nodes: NodesOpt = None, accelerator: AccelOpt = None,
+          skip_location: Optional[list[str]] = typer.Option(None, "--skip-location", help="leave this location out "
+                                                            "(repeat); needed to go on when all its images are unusable")) -> None:
     """Train the whole chain (embedding, regions, experts, baseline) into a bundle; rerun to resume."""
     from geomoe.pipelines.train import train_all
 
     cfg = _with_trainer(_config(config), devices, num_nodes, accelerator)
+    if skip_location:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"skip_locations": [*cfg.data.skip_locations, *skip_location]})})
+    _out_dir(out)
     try:
         train_all(root, cfg, out, baseline=baseline, only=only)
     except _training_errors() as e:
@@ -236,12 +254,13 @@ def evaluate(root: Path, bundle: Path = typer.Option(..., "--bundle", "-b"), out
     from geomoe.pipelines.evaluate import evaluate as run_eval
 
     b = _bundle(bundle)
+    out = _out_dir(out or bundle / "evaluation")
     try:
         ev = run_eval(b, root, split=split)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         _fail(str(e))
     console.print(ev.markdown(), highlight=False)
-    for p in ev.write(out or bundle / "evaluation"):
+    for p in ev.write(out):
         console.print(f"wrote {p}")
 
 
@@ -313,6 +332,7 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         b = load_bundle(bundle, pick_device(device), with_baseline=unfamiliar == "baseline")
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    _out_dir(out)
     if unfamiliar == "baseline" and b.baseline is None:
         _fail(f"{bundle}: --unfamiliar baseline needs the single network, which this bundle does not have "
               f"(train with --baseline, or use --unfamiliar route or skip)")
@@ -357,7 +377,31 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.simplefilter("once")
     warnings.filterwarnings("ignore", category=PendingDeprecationWarning)  # affine's '*' notice, from rasterio itself
-    app()
+    debug = "--debug" in sys.argv[1:]
+    if debug:  # accepted anywhere on the line, not only before the command
+        sys.argv.remove("--debug")
+    try:
+        rc = app(standalone_mode=False)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        console.print("[yellow]interrupted[/yellow]: outputs are renamed into place only when complete, so none is "
+                      "partial; run the same command again to resume (predict: add --resume)", highlight=False)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001 - one line for the user; --debug shows the traceback
+        if debug:
+            raise
+        from geomoe.raster import explain
+
+        console.print(f"[red]error:[/red] {explain(e)} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error")) -> None:
+    """Location-aware mixture of experts for building footprints."""
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ class DataConfig(_Strict):
     min_valid: float = Field(0.5, ge=0.0, le=1.0, description="Skip patches with less valid (non-nodata) area.")
     train_patches_per_location: int = Field(64, ge=1)
     workers: int = Field(0, ge=0)
+    skip_locations: list[str] = Field(default_factory=list, description="Locations to leave out (a location whose "
+                                      "images are all unusable stops training unless it is named here).")
     full_check: bool = Field(True, description="Read every block before training (finds truncated files, bad mask values).")
 
 

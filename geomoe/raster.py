@@ -47,6 +47,22 @@ def grid_of(ds: rasterio.io.DatasetReader) -> Grid:
     return Grid(ds.width, ds.height, ds.crs, ds.transform)
 
 
+def explain(e: BaseException, path: str | Path | None = None) -> str:
+    """One line for an error: the file it concerns, and GDAL's own reason instead of rasterio's
+    "See previous exception for details"."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    cause = e.__cause__ or e.__context__
+    if "previous exception" in msg and cause is not None:
+        msg = msg.replace("See previous exception for details.", "").strip() + f" ({str(cause).strip().splitlines()[0]})"
+    if isinstance(e, OSError) and getattr(e, "filename", None) and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    if not isinstance(e, (ValueError, OSError, rasterio.errors.RasterioError)):  # name the unexpected kinds
+        msg = f"{type(e).__name__}: {msg}"
+    if path is not None and str(path) not in msg:
+        msg = f"{path}: {msg}"
+    return msg
+
+
 def is_mercator(crs) -> bool:
     """Web Mercator and other Mercator projections, by EPSG code or by projection method (WKT without a code)."""
     if crs.to_epsg() in (3857, 900913, 3785, 102100, 3395):

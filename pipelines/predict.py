@@ -35,7 +35,7 @@ from geomoe.experts.model import predict_channels
 from geomoe.pipelines.footprints import FootprintCollector, Piece, pieces_to_frame
 from geomoe.pipelines.instances import instance_labels, separated_mask
 from geomoe.pipelines.tiling import BandBlender, TileGrid
-from geomoe.raster import (RasterError, fill_invalid, ground_sampling_distance, grid_of, image_bands, open_raster, read_window,
+from geomoe.raster import (RasterError, explain, fill_invalid, ground_sampling_distance, grid_of, image_bands, open_raster, read_window,
                            scale_for, valid_window_mask)
 from geomoe.router.smoothing import scene_majority, smooth_grid
 
@@ -554,11 +554,8 @@ def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictCo
             results.append(InputResult(src, True, f"{st.tiles} tiles, {st.footprints} footprints, "
                                        f"{st.tiles / max(st.seconds, 1e-9):.1f} tiles/s"
                                        + (f", {st.unfamiliar} unfamiliar" if st.unfamiliar else ""), st.seconds))
-        except (RasterError, rasterio.errors.RasterioError, ValueError) as e:
-            log.error("%s", e)
-            results.append(InputResult(src, False, str(e)))
         except Exception as e:  # noqa: BLE001 - one scene's failure (OSError, out of memory) must not end the run
-            msg = f"{src}: {type(e).__name__}: {e}".splitlines()[0]
+            msg = explain(e, src)
             log.error("%s", msg)
             results.append(InputResult(src, False, msg))
     return results

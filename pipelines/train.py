@@ -201,7 +201,8 @@ def assemble(prep: Prepared, emb: Embeddings, centroids: np.ndarray, cfg: Config
                           gsd=cfg.data.target_gsd, native_gsd=native,
                           extra={"training_root": str(Path(root).resolve()), "regions": scores,
                                  "generalist": paths.rel(generalist) if generalist is not None else None,
-                                 "expert_init": cfg.experts.init, "steps": steps or {}})
+                                 "expert_init": cfg.experts.init, "steps": steps or {},
+                                 "data": prep.report.as_dict()})
 
 
 def train_all(root: Path, cfg: Config, out: Path, progress: bool = True, baseline: bool = True,
@@ -213,6 +214,8 @@ def train_all(root: Path, cfg: Config, out: Path, progress: bool = True, baselin
     prep = prepare(root, cfg.data, cfg.seed)
     log.info("data: %d scenes at %s, %d train / %d val / %d test windows", len(prep.readers), ", ".join(prep.locations),
              len(prep.windows("train")), len(prep.windows("val")), len(prep.windows("test")))
+    for line in prep.report.lines():
+        log.info("  %s", line)
     needs_embeddings = any(s != "embedding" for s in stages)
     if "embedding" in stages or (needs_embeddings and not paths.embeddings.exists() and "regions" in stages):
         emb = embed_stage(prep, cfg, paths, progress)

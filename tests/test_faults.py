@@ -158,3 +158,30 @@ def test_one_scene_failing_with_any_error_does_not_end_the_run(tmp_path):
                        progress=False)
     assert [r.ok for r in res] == [False, False]
     assert "OSError: disk full" in res[0].message and "no such file" in res[1].message
+
+
+def test_train_stops_when_a_location_loses_every_image_unless_told_to_skip_it(synth_root, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from geomoe.cli import app
+    from geomoe.config import DataConfig
+    from geomoe.data.datasets import prepare
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    for m in (root / "loc1" / "masks").glob("*.tif"):
+        m.write_bytes(b"not a tiff")  # every mask of loc1 broken
+    res = CliRunner().invoke(app, ["train", str(root), "-o", str(tmp_path / "b"), "-c", "tiny"])
+    assert res.exit_code == 1 and "loc1 lost all its 2 labelled images" in res.output and "--skip-location loc1" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    prep = prepare(root, DataConfig(skip_locations=["loc1"], patch_size=64, block_size=128, val_fraction=0.25))
+    assert prep.locations == ["loc0", "loc2"] and prep.report.skipped_locations == ["loc1"]
+    assert "loc1" not in prep.report.locations and prep.report.locations["loc0"]["used"] == 2
+
+
+def test_bundle_records_what_training_used(bundle_dir):
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    assert m["data"]["locations"]["loc0"] == {"images": 2, "labelled": 2, "used": 2}
+    assert m["data"]["skipped_scenes"] == [] and m["steps"]["baseline"] > 0

@@ -39,6 +39,28 @@ def to_sample(image: np.ndarray, mask: np.ndarray | None, valid: np.ndarray, loc
 
 
 @dataclass
+class DataReport:
+    """What training used: per location, images found, labelled and used; every scene left out and why."""
+
+    locations: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason)
+    skipped_locations: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"{loc}: {c['images']} images, {c['labelled']} labelled, {c['used']} used"
+               for loc, c in self.locations.items()]
+        if self.skipped:
+            out.append(f"{len(self.skipped)} scenes left out, e.g. {self.skipped[0][0]}: {self.skipped[0][1]}")
+        if self.skipped_locations:
+            out.append("locations left out as asked: " + ", ".join(self.skipped_locations))
+        return out
+
+    def as_dict(self) -> dict:
+        return {"locations": self.locations, "skipped_scenes": [{"image": p, "reason": r} for p, r in self.skipped],
+                "skipped_locations": self.skipped_locations}
+
+
+@dataclass
 class Prepared:
     """A dataset root made ready for training: usable scenes, their readers and the block split."""
 
@@ -47,6 +69,7 @@ class Prepared:
     blocks: list[Block]
     patch_size: int
     locations: list[str] = field(default_factory=list)
+    report: DataReport = field(default_factory=DataReport)
 
     def location_of(self, ref: PatchRef) -> str:
         return self.readers[ref.scene].scene.location
@@ -59,9 +82,29 @@ def prepare(root, cfg: DataConfig, seed: int = 0) -> Prepared:
     """Discover, check (every block, or headers only without ``cfg.full_check``) and split a dataset root."""
     cat = discover(root)
     readers = []
+    report = DataReport(skipped_locations=sorted({s.location for s in cat.scenes} & set(cfg.skip_locations)))
     for s in cat.scenes:
-        if s.label is not None and check_scene(s, cat.problems, full=cfg.full_check).ok:
+        if s.location in cfg.skip_locations:
+            continue
+        counts = report.locations.setdefault(s.location, {"images": 0, "labelled": 0, "used": 0})
+        counts["images"] += 1
+        if s.label is None:
+            report.skipped.append((str(s.image), "no label"))
+            continue
+        counts["labelled"] += 1
+        seen = len(cat.problems)
+        if check_scene(s, cat.problems, full=cfg.full_check).ok:
             readers.append(SceneReader(s, cfg.target_gsd, use_alpha=cfg.alpha == "mask"))
+            counts["used"] += 1
+        else:
+            why = next((p.message for p in cat.problems[seen:] if p.fatal), "unusable")
+            report.skipped.append((str(s.image), why))
+    lost = [loc for loc, c in report.locations.items() if c["labelled"] and not c["used"]]
+    if lost:
+        loc = lost[0]
+        example = next((f"{p}: {r}" for p, r in report.skipped if f"/{loc}/" in p.replace("\\", "/")), "")
+        raise ValueError(f"{root}: location {loc} lost all its {report.locations[loc]['labelled']} labelled images "
+                         f"({example}); fix them, or leave the location out (data.skip_locations / --skip-location {loc})")
     if not readers:
         detail = "; ".join(str(p) for p in cat.problems[:5])
         raise ValueError(f"{root}: no usable labelled images ({detail or 'none found'})")
@@ -69,7 +112,7 @@ def prepare(root, cfg: DataConfig, seed: int = 0) -> Prepared:
     gap = cfg.patch_size if cfg.split_gap is None else cfg.split_gap
     blocks = split_blocks(readers, block, cfg.val_fraction, seed, cfg.test_fraction, gap)
     locs = sorted({r.scene.location for r in readers})
-    return Prepared(cat, readers, blocks, cfg.patch_size, locs)
+    return Prepared(cat, readers, blocks, cfg.patch_size, locs, report)
 
 
 class GridDataset(Dataset):
