@@ -32,7 +32,8 @@ from geomoe.config import load_config
 from geomoe.data.datasets import GridDataset, prepare
 from geomoe.embedding.extract import Embeddings
 from geomoe.pipelines.evaluate import Evaluation, evaluate, markdown_table, route_batch
-from geomoe.pipelines.train import BundlePaths, expert_jobs, train_all
+from geomoe.bundle import BundlePaths
+from geomoe.pipelines.train import expert_jobs, train_all
 
 METRICS = ("iou", "building_f1", "boundary_iou", "accuracy")
 
@@ -55,7 +56,6 @@ def scratch_bundle(root: Path, cfg, base: Path, out: Path) -> Path:
     for part in ("embedding", "regions"):
         if not (out / part).exists():
             shutil.copytree(base / part, out / part, ignore=shutil.ignore_patterns("run", "runs", "*.ckpt"))
-    shutil.copy(base / "router.faiss", out / "router.faiss")
     scfg = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"init": "scratch"})})
     return train_all(root, scfg, out, baseline=False, figures=False,
                      only=[*(f"expert:{i}" for i in range(cfg.regions.k)), "assemble"])

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from geomoe.atomic import atomic_path
 from geomoe.config import Config, dump_config, load_config
@@ -34,33 +37,115 @@ def versions() -> dict[str, str]:
     return out
 
 
+class BundlePaths:
+    """The one place that knows a bundle's file names; the manifest records them, so later versions can move them."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @property
+    def embedding(self) -> Path:
+        return self.root / "embedding" / "embedding.pt"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embedding" / "embeddings.npz"
+
+    @property
+    def centroids(self) -> Path:
+        return self.root / "regions" / "centroids.npy"
+
+    @property
+    def familiarity(self) -> Path:
+        return self.root / "regions" / "familiarity.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    def expert(self, name: str) -> Path:
+        return self.root / "experts" / f"{name}.pt"
+
+    def rel(self, p: Path) -> str:
+        return p.relative_to(self.root).as_posix()
+
+
+class Manifest(BaseModel):
+    """manifest.json: what a bundle holds, where, and each file's SHA-256 (checked when the bundle loads)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: int
+    k: int = Field(ge=1)
+    locations: list[str]
+    region_of_location: dict[str, int]
+    embedding: str
+    centroids: str
+    familiarity: str | None = None
+    experts: list[str]
+    baseline: str | None = None
+    generalist: str | None = None
+    threshold: float
+    gsd: float | None = None
+    native_gsd: dict[str, float] = Field(default_factory=dict)
+    tile_size: int
+    bands: int = 3
+    versions: dict[str, str] = Field(default_factory=dict)
+    checksums: dict[str, str] = Field(default_factory=dict)
+
+    def files(self, with_baseline: bool = True) -> list[str]:
+        """Every file prediction needs (and, ``with_baseline``, the single network and the generalist)."""
+        out = [self.embedding, self.centroids, "config.yaml", *self.experts]
+        out += [self.familiarity] if self.familiarity else []
+        out += [f for f in (self.baseline, self.generalist) if f and with_baseline]
+        return out
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_manifest(root: Path, manifest: dict) -> Path:
+    """Write manifest.json last (a bundle without one is incomplete), with a checksum of every file it lists."""
+    m = Manifest.model_validate(manifest)
+    m.checksums = {f: sha256(Path(root) / f) for f in m.files() if (Path(root) / f).exists()}
+    with atomic_path(Path(root) / MANIFEST) as tmp:
+        tmp.write_text(m.model_dump_json(indent=2))
+    return Path(root) / MANIFEST
+
+
 def write_manifest(root: Path, cfg: Config, *, k: int, locations: list[str], region_of_location: dict[str, int],
                    experts: list[str], baseline: str | None, gsd: float | None, native_gsd: dict[str, float],
                    extra: dict | None = None) -> Path:
-    """Write config.yaml and manifest.json last: a bundle without a manifest is incomplete."""
-    dump_config(cfg, root / "config.yaml")
-    m = {
-        "format": FORMAT,
-        "k": k,
-        "locations": locations,
-        "region_of_location": region_of_location,
-        "embedding": "embedding/embedding.pt",
-        "centroids": "regions/centroids.npy",
-        "index": "router.faiss",
-        "familiarity": "regions/familiarity.json",
-        "experts": experts,
-        "baseline": baseline,
-        "threshold": cfg.experts.threshold,
-        "gsd": gsd,
-        "native_gsd": native_gsd,
-        "tile_size": cfg.predict.tile_size,
-        "bands": 3,
-        "versions": versions(),
+    """Write config.yaml, then manifest.json."""
+    paths = BundlePaths(root)
+    dump_config(cfg, paths.config)
+    return save_manifest(root, {
+        "format": FORMAT, "k": k, "locations": locations, "region_of_location": region_of_location,
+        "embedding": paths.rel(paths.embedding), "centroids": paths.rel(paths.centroids),
+        "familiarity": paths.rel(paths.familiarity) if paths.familiarity.exists() else None,
+        "experts": experts, "baseline": baseline, "threshold": cfg.experts.threshold, "gsd": gsd,
+        "native_gsd": native_gsd, "tile_size": cfg.predict.tile_size, "bands": 3, "versions": versions(),
         **(extra or {}),
-    }
-    with atomic_path(root / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(m, indent=2))
-    return root / MANIFEST
+    })
+
+
+def _check_versions(mpath: Path, written: dict[str, str]) -> None:
+    """Warn when the bundle was written by another major version of geomoe or torch."""
+    now = versions()
+    for pkg in ("geomoe", "torch"):
+        a, b = written.get(pkg, "unknown"), now.get(pkg, "unknown")
+        if "unknown" not in (a, b) and a.split(".")[0] != b.split(".")[0]:
+            warnings.warn(f"{mpath}: written with {pkg} {a}, running {pkg} {b}; if loading fails, retrain the bundle",
+                          stacklevel=3)
 
 
 @dataclass
@@ -137,30 +222,34 @@ def load_bundle(root: str | Path, device: torch.device | str = "cpu", with_basel
                          f"whose networks this version cannot load; retrain it with 'geomoe train ROOT -o NEW_BUNDLE'")
     if m.get("format") != FORMAT:
         raise ValueError(f"{mpath}: bundle format {m.get('format')} is not the supported {FORMAT}")
-    files = [m["embedding"], m["centroids"], m["index"], "config.yaml", *m["experts"]]
-    if with_baseline and m.get("baseline"):
-        files.append(m["baseline"])
-    if with_baseline and m.get("generalist"):
-        files.append(m["generalist"])
+    try:
+        man = Manifest.model_validate(m)
+    except ValidationError as e:
+        bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:3])
+        raise ValueError(f"{mpath}: not a valid bundle manifest ({bad})") from None
+    _check_versions(mpath, man.versions)
+    files = man.files(with_baseline)
     missing = [f for f in files if not (root / f).exists()]
     if missing:
         raise ValueError(f"{root}: incomplete bundle, missing: {', '.join(missing)}")
+    changed = [f for f in files if f in man.checksums and sha256(root / f) != man.checksums[f]]
+    if changed:
+        raise ValueError(f"{root}: {', '.join(changed)} changed since the bundle was written (checksum differs from "
+                         f"the manifest): a corrupted copy, or a file replaced by hand; copy the bundle again or retrain")
     device = torch.device(device)
     cfg = load_config(root / "config.yaml")
-    emb, _ = load_embedding(root / m["embedding"], device)
-    centroids = np.load(root / m["centroids"])
-    router = Router.load(root / m["index"])
-    experts = [load_expert(root / f, device)[0] for f in m["experts"]]
-    baseline = load_expert(root / m["baseline"], device)[0] if with_baseline and m.get("baseline") else None
-    generalist = load_expert(root / m["generalist"], device)[0] if with_baseline and m.get("generalist") else None
+    emb, _ = load_embedding(root / man.embedding, device)
+    centroids = np.load(root / man.centroids)
+    router = Router(centroids)  # the centroids are stored once; the FAISS index is built from them
+    experts = [load_expert(root / f, device)[0] for f in man.experts]
+    baseline = load_expert(root / man.baseline, device)[0] if with_baseline and man.baseline else None
+    generalist = load_expert(root / man.generalist, device)[0] if with_baseline and man.generalist else None
     problems = []
     dim = emb.head[-1].out_features
-    if centroids.shape != (m["k"], dim):
-        problems.append(f"centroids are {centroids.shape}, expected ({m['k']}, {dim}) for this embedding")
-    if router.k != m["k"] or router.dim != dim:
-        problems.append(f"router index holds {router.k} centroids of dimension {router.dim}, expected {m['k']} of {dim}")
-    if len(experts) != m["k"]:
-        problems.append(f"{len(experts)} experts for k = {m['k']} regions")
+    if centroids.shape != (man.k, dim):
+        problems.append(f"centroids are {centroids.shape}, expected ({man.k}, {dim}) for this embedding")
+    if len(experts) != man.k:
+        problems.append(f"{len(experts)} experts for k = {man.k} regions")
     if problems:
         raise ValueError(f"{root}: inconsistent bundle: " + "; ".join(problems))
     return Bundle(root, m, cfg, emb, centroids, router, experts, baseline, device, generalist,
@@ -169,9 +258,11 @@ def load_bundle(root: str | Path, device: torch.device | str = "cpu", with_basel
 
 def _familiarity(root: Path, m: dict, router: Router, quantile: float) -> Familiarity | None:
     """The bundle's thresholds; older bundles get them from their training embeddings when those are there."""
-    f = root / m.get("familiarity", "regions/familiarity.json")
+    f = root / (m.get("familiarity") or "regions/familiarity.json")
     if f.exists():
-        return Familiarity.load(f)
+        fam = Familiarity.load(f)
+        if len(fam.thresholds) == router.k:
+            return fam
     npz = root / "embedding" / "embeddings.npz"
     if npz.exists():
         d = np.load(npz, allow_pickle=False)
@@ -179,9 +270,3 @@ def _familiarity(root: Path, m: dict, router: Router, quantile: float) -> Famili
         ids, dist = router.route(d["vectors"][train])
         return Familiarity.fit(ids, dist, router.k, quantile)
     return None
-
-
-def save_manifest(root: Path, manifest: dict) -> Path:
-    with atomic_path(root / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2))
-    return root / MANIFEST

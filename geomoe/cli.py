@@ -53,7 +53,8 @@ def _config(config: str | None):
 
 
 @data_app.command("check")
-def data_check(root: Path, full: bool = typer.Option(True, help="Read every block (finds truncated files).")) -> None:
+def data_check(root: Path, full: bool = typer.Option(True, help="Read every block (finds truncated files)."),
+               verbose: bool = typer.Option(False, "--verbose", "-v", help="list every file of a repeated problem")) -> None:
     """Per-location table of images, labels, building fraction, GSD, CRS and problems; exit 1 on fatal problems."""
     from geomoe.data.catalog import discover
     from geomoe.data.check import check_catalog
@@ -77,8 +78,11 @@ def data_check(root: Path, full: bool = typer.Option(True, help="Read every bloc
     if meta:
         console.print("locations.csv: " + "; ".join(f"{k} ({v.get('lat', '?')}, {v.get('lon', '?')})" for k, v in meta.items()))
     fatal = [p for p in cat.problems if p.fatal]
-    for p in cat.problems:
-        console.print(f"[{'red' if p.fatal else 'yellow'}]{'error' if p.fatal else 'warning'}:[/] {p}", highlight=False)
+    from geomoe.data.catalog import summarise
+
+    for fatal, line in summarise(cat.problems, verbose):
+        console.print(f"[{'red' if fatal else 'yellow'}]{'error' if fatal else 'warning'}:[/] {line}", highlight=False,
+                      soft_wrap=True)
     if fatal:
         console.print(f"[red]{len(fatal)} fatal problem(s)[/red]; the other scenes are still usable.")
         raise typer.Exit(1)

@@ -19,6 +19,11 @@ from rasterio.windows import Window
 EARTH_RADIUS_M = 6378137.0  # WGS84 semi-major axis, the sphere Web Mercator uses
 
 
+# rasterio warns on every open of a file without a georeference; geomoe checks for that itself and reports it once
+# per dataset ("170 images have no CRS, e.g. ..."), so the per-file warning only buries the summary.
+warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
+
+
 class RasterError(ValueError):
     """A raster that cannot be used, with the file named in the message."""
 

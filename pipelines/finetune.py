@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from geomoe.bundle import MANIFEST, load_bundle, save_manifest
+from geomoe.bundle import MANIFEST, BundlePaths, load_bundle, save_manifest
 from geomoe.data.datasets import prepare
 from geomoe.embedding.extract import extract
 from geomoe.experts.train import ExpertJob, train_expert
 from geomoe.pipelines.train import refs_of
+from geomoe.router.familiarity import Familiarity
 from geomoe.router.routing import Router
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def finetune(bundle_dir: Path, root: Path, out: Path, region: int | None = None,
     if not 0 <= start < b.k:
         raise ValueError(f"region {start} does not exist (the bundle has {b.k})")
     target = b.k if new_region else start
-    name = f"region_{target}_ft"
+    # a new name for every fine-tune: into the same bundle, an earlier run's finished model must not count as done
+    name = f"region_{target}_ft{len(m.get('finetuned', [])) + 1}"
     steps = cfg.experts.epochs * cfg.experts.steps_per_epoch
     job = ExpertJob(name, refs_of(prep, emb, train), refs_of(prep, emb, val), steps,
                     init_from=Path(bundle_dir) / b.manifest["experts"][start])
@@ -56,11 +58,20 @@ def finetune(bundle_dir: Path, root: Path, out: Path, region: int | None = None,
         centroids = np.vstack([b.centroids, c / np.linalg.norm(c)]).astype(np.float32)
         with open(out / m["centroids"], "wb") as f:
             np.save(f, centroids)
-        Router(centroids).save(out / m["index"])
         experts.append(f"experts/{name}.pt")
         m["k"] = b.k + 1
     else:
         experts[target] = f"experts/{name}.pt"
+    # the region's familiarity threshold now also covers the new data (a new region gets its own)
+    router = Router(np.load(out / m["centroids"]))
+    ids2, dist2 = router.route(emb.vectors[train])
+    fresh = Familiarity.fit(ids2, dist2, router.k, cfg.router.unfamiliar_quantile)
+    old = b.familiarity.thresholds if b.familiarity is not None else np.full(b.k, np.inf)
+    th = np.concatenate([old, np.full(router.k - len(old), -np.inf)])
+    th = np.where(np.isfinite(fresh.thresholds), np.maximum(th, fresh.thresholds), th)
+    fam_path = BundlePaths(out).familiarity
+    Familiarity(fresh.quantile, np.where(np.isfinite(th), th, np.inf)).save(fam_path)
+    m["familiarity"] = BundlePaths(out).rel(fam_path)
     m["experts"] = experts
     m["region_of_location"] = {**m["region_of_location"], **{loc: target for loc in prep.locations}}
     m["finetuned"] = [*m.get("finetuned", []), {"root": str(Path(root).resolve()), "region": target, "from": start}]

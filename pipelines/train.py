@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from geomoe.backbone import pick_device
-from geomoe.bundle import write_manifest
+from geomoe.bundle import BundlePaths, write_manifest
 from geomoe.config import Config
 from geomoe.data.datasets import Prepared, prepare
 from geomoe.data.sampling import PatchRef
@@ -61,39 +60,6 @@ def refs_of(prep: Prepared, emb: Embeddings, keep: np.ndarray) -> list[PatchRef]
     return [PatchRef(index[str(s)], int(w[0]), int(w[1]), int(w[2])) for s, w in zip(emb.scene[keep], emb.window[keep])]
 
 
-@dataclass
-class BundlePaths:
-    """Where each stage of ``geomoe train`` leaves its output (the manifest names them for prediction)."""
-
-    root: Path
-
-    @property
-    def embedding(self) -> Path:
-        return self.root / "embedding" / "embedding.pt"
-
-    @property
-    def embeddings(self) -> Path:
-        return self.root / "embedding" / "embeddings.npz"
-
-    @property
-    def centroids(self) -> Path:
-        return self.root / "regions" / "centroids.npy"
-
-    @property
-    def index(self) -> Path:
-        return self.root / "router.faiss"
-
-    @property
-    def familiarity(self) -> Path:
-        return self.root / "regions" / "familiarity.json"
-
-    def expert(self, name: str) -> Path:
-        return self.root / "experts" / f"{name}.pt"
-
-    def rel(self, p: Path) -> str:
-        return p.relative_to(self.root).as_posix()
-
-
 def embed_stage(prep: Prepared, cfg: Config, paths: BundlePaths, progress: bool = True) -> Embeddings:
     """Train (or reuse) the embedding network and embed every grid window of both splits."""
     train_embedding(prep, cfg, paths.embedding.parent, progress=progress)
@@ -117,15 +83,13 @@ def regions_stage(emb: Embeddings, cfg: Config, paths: BundlePaths, figures: boo
         fit = fit_regions(emb, cfg.regions.k, cfg.regions.sweep, paths.centroids.parent, cfg.regions.seed)
         log.info("regions (k = %d): purity %.3f, held-out patches in their location's majority region %.3f",
                  cfg.regions.k, fit.chosen.purity, fit.chosen.held_out_majority)
-        router = Router(fit.centroids)
-        router.save(paths.index)
-        familiarity_of(emb, router, cfg).save(paths.familiarity)
+        familiarity_of(emb, Router(fit.centroids), cfg).save(paths.familiarity)
         if figures:
             plot_space(emb, fit.centroids, paths.root / "figures" / "embedding_space.png", seed=cfg.seed)
             plot_cluster_samples(emb, fit.centroids, paths.root / "figures" / "region_samples.png",
                                  target_gsd=cfg.data.target_gsd)
     if not paths.familiarity.exists() and is_rank_zero():  # bundles from before the unfamiliar flag
-        familiarity_of(emb, Router.load(paths.index), cfg).save(paths.familiarity)
+        familiarity_of(emb, Router(np.load(paths.centroids)), cfg).save(paths.familiarity)
     barrier()
     centroids = np.load(paths.centroids)
     if len(centroids) != cfg.regions.k:

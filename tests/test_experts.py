@@ -109,16 +109,28 @@ def test_bundle_is_complete_and_resumes(bundle_dir, synth_root):
 
 
 def test_incomplete_or_inconsistent_bundle_is_named(bundle_dir, tmp_path):
+    import json
+
+    from geomoe.bundle import save_manifest
+
     broken = tmp_path / "broken"
     shutil.copytree(bundle_dir, broken)
     (broken / "experts" / "region_1.pt").unlink()
-    (broken / "router.faiss").unlink()
-    with pytest.raises(ValueError, match=r"missing: router.faiss, experts/region_1.pt"):
+    (broken / "regions" / "familiarity.json").unlink()
+    with pytest.raises(ValueError, match=r"missing: experts/region_1.pt, regions/familiarity.json"):
         load_bundle(broken)
-    shutil.copy(bundle_dir / "router.faiss", broken / "router.faiss")
+    shutil.copy(bundle_dir / "regions" / "familiarity.json", broken / "regions" / "familiarity.json")
     shutil.copy(bundle_dir / "experts" / "region_1.pt", broken / "experts" / "region_1.pt")
     np.save(broken / "regions" / "centroids.npy", np.ones((2, 32), np.float32))
+    with pytest.raises(ValueError, match=r"regions/centroids.npy changed since the bundle was written"):
+        load_bundle(broken)  # the manifest's checksum catches a replaced or corrupted file
+    m = json.loads((broken / "manifest.json").read_text())
+    save_manifest(broken, m)  # as if written that way: the shapes disagree
     with pytest.raises(ValueError, match="inconsistent bundle: centroids are"):
+        load_bundle(broken)
+    del m["k"]
+    (broken / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"not a valid bundle manifest \(k: Field required\)"):
         load_bundle(broken)
     (broken / "manifest.json").unlink()
     with pytest.raises(ValueError, match="manifest.json is missing"):
@@ -156,6 +168,12 @@ def test_cli_evaluate_show_lr_find_and_finetune(bundle_dir, synth_root, tmp_path
     assert res.exit_code == 0, res.output
     ft = load_bundle(tmp_path / "ft")
     assert ft.k == 4 and ft.region_of_location["loc3"] == 3 and ft.router.k == 4
+    assert len(ft.familiarity.thresholds) == 4 and np.isfinite(ft.familiarity.thresholds).all()
+    # fine-tuning again into the same bundle trains a new expert: the earlier one is not taken as already done
+    res = r.invoke(app, ["finetune", str(new), "-b", str(tmp_path / "ft"), "-o", str(tmp_path / "ft"), "--region", "3",
+                         "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert load_bundle(tmp_path / "ft").manifest["experts"][3] == "experts/region_3_ft2.pt"
     res = r.invoke(app, ["evaluate", str(synth_root), "-b", str(tmp_path / "nope")])
     assert res.exit_code == 1 and "no such bundle" in res.output
 

@@ -41,6 +41,20 @@ class Problem:
         return f"{self.path}: {self.message}"
 
 
+def summarise(problems: list[Problem], verbose: bool = False) -> list[tuple[bool, str]]:
+    """(fatal, line) per kind of problem: one repeated for many files is one line with a count and an example
+    ("170 images: no CRS ..., e.g. barnarp/images/barnarp_0_7.jpg"); ``verbose`` lists every file."""
+    if verbose:
+        return [(p.fatal, str(p)) for p in problems]
+    groups: dict[tuple[bool, str], list[Problem]] = {}
+    for p in problems:
+        groups.setdefault((p.fatal, p.message), []).append(p)
+    out = []
+    for (fatal, msg), ps in groups.items():
+        out.append((fatal, str(ps[0]) if len(ps) == 1 else f"{len(ps)} files: {msg}, e.g. {ps[0].path} (--verbose lists them)"))
+    return out
+
+
 @dataclass
 class Catalog:
     root: Path

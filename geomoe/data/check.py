@@ -81,14 +81,17 @@ def check_scene(scene: Scene, problems: list[Problem], full: bool = True) -> Sce
     try:
         with open_raster(scene.image) as ds:
             grid = grid_of(ds)
-            rep = SceneReport(scene, False, ds.width, ds.height, ground_sampling_distance(grid), str(ds.crs) if ds.crs else None)
+            gsd = ground_sampling_distance(grid) if ds.crs is not None else scene.gsd_hint
+            rep = SceneReport(scene, False, ds.width, ds.height, gsd, str(ds.crs) if ds.crs else None)
             if ds.count == 2 or ds.count == 0:
                 problems.append(Problem(scene.image, f"{ds.count} bands; expected RGB, RGBA or a single band"))
                 return rep
             if ds.count == 1:
                 problems.append(Problem(scene.image, "single band: will be replicated to 3 bands", fatal=False))
             if ds.crs is None:
-                problems.append(Problem(scene.image, "no CRS: pixel coordinates only, GSD unknown", fatal=False))
+                problems.append(Problem(scene.image, "no CRS: pixel coordinates only, " + (
+                    f"GSD {scene.gsd_hint} m from locations.csv" if scene.gsd_hint else "GSD unknown (add gsd_m to locations.csv)"),
+                    fatal=False))
             if full:
                 for _, win in ds.block_windows(1):  # reading every block finds truncated files
                     ds.read(window=win)
