@@ -80,8 +80,8 @@ def data_check(root: Path, full: bool = typer.Option(True, help="Read every bloc
     fatal = [p for p in cat.problems if p.fatal]
     from geomoe.data.catalog import summarise
 
-    for fatal, line in summarise(cat.problems, verbose):
-        console.print(f"[{'red' if fatal else 'yellow'}]{'error' if fatal else 'warning'}:[/] {line}", highlight=False,
+    for is_fatal, line in summarise(cat.problems, verbose):
+        console.print(f"[{'red' if is_fatal else 'yellow'}]{'error' if is_fatal else 'warning'}:[/] {line}", highlight=False,
                       soft_wrap=True)
     if fatal:
         console.print(f"[red]{len(fatal)} fatal problem(s)[/red]; the other scenes are still usable.")

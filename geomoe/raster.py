@@ -146,23 +146,44 @@ def image_bands(ds: rasterio.io.DatasetReader, path: Path | str) -> tuple[list[i
     return [1, 2, 3], alpha
 
 
+def _inside(ds: rasterio.io.DatasetReader, window: Window, out_hw: tuple[int, int]):
+    """The part of ``window`` inside the raster, and the output rows and columns it fills (None if none)."""
+    h, w = out_hw
+    sx, sy = window.width / w, window.height / h  # source pixels per output pixel
+    c0, r0 = max(window.col_off, 0), max(window.row_off, 0)
+    c1, r1 = min(window.col_off + window.width, ds.width), min(window.row_off + window.height, ds.height)
+    if c1 <= c0 or r1 <= r0:
+        return None
+    oc0, oc1 = round((c0 - window.col_off) / sx), round((c1 - window.col_off) / sx)
+    or0, or1 = round((r0 - window.row_off) / sy), round((r1 - window.row_off) / sy)
+    oc0, or0 = min(max(oc0, 0), w), min(max(or0, 0), h)
+    oc1, or1 = min(max(oc1, oc0), w), min(max(or1, or0), h)
+    if oc1 == oc0 or or1 == or0:
+        return None
+    return Window(c0, r0, c1 - c0, r1 - r0), slice(or0, or1), slice(oc0, oc1)
+
+
 def read_window(
     ds: rasterio.io.DatasetReader,
-    indexes: list[int],
+    indexes: list[int] | int,
     window: Window,
     out_hw: tuple[int, int],
     resampling: Resampling,
     fill: float = 0,
 ) -> np.ndarray:
-    """Read ``window`` (may extend past the edges) into an array of ``out_hw``, padding with ``fill``."""
-    return ds.read(
-        indexes,
-        window=window,
-        out_shape=(len(indexes), *out_hw),
-        resampling=resampling,
-        boundless=True,
-        fill_value=fill,
-    )
+    """Read ``window`` (may extend past the edges) into an array of ``out_hw``, padding with ``fill``.
+
+    Only the part inside the raster is read, in pixel space: rasterio's boundless reads go through a warped VRT,
+    which resamples rasters whose geotransform has rotation or shear (shifting their pixels) and is slower.
+    """
+    idx = [indexes] if isinstance(indexes, int) else list(indexes)
+    out = np.full((len(idx), *out_hw), fill, dtype=ds.dtypes[idx[0] - 1])
+    part = _inside(ds, window, out_hw)
+    if part is not None:
+        win, rows, cols = part
+        out[:, rows, cols] = ds.read(idx, window=win, out_shape=(len(idx), rows.stop - rows.start, cols.stop - cols.start),
+                                     resampling=resampling)
+    return out[0] if isinstance(indexes, int) else out
 
 
 def fill_invalid(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -187,10 +208,14 @@ def valid_window_mask(
     use_alpha: bool,
 ) -> np.ndarray:
     """Boolean mask of pixels with real data: inside the raster, not nodata, not transparent."""
-    # Pixels outside the raster come back as 0 from the boundless read of the dataset mask.
-    m = ds.read_masks(1, window=window, out_shape=out_hw, resampling=Resampling.nearest, boundless=True)
-    valid = m > 0
+    valid = np.zeros(out_hw, bool)  # outside the raster: invalid
+    part = _inside(ds, window, out_hw)
+    if part is None:
+        return valid
+    win, rows, cols = part
+    shape = (rows.stop - rows.start, cols.stop - cols.start)
+    inner = ds.read_masks(1, window=win, out_shape=shape, resampling=Resampling.nearest) > 0
     if alpha is not None and use_alpha:
-        a = ds.read(alpha, window=window, out_shape=out_hw, resampling=Resampling.nearest, boundless=True)
-        valid &= a > 0
+        inner &= ds.read(alpha, window=win, out_shape=shape, resampling=Resampling.nearest) > 0
+    valid[rows, cols] = inner
     return valid

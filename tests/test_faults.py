@@ -185,3 +185,35 @@ def test_bundle_records_what_training_used(bundle_dir):
     m = json.loads((bundle_dir / "manifest.json").read_text())
     assert m["data"]["locations"]["loc0"] == {"images": 2, "labelled": 2, "used": 2}
     assert m["data"]["skipped_scenes"] == [] and m["steps"]["baseline"] > 0
+
+
+class _Identity:
+    """probability = red band / 255: any resampling or shift of the pixels shows in the output."""
+
+    tile_size, gsd = 64, None
+
+    def route(self, tiles):
+        n = len(tiles)
+        return np.zeros((n, 1), np.int64), np.ones((n, 1), np.float32), np.zeros(n, np.float32)
+
+    def predict(self, expert, tiles):
+        return tiles[:, 0].float() / 255.0
+
+
+def test_rotated_raster_is_read_in_pixel_space_and_keeps_its_grid(tmp_path):
+    from rasterio.transform import Affine
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(1, 255, (3, 150, 170), dtype=np.uint8)
+    t = Affine.translation(500000, 4000000) * Affine.rotation(20) * Affine.scale(0.5, -0.5)
+    src = tmp_path / "rot.tif"
+    write_geotiff(src, img, "EPSG:32633", t)
+    outs, st = predict_raster(_Identity(), src, tmp_path / "o", PredictConfig(tile_size=64, overlap=16, batch_size=4,
+                                                                               regularize=False), 0.5, progress=False)
+    with rasterio.open(outs.prob) as ds:
+        prob = ds.read(1)
+        assert ds.transform.almost_equals(t)
+    assert (prob != 255).all()  # no pixel lost to nodata
+    assert np.abs(prob.astype(int) - np.round(img[0] / 255 * 254)).max() <= 1  # the very pixels, unshifted
+    cells = gpd.read_file(outs.routing)
+    assert abs(cells.union_all().area - 150 * 170 * 0.25) < 1.0  # the cells cover the true, rotated footprint
