@@ -318,6 +318,9 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
                                                   "(majority of each tile and its neighbours) or scene (one expert per scene)"),
             unfamiliar: Optional[str] = typer.Option(None, help="on tiles unlike the training data: route (the nearest "
                                                      "region's expert, flagged), baseline (the single network), skip (nodata)"),
+            bands: Optional[str] = typer.Option(None, help="three 1-based bands to read as RGB, e.g. 3,2,1 (default: the bundle's)"),
+            bit_depth: Optional[int] = typer.Option(None, "--bit-depth", help="bits per sample of the inputs (default: "
+                                                    "NBITS tag, else detected)"),
             gsd: Optional[float] = typer.Option(None, help="metres per pixel of inputs without a CRS (default: a "
                                                 "locations.csv above them, else not resampled)"),
             resume: bool = typer.Option(False, help="skip inputs whose outputs are complete"),
@@ -337,6 +340,14 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     _out_dir(out)
+    model = BundleModel(b, soft=soft)
+    if bands is not None:
+        try:
+            model.bands = [int(x) for x in bands.split(",")]
+        except ValueError:
+            _fail(f"--bands {bands}: give three band numbers, e.g. 3,2,1")
+    if bit_depth is not None:
+        model.bit_depth = bit_depth
     if unfamiliar == "baseline" and b.baseline is None:
         _fail(f"{bundle}: --unfamiliar baseline needs the single network, which this bundle does not have "
               f"(train with --baseline, or use --unfamiliar route or skip)")
@@ -350,7 +361,8 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         pcfg = b.config.predict.model_validate({**b.config.predict.model_dump(), **upd})
     except ValueError as e:
         _fail(str(e))
-    results = predict_many(BundleModel(b, soft=soft, tta=pcfg.tta), inputs, out, pcfg, b.threshold, resume=resume, gsd=gsd)
+    model.tta = pcfg.tta
+    results = predict_many(model, inputs, out, pcfg, b.threshold, resume=resume, gsd=gsd)
     t = Table(title="predict")
     for c in ("input", "status", "details"):
         t.add_column(c)

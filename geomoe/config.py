@@ -32,6 +32,10 @@ class DataConfig(_Strict):
     block_size: int | None = Field(None, ge=32, description="Spatial split block in target pixels (default 2x patch).")
     split_gap: int | None = Field(None, ge=0, description="Pixels between windows of different splits (default: one patch).")
     alpha: Literal["drop", "mask"] = "mask"
+    bands: list[int] | None = Field(None, description="Three 1-based band numbers to read as RGB from multispectral "
+                                    "imagery (default: 1, 2, 3); stored with the bundle and used in prediction.")
+    bit_depth: int | None = Field(None, ge=1, le=32, description="Bits per sample of the imagery (default: the NBITS "
+                                  "tag, else detected from the data type and values; 11- and 12-bit sensors store uint16).")
     min_valid: float = Field(0.5, ge=0.0, le=1.0, description="Skip patches with less valid (non-nodata) area.")
     train_patches_per_location: int = Field(64, ge=1)
     workers: int = Field(0, ge=0)

@@ -127,23 +127,62 @@ def source_window(col: int, row: int, w: int, h: int, scale: float) -> Window:
     return Window(col * scale, row * scale, w * scale, h * scale)
 
 
-def image_bands(ds: rasterio.io.DatasetReader, path: Path | str) -> tuple[list[int], int | None]:
+def image_bands(ds: rasterio.io.DatasetReader, path: Path | str, select: list[int] | None = None) -> tuple[list[int], int | None]:
     """Band indexes to read as RGB, and the alpha band if any.
 
-    Single-band rasters are replicated to three bands (with a warning); RGBA's fourth band is
-    returned separately so it can mark valid data.
+    ``select`` (1-based, three bands) picks them from multispectral imagery. Single-band rasters are replicated
+    to three bands (with a warning); RGBA's fourth band is returned separately so it can mark valid data.
     """
     n = ds.count
     interp = [ci.name for ci in ds.colorinterp]
+    alpha = interp.index("alpha") + 1 if "alpha" in interp else (4 if n == 4 else None)
+    if select:
+        bad = [b for b in select if not 1 <= b <= n]
+        if len(select) != 3 or bad:
+            raise RasterError(f"{path}: bands {select} asked for; give three band numbers between 1 and {n}")
+        return list(select), alpha
     if n == 1:
         warnings.warn(f"{path}: single-band image, replicated to 3 bands", stacklevel=2)
         return [1, 1, 1], None
     if n == 2:
         raise RasterError(f"{path}: 2 bands; expected RGB, RGBA or a single band")
-    alpha = None
-    if n >= 4 and ("alpha" in interp or n == 4):
-        alpha = interp.index("alpha") + 1 if "alpha" in interp else 4
+    if n > 4 and alpha is None:
+        raise RasterError(f"{path}: {n} bands; choose the red, green and blue ones with data.bands (e.g. [3, 2, 1]) "
+                          f"or --bands 3,2,1")
     return [1, 2, 3], alpha
+
+
+def bit_depth(ds: rasterio.io.DatasetReader, bands: list[int], given: int | None = None) -> float:
+    """The largest value the image's bands can hold: from ``given`` bits, the NBITS tag, the data type, or for
+    16-bit and float data the values themselves (11- and 12-bit sensors store uint16; reflectance is 0-1 float).
+
+    Every read divides by it and multiplies by 255, so 8-bit, 12-bit and reflectance copies of one scene look the
+    same to the models, in training, evaluation and prediction alike.
+    """
+    if given:
+        return float(2 ** given - 1)
+    nbits = ds.tags(bands[0], ns="IMAGE_STRUCTURE").get("NBITS")
+    if nbits:
+        return float(2 ** int(nbits) - 1)
+    dt = np.dtype(ds.dtypes[bands[0] - 1])
+    if dt == np.uint8:
+        return 255.0
+    # a decimated read of the whole raster is enough to find the range the sensor used
+    h, w = min(ds.height, 512), min(ds.width, 512)
+    sample = ds.read(sorted(set(bands)), out_shape=(len(set(bands)), h, w), resampling=Resampling.nearest, masked=True)
+    top = float(sample.max()) if sample.count() else 255.0
+    if dt.kind == "f":
+        return 1.0 if top <= 1.5 else 255.0 if top <= 255 else float(2 ** math.ceil(math.log2(top + 1)) - 1)
+    if top <= 255:
+        return 255.0
+    return float(2 ** max(8, min(16, math.ceil(math.log2(top + 1)))) - 1)
+
+
+def to_uint8(image: np.ndarray, top: float) -> np.ndarray:
+    """Scale values in [0, top] to uint8 [0, 255] (identity for 8-bit data)."""
+    if image.dtype == np.uint8 and top == 255.0:
+        return image
+    return np.clip(np.asarray(image, np.float32) * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
 
 
 def _inside(ds: rasterio.io.DatasetReader, window: Window, out_hw: tuple[int, int]):

@@ -35,7 +35,7 @@ from geomoe.experts.model import predict_channels
 from geomoe.pipelines.footprints import FootprintCollector, Piece, pieces_to_frame
 from geomoe.pipelines.instances import instance_labels, separated_mask
 from geomoe.pipelines.tiling import BandBlender, TileGrid
-from geomoe.raster import (RasterError, explain, fill_invalid, ground_sampling_distance, grid_of, image_bands, open_raster, read_window,
+from geomoe.raster import (RasterError, bit_depth, explain, fill_invalid, to_uint8, ground_sampling_distance, grid_of, image_bands, open_raster, read_window,
                            scale_for, valid_window_mask)
 from geomoe.router.smoothing import scene_majority, smooth_grid
 
@@ -70,6 +70,7 @@ class BundleModel:
         self.gsd = bundle.gsd
         self.channels = 3 if all(e.classes >= 3 for e in bundle.experts) else 1
         self.use_alpha = bundle.config.data.alpha == "mask"  # as in training
+        self.bands, self.bit_depth = bundle.config.data.bands, bundle.config.data.bit_depth
         # resume only trusts outputs of the same bundle: its manifest (which names every file) and its location
         import hashlib
 
@@ -255,9 +256,8 @@ def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, t
 
 def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, threshold: float, progress: bool,
              fmt: str, t0: float, given_gsd: float | None, name: str | None):
-    bands, alpha = image_bands(ds, src)
-    if ds.count > 4:
-        raise RasterError(f"{src}: {ds.count} bands; the bundle expects RGB (3), RGBA (4) or a single band")
+    bands, alpha = image_bands(ds, src, getattr(model, "bands", None))
+    top = bit_depth(ds, bands, getattr(model, "bit_depth", None))  # as in training: [0, top] scaled to 8 bits
     gsd = ground_sampling_distance(grid_of(ds))
     if ds.crs is None:
         gsd = given_gsd or gsd_near(src)
@@ -273,7 +273,7 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
     out.mkdir(parents=True, exist_ok=True)
     outs = outputs_for(src, out, fmt, geojson=ds.crs is not None, name=name)
     use_alpha = getattr(model, "use_alpha", True)
-    tiles = TileSource(ds, bands, alpha, grid, T, t_src, use_alpha)
+    tiles = TileSource(ds, bands, alpha, grid, T, t_src, use_alpha, top)
     if cfg.routing == "tile":
         layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
     else:
@@ -347,6 +347,7 @@ class TileSource:
     T: int  # tile size the model sees
     t_src: int  # the same tile in source pixels
     use_alpha: bool = True  # the bundle's data.alpha: "mask" (transparent pixels are nodata) or "drop"
+    top: float = 255.0  # the largest value of the imagery's bit depth, scaled to 255 as in training
 
     def read(self, iy: int, cols: list[int]) -> tuple[torch.Tensor | None, list[int]]:
         """uint8 tiles (n, 3, T, T) of the columns with any valid pixel, and those columns."""
@@ -359,7 +360,8 @@ class TileSource:
                 continue
             rs = Resampling.bilinear if self.t_src != self.T else Resampling.nearest
             # completed as in training (nearest valid pixel), never a black frame at edges and nodata borders
-            tiles.append(fill_invalid(read_window(self.ds, self.bands, win, (self.T, self.T), rs), valid))
+            raw = read_window(self.ds, self.bands, win, (self.T, self.T), rs)
+            tiles.append(fill_invalid(to_uint8(raw, self.top), valid))
             keep.append(ix)
         return (torch.from_numpy(np.stack(tiles)) if tiles else None), keep
 

@@ -217,3 +217,44 @@ def test_rotated_raster_is_read_in_pixel_space_and_keeps_its_grid(tmp_path):
     assert np.abs(prob.astype(int) - np.round(img[0] / 255 * 254)).max() <= 1  # the very pixels, unshifted
     cells = gpd.read_file(outs.routing)
     assert abs(cells.union_all().area - 150 * 170 * 0.25) < 1.0  # the cells cover the true, rotated footprint
+
+
+@pytest.mark.parametrize("kind", ["uint16-12bit", "float-reflectance"])
+def test_other_bit_depths_look_like_the_8_bit_original(tmp_path, kind):
+    """A 12-bit (uint16) or reflectance (float) copy of a scene is scaled back to 8 bits before the model sees it."""
+    rng = np.random.default_rng(4)
+    img8 = rng.integers(0, 256, (3, 90, 110), dtype=np.uint8)
+    img8[:, 0, 0] = 255  # the scene uses its full range
+    other = (img8.astype(np.uint16) * 16 + 8) if kind.startswith("uint16") else img8.astype(np.float32) / 255.0
+    cfg = PredictConfig(tile_size=64, overlap=16, batch_size=4, regularize=False)
+    probs = []
+    for name, data in (("a8.tif", img8), ("b.tif", other)):
+        write_geotiff(tmp_path / name, data, "EPSG:32633", from_origin(500000, 4000000, 0.5, 0.5))
+        outs, _ = predict_raster(_Identity(), tmp_path / name, tmp_path / name[:-4], cfg, 0.5, progress=False)
+        with rasterio.open(outs.prob) as ds:
+            probs.append(ds.read(1).astype(int))
+    assert np.abs(probs[0] - probs[1]).max() <= 2
+
+
+def test_multispectral_needs_a_band_choice_and_a_uint16_image_with_a_uint8_mask_trains(tmp_path):
+    from geomoe.config import DataConfig
+    from geomoe.data.datasets import GridDataset, prepare
+    from geomoe.raster import RasterError
+
+    rng = np.random.default_rng(5)
+    six = rng.integers(0, 4096, (6, 128, 128), dtype=np.uint16)
+    mask = (rng.random((128, 128)) > 0.7).astype(np.uint8) * 255
+    for loc in ("a", "b"):
+        (tmp_path / "root" / loc / "images").mkdir(parents=True)
+        (tmp_path / "root" / loc / "masks").mkdir(parents=True)
+        t = from_origin(500000 + (loc == "b") * 5000, 4000000, 0.5, 0.5)
+        write_geotiff(tmp_path / "root" / loc / "images" / "s.tif", six, "EPSG:32633", t)
+        write_geotiff(tmp_path / "root" / loc / "masks" / "s.tif", mask, "EPSG:32633", t)
+    cfg = DataConfig(patch_size=64, block_size=64, val_fraction=0.0, test_fraction=0.0, split_gap=0)
+    with pytest.raises(RasterError, match="6 bands; choose the red, green and blue"):
+        prepare(tmp_path / "root", cfg)
+    prep = prepare(tmp_path / "root", cfg.model_copy(update={"bands": [3, 2, 1]}))
+    d = GridDataset(prep, prep.windows("train"))[0]
+    assert d["image"].dtype == torch.uint8 and d["image"].float().max() > 200  # 12 bits scaled to 8, not clipped
+    with pytest.raises(RasterError, match=r"bands \[7, 2, 1\] asked for"):
+        prepare(tmp_path / "root", cfg.model_copy(update={"bands": [7, 2, 1]}))

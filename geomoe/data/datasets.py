@@ -94,7 +94,7 @@ def prepare(root, cfg: DataConfig, seed: int = 0) -> Prepared:
         counts["labelled"] += 1
         seen = len(cat.problems)
         if check_scene(s, cat.problems, full=cfg.full_check).ok:
-            readers.append(SceneReader(s, cfg.target_gsd, use_alpha=cfg.alpha == "mask"))
+            readers.append(SceneReader(s, cfg.target_gsd, use_alpha=cfg.alpha == "mask", bands=cfg.bands, bits=cfg.bit_depth))
             counts["used"] += 1
         else:
             why = next((p.message for p in cat.problems[seen:] if p.fatal), "unusable")

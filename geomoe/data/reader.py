@@ -19,6 +19,7 @@ from geomoe.data.catalog import Scene
 from geomoe.raster import (
     Grid,
     RasterError,
+    bit_depth,
     fill_invalid,
     ground_sampling_distance,
     grid_of,
@@ -28,6 +29,7 @@ from geomoe.raster import (
     scale_for,
     source_window,
     target_shape,
+    to_uint8,
     valid_window_mask,
 )
 
@@ -56,7 +58,8 @@ def _vector_labels(path: str, crs_wkt: str) -> gpd.GeoDataFrame:
 class SceneReader:
     """Windowed access to one scene at a target GSD. Opens files lazily so it pickles into workers."""
 
-    def __init__(self, scene: Scene, target_gsd: float | None = None, use_alpha: bool = True):
+    def __init__(self, scene: Scene, target_gsd: float | None = None, use_alpha: bool = True,
+                 bands: list[int] | None = None, bits: int | None = None):
         self.scene = scene
         self.target_gsd = target_gsd
         self.use_alpha = use_alpha
@@ -64,7 +67,8 @@ class SceneReader:
         self._lbl: rasterio.io.DatasetReader | None = None
         with open_raster(scene.image) as ds:
             self.grid: Grid = grid_of(ds)
-            self.bands, self.alpha = image_bands(ds, scene.image)
+            self.bands, self.alpha = image_bands(ds, scene.image, bands)
+            self.top = bit_depth(ds, self.bands, bits)  # values are scaled from [0, top] to 8 bits
         # a raster without a CRS takes its resolution from locations.csv (Scene.gsd_hint), so it is resampled too
         self.gsd = ground_sampling_distance(self.grid) if self.grid.crs is not None else scene.gsd_hint
         self.scale = scale_for(self.gsd, target_gsd)
@@ -97,7 +101,8 @@ class SceneReader:
         """A ``size`` x ``size`` patch at (col, row) of the resampled grid; parts outside are padded, invalid."""
         win = source_window(col, row, size, size, self.scale)
         hw = (size, size)
-        image = read_window(self.img, self.bands, win, hw, Resampling.bilinear if self.scale != 1 else Resampling.nearest)
+        image = to_uint8(read_window(self.img, self.bands, win, hw, Resampling.bilinear if self.scale != 1 else Resampling.nearest),
+                         self.top)
         valid = valid_window_mask(self.img, win, hw, self.alpha, self.use_alpha)
         mask = None
         if self.scene.label_kind == "mask":
