@@ -258,3 +258,35 @@ def test_multispectral_needs_a_band_choice_and_a_uint16_image_with_a_uint8_mask_
     assert d["image"].dtype == torch.uint8 and d["image"].float().max() > 200  # 12 bits scaled to 8, not clipped
     with pytest.raises(RasterError, match=r"bands \[7, 2, 1\] asked for"):
         prepare(tmp_path / "root", cfg.model_copy(update={"bands": [7, 2, 1]}))
+
+
+def test_a_small_crop_gives_about_the_answer_of_the_same_pixels_inside_the_scene(bundle_dir, synth_root, tmp_path,
+                                                                                 monkeypatch):
+    """A 40 x 40 crop (smaller than the 64 px tile, so padded) against the same pixels in its 256 px scene,
+    with a trained U-Net expert: completion from the nearest valid pixel keeps the answer close, closer than the
+    black frame used before."""
+    import geomoe.pipelines.predict as pred
+    from geomoe.bundle import load_bundle
+
+    b = load_bundle(bundle_dir)
+    scene = sorted((synth_root / "loc1" / "images").glob("*.tif"))[0]
+    with rasterio.open(scene) as ds:
+        crop = ds.read(window=rasterio.windows.Window(108, 108, 40, 40))
+        t = ds.window_transform(rasterio.windows.Window(108, 108, 40, 40))
+        crs = ds.crs
+    small = tmp_path / "crop.tif"
+    write_geotiff(small, crop, crs.to_string(), t)
+
+    def prob(src, name):
+        outs, _ = predict_raster(BundleModel(b), src, tmp_path / name, b.config.predict, b.threshold, progress=False)
+        with rasterio.open(outs.prob) as ds:
+            return ds.read(1).astype(float) / 254
+
+    full = prob(scene, "full")[108:148, 108:148]
+    filled = prob(small, "filled")
+    monkeypatch.setattr(pred, "fill_invalid", lambda img, valid: np.where(valid[None], img, 0).astype(img.dtype))
+    black = prob(small, "black")
+    d_fill, d_black = np.abs(full - filled).mean(), np.abs(full - black).mean()
+    print(f"mean |difference| to the full scene: completed {d_fill:.4f}, black frame {d_black:.4f}")
+    assert abs((full >= 0.5).mean() - (filled >= 0.5).mean()) < 0.1
+    assert d_fill < 0.15 and d_fill < d_black, (d_fill, d_black)
