@@ -376,11 +376,17 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo_out"), "--out", "-o"), config: ConfigOpt = None) -> None:
+def demo(out: Path = typer.Option(Path("demo_out"), "--out", "-o"), config: ConfigOpt = None,
+         data: Optional[Path] = typer.Option(None, "--data", help="the sample folder (with train/ and scenes/); "
+                                             "default: sample/ of the source checkout")) -> None:
     """Train the small configuration on the shipped sample, predict unseen scenes, write an HTML report."""
-    from geomoe.pipelines.demo import run_demo
+    from geomoe.pipelines.demo import SAMPLE, run_demo
 
-    report = run_demo(out, _config(config or "small"))
+    sample = data or SAMPLE
+    if not (sample / "train").is_dir() or not (sample / "scenes").is_dir():
+        _fail(f"{sample}: no demo sample here (it needs train/ and scenes/); the sample ships in the source "
+              f"repository's sample/ folder: clone it and run 'geomoe demo --data PATH/TO/geomoe/sample'")
+    report = run_demo(out, _config(config or "small"), sample)
     console.print(f"[green]report:[/green] {report.resolve()}")
 
 

@@ -290,3 +290,20 @@ def test_a_small_crop_gives_about_the_answer_of_the_same_pixels_inside_the_scene
     print(f"mean |difference| to the full scene: completed {d_fill:.4f}, black frame {d_black:.4f}")
     assert abs((full >= 0.5).mean() - (filled >= 0.5).mean()) < 0.1
     assert d_fill < 0.15 and d_fill < d_black, (d_fill, d_black)
+
+
+def test_cli_errors_are_one_line_with_exit_1(tmp_path):
+    """A missing demo sample, a bad --routing, an output folder under a file: one line each, no traceback."""
+    from typer.testing import CliRunner
+
+    from geomoe.cli import app
+
+    r = CliRunner()
+    res = r.invoke(app, ["demo", "--data", str(tmp_path / "none")])
+    assert res.exit_code == 1 and "no demo sample here" in res.output and "--data" in res.output
+    (tmp_path / "f").write_text("x")
+    res = r.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "f" / "b"), "-c", "tiny"])
+    assert res.exit_code == 1 and "is a file" in res.output
+    for res in (r.invoke(app, ["demo", "--data", str(tmp_path / "none")]),
+                r.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "f" / "b"), "-c", "tiny"])):
+        assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
