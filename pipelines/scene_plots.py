@@ -56,13 +56,19 @@ def plot_scene(image: Path, outs: Outputs, out: Path, truth: Path | None = None,
     axes[1].imshow(np.transpose(rgb, (1, 2, 0)))
     routing = gpd.read_file(outs.routing)
     k = int(routing.expert.max()) + 1 if len(routing) else 1
-    for _, row in routing.iterrows():
+    unfamiliar = routing["unfamiliar"].astype(bool) if "unfamiliar" in routing else np.zeros(len(routing), bool)
+    for (_, row), odd in zip(routing.iterrows(), unfamiliar):
         c, r = to_px(row.geometry)
         axes[1].fill(c, r, color=plt.cm.tab10(int(row.expert) % 10), alpha=0.35, lw=0)
+        if odd:  # unlike the training data: hatched and outlined in black
+            axes[1].fill(c, r, fill=False, hatch="xx", edgecolor="black", lw=0.8)
     for e in range(k):
         axes[1].plot([], [], "s", color=plt.cm.tab10(e % 10), label=f"expert {e}")
+    if unfamiliar.any():
+        axes[1].fill([], [], fill=False, hatch="xx", edgecolor="black", label="unfamiliar tile")
     axes[1].legend(loc="upper right", fontsize=9)
-    axes[1].set_title("routing: the expert that handled each tile", fontsize=10)
+    axes[1].set_title(f"routing: the expert that handled each tile; {int(unfamiliar.sum())} of {len(routing)} tiles "
+                      f"unfamiliar", fontsize=10)
     for ax in axes:
         ax.axis("off")
     return save_figure(fig, out, dpi=100)
