@@ -307,3 +307,21 @@ def test_cli_errors_are_one_line_with_exit_1(tmp_path):
     for res in (r.invoke(app, ["demo", "--data", str(tmp_path / "none")]),
                 r.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "f" / "b"), "-c", "tiny"])):
         assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
+def test_scene_picture_marks_unfamiliar_tiles(tmp_path):
+    from geomoe.pipelines.scene_plots import plot_scene
+
+    class HalfOdd(_Identity):
+        def unfamiliar(self, ids, dist):
+            return np.arange(len(ids)) % 2 == 0
+
+    src = tmp_path / "s.tif"
+    write_geotiff(src, np.random.default_rng(1).integers(0, 255, (3, 150, 170), dtype=np.uint8), "EPSG:32633",
+                  from_origin(500000, 4000000, 0.5, 0.5))
+    outs, st = predict_raster(HalfOdd(), src, tmp_path / "o", PredictConfig(tile_size=64, overlap=16, batch_size=4,
+                                                                             regularize=False), 0.5, progress=False)
+    layer = gpd.read_file(outs.routing)
+    assert 0 < layer.unfamiliar.sum() < len(layer) and st.unfamiliar == layer.unfamiliar.sum()
+    png = plot_scene(src, outs, tmp_path / "scene.png")
+    assert png.exists() and png.stat().st_size > 10_000
