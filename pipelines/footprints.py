@@ -150,7 +150,13 @@ def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd
                 warnings.simplefilter("ignore")
                 reg = regularize_geodataframe(work, parallel_threshold=2 * gsd * unit, simplify_tolerance=gsd * unit,
                                               allow_45_degree=diagonals, allow_circles=False, num_cores=1)
-            reg = reg[reg.geometry.notna() & ~reg.geometry.is_empty]
+            lost = reg.geometry.isna() | reg.geometry.is_empty
+            if len(reg) == len(work) and lost.any():  # a building is never dropped: its raw outline stays
+                reg.loc[lost.to_numpy(), reg.geometry.name] = work.geometry[lost.to_numpy()].to_numpy()
+                log.warning("regularisation emptied %d footprint(s); their raw outlines are kept", int(lost.sum()))
+            elif lost.any():
+                log.warning("regularisation dropped %d footprint(s)", int(lost.sum()))
+                reg = reg[~lost]
             reg["area_m2"] = reg.geometry.area * (gsd * gsd if crs is None else 1.0)
             work = reg
         except Exception as e:  # keep the raw polygons rather than lose the batch

@@ -104,8 +104,11 @@ def test_bundle_is_complete_and_resumes(bundle_dir, synth_root):
     assert (bundle_dir / "figures" / "embedding_space.png").exists()
     # rerunning finds every stage done and changes nothing
     before = (bundle_dir / "experts" / "region_0.pt").stat().st_mtime
+    centroids = (bundle_dir / "regions" / "centroids.npy").stat().st_mtime
     train_all(synth_root, load_config("tiny"), bundle_dir, progress=False, figures=False)
     assert (bundle_dir / "experts" / "region_0.pt").stat().st_mtime == before
+    # the regions are not refitted either: finished experts stay paired with the centroids they were trained for
+    assert (bundle_dir / "regions" / "centroids.npy").stat().st_mtime == centroids
 
 
 def test_incomplete_or_inconsistent_bundle_is_named(bundle_dir, tmp_path):
