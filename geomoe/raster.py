@@ -61,7 +61,7 @@ def explain(e: BaseException, path: str | Path | None = None) -> str:
         msg = msg.replace("See previous exception for details.", "").strip() + f" ({str(cause).strip().splitlines()[0]})"
     if isinstance(e, OSError) and getattr(e, "filename", None) and str(e.filename) not in msg:
         msg = f"{e.filename}: {msg}"
-    if not isinstance(e, (ValueError, OSError, rasterio.errors.RasterioError)):  # name the unexpected kinds
+    if not isinstance(e, (ValueError, rasterio.errors.RasterioError)):  # name the kind: OSError, MemoryError ...
         msg = f"{type(e).__name__}: {msg}"
     if path is not None and str(path) not in msg:
         msg = f"{path}: {msg}"

@@ -149,7 +149,9 @@ def test_evaluation_table_has_every_method(bundle_dir, synth_root, tmp_path):
         assert col in ev.table
     acc = ev.table.accuracy.dropna()
     assert ((acc >= 0) & (acc <= 1)).all() and len(acc) == len(ev.table)
-    assert ev.routing.values.sum() == ev.table[(ev.table.method == "embedding") & (ev.table.location == "overall")].patches.item()
+    experts = ev.routing[[c for c in ev.routing if c.startswith("expert ")]]
+    assert experts.values.sum() == ev.table[(ev.table.method == "embedding") & (ev.table.location == "overall")].patches.item()
+    assert ((ev.routing.unfamiliar >= 0) & (ev.routing.unfamiliar <= 1)).all()
     paths = ev.write(tmp_path / "ev")
     assert "IoU (building class" in paths[0].read_text() and paths[1].read_text().startswith("method,location,iou")
 
