@@ -29,10 +29,15 @@ GEOMOE = [sys.executable, "-m", "geomoe.cli"]
 
 
 def run(args: list[str]) -> tuple[int, str, bool]:
-    """(exit code, first line of output that says something, whether a traceback was printed)."""
+    """(exit code, the message a user reads first, whether a traceback was printed).
+
+    For predict, whose run goes on past a failed input, that is the input's logged reason ("path: why"); for the
+    other commands the ``error:`` line; for a success the run's last line.
+    """
     p = subprocess.run([*GEOMOE, *args], capture_output=True, text=True, timeout=600)
     text = p.stdout + p.stderr
     lines = [l.strip() for l in text.splitlines() if l.strip().startswith("error") or "interrupted" in l]
+    lines += [l.strip() for l in p.stderr.splitlines() if l.startswith("/") and ": " in l and "Warning" not in l]
     if not lines:
         lines = [l.strip() for l in p.stdout.splitlines() if " done, " in l] or [l.strip() for l in text.splitlines() if l.strip()][-1:]
     return p.returncode, (lines[0] if lines else ""), "Traceback (most recent call last)" in text

@@ -56,8 +56,10 @@ def parse_only(only: list[str] | None, k: int, baseline: bool, generalist: bool 
 
 def refs_of(prep: Prepared, emb: Embeddings, keep: np.ndarray) -> list[PatchRef]:
     """The windows behind the selected embedding rows."""
-    index = {str(r.scene.image): i for i, r in enumerate(prep.readers)}
-    return [PatchRef(index[str(s)], int(w[0]), int(w[1]), int(w[2])) for s, w in zip(emb.scene[keep], emb.window[keep])]
+    # by absolute path: the same data may be given as ../shared/data once and /abs/shared/data another time
+    index = {str(Path(r.scene.image).resolve()): i for i, r in enumerate(prep.readers)}
+    return [PatchRef(index[str(Path(s).resolve())], int(w[0]), int(w[1]), int(w[2]))
+            for s, w in zip(emb.scene[keep], emb.window[keep])]
 
 
 def embed_stage(prep: Prepared, cfg: Config, paths: BundlePaths, progress: bool = True) -> Embeddings:
