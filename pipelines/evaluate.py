@@ -186,9 +186,9 @@ def markdown_table(df: pd.DataFrame) -> str:
     idx = list(df.index.names) if df.index.names[0] is not None else ["location"]
     head = "| " + " | ".join([*(str(n) for n in idx), *map(str, df.columns)]) + " |"
     lines = [head, "|" + "---|" * (len(idx) + len(df.columns))]
-    for key, row in df.iterrows():
+    for key, *values in df.itertuples(name=None):  # by column, so counts stay integers beside float columns
         keys = key if isinstance(key, tuple) else (key,)
-        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values]
+        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in values]
         lines.append("| " + " | ".join([*map(str, keys), *cells]) + " |")
     return "\n".join(lines)
 
