@@ -405,9 +405,7 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        console.print("[yellow]interrupted[/yellow]: outputs are renamed into place only when complete, so none is "
-                      "partial; run the same command again to resume (predict: add --resume)", highlight=False)
-        sys.exit(130)
+        rc = 130
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -418,6 +416,9 @@ def main() -> None:
 
         console.print(f"[red]error:[/red] {explain(e)} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(1)
+    if rc == 130:  # Ctrl-C (typer turns it into exit code 130 without a word)
+        print("interrupted: outputs are renamed into place only when complete, so none is partial; run the same "
+              "command again to resume (predict: add --resume)", file=sys.stderr, flush=True)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -345,3 +345,24 @@ def test_regularisation_keeps_every_building():
     gdf = pieces_to_frame(pieces, t, CRS.from_epsg(32633), 0.5, 1.0, True, False, lambda c, r: np.zeros(len(c)))
     assert len(gdf) == 4 and gdf.geometry.is_valid.all() and not gdf.geometry.is_empty.any()
     assert abs(gdf.area_m2.iloc[0] - 20 * 14 * 0.25) / (20 * 14 * 0.25) < 0.2
+
+
+def test_ctrl_c_says_nothing_partial_remains_and_how_to_resume(bundle_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "big.tif"
+    write_geotiff(src, np.random.default_rng(2).integers(0, 255, (3, 1500, 1500), dtype=np.uint8), "EPSG:32633",
+                  from_origin(500000, 4000000, 0.5, 0.5))
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "geomoe.cli", "predict", str(src), "-b", str(bundle_dir), "-o", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(out.glob("*.raw.tif")):  # wait until prediction has started writing
+        time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted" in text and "resume" in text and "Traceback" not in text
+    assert not [f for f in out.iterdir() if f.name.startswith("big_")]  # nothing under a final name, no leftovers
