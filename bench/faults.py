@@ -140,13 +140,14 @@ def main() -> None:
         rows = []
         for cmd, what, args, expect in cases(tmp, root, bundle):
             rc, line, tb = run([cmd, *args])
+            line = line.replace(td, "$TMPDIR")
             ok = rc == expect and not tb
             rows.append({"command": cmd, "input": what, "exit": rc, "expected": expect, "traceback": tb, "ok": ok,
                          "message": line})
             print(f"{'ok  ' if ok else 'FAIL'} {cmd:8s} {what:34s} exit {rc}  {line[:150]}")
     body = ["| command | input | exit | expected | message (first line) |", "|---|---|---|---|---|"]
     for r in rows:
-        msg = r["message"].replace("|", "/").replace(str(Path(tempfile.gettempdir())), "$TMP")[:160]
+        msg = r["message"].replace("|", "/")[:160]
         body.append(f"| {r['command']} | {r['input']} | {r['exit']} | {r['expected']}{'' if r['ok'] else ' (NOT MET)'} | {msg} |")
     passed = sum(r["ok"] for r in rows)
     body.append(f"\n{passed} of {len(rows)} cases as expected (one line, the right exit code, no traceback); "
