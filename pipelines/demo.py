@@ -53,7 +53,8 @@ def run_demo(out: Path, cfg: Config, sample: Path = SAMPLE, progress: bool = Tru
         pic = plot_scene(img, outs, fig / f"scene_{img.stem}.png", truth)
         scene_imgs.append((f"{img.name}: not seen in training", pic))
         scene_rows.append({"scene": img.name, "tiles": st.tiles, "tiles/s": st.tiles / st.seconds,
-                           "footprints": st.footprints, "tiles per expert": str(dict(sorted(st.per_expert.items())))})
+                           "footprints": st.footprints, "unfamiliar tiles": st.unfamiliar,
+                           "tiles per expert": str(dict(sorted(st.per_expert.items())))})
     minutes = (time.perf_counter() - t0) / 60
     regions = bundle.manifest.get("regions", {})
     sections = [
@@ -66,7 +67,7 @@ def run_demo(out: Path, cfg: Config, sample: Path = SAMPLE, progress: bool = Tru
                      ("sample patches per region", bundle_dir / "figures" / "region_samples.png")]),
         Section("Held-out evaluation", "Spatial hold-out of the sample; cumulative IoU over all pixels of a location.",
                 [("IoU by location and method", ev.pivot("iou")), ("Pixel accuracy", ev.pivot("accuracy")),
-                 ("Building F1 (IoU >= 0.5)", ev.pivot("building_f1")), ("Tiles per expert (embedding routing)", ev.routing)],
+                 ("Building F1 (IoU >= 0.5)", ev.pivot("building_f1")), ("Tiles per expert (embedding routing) and share flagged unfamiliar", ev.routing)],
                 [("image / truth / prediction / routed expert", fig / "results.png")]),
         Section("Prediction on unseen scenes", "Streamed, routed tile by tile, blended without seams; footprints regularised.",
                 [("Runs", pd.DataFrame(scene_rows).set_index("scene"))], scene_imgs),
