@@ -7,8 +7,10 @@ band of rows, and finished rows are written and polygonized as soon as no tile c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from shapely.geometry import Polygon
 from tqdm import tqdm
 
 from geomoe.atomic import atomic_path, tmp_name
-from geomoe.bundle import Bundle
+from geomoe.bundle import Bundle, BundlePaths, sha256
 from geomoe.config import PredictConfig
 from geomoe.data.catalog import IMAGE_SUFFIXES, gsd_near
 from geomoe.embedding.model import embed_batches
@@ -71,11 +73,8 @@ class BundleModel:
         self.channels = 3 if all(e.classes >= 3 for e in bundle.experts) else 1
         self.use_alpha = bundle.config.data.alpha == "mask"  # as in training
         self.bands, self.bit_depth = bundle.config.data.bands, bundle.config.data.bit_depth
-        # resume only trusts outputs of the same bundle: its manifest (which names every file) and its location
-        import hashlib
-
-        manifest = (bundle.root / "manifest.json").read_bytes()
-        self.identity = f"{bundle.root.resolve()}#{hashlib.sha1(manifest).hexdigest()[:12]}"
+        # resume only trusts outputs of the same bundle: its manifest (which holds every file's checksum) and its place
+        self.identity = f"{bundle.root.resolve()}#{sha256(BundlePaths(bundle.root).manifest)[:12]}"
 
     def input_gsd(self, native: float | None) -> float | None:
         return self.b.input_gsd(native)
@@ -486,9 +485,6 @@ def _write_routing(path: Path, grid: TileGrid, ex: np.ndarray, ey: np.ndarray, l
 def output_names(inputs: list[Path]) -> dict[Path, str]:
     """A distinct output name per input: the file's stem, or where stems collide its path below the inputs'
     common folder (``a/scene.tif`` and ``b/scene.tif`` give ``a_scene`` and ``b_scene``), plus a short hash if needed."""
-    import hashlib
-    import os
-
     stems: dict[str, int] = {}
     for p in inputs:
         stems[p.stem] = stems.get(p.stem, 0) + 1
