@@ -71,7 +71,12 @@ class SegmentationTask(GeomoeTask):
         self.log("val_accuracy", r["accuracy"].float(), sync_dist=False)
 
     def export(self, path: Path) -> Path:
-        meta = {**self.meta, "epoch": int(self.current_epoch), "steps": int(self.global_step)}
-        if "val_iou" in self.trainer.callback_metrics:
+        meta = {**self.meta, "epoch": int(self.current_epoch), "steps": int(self.global_step),
+                "lr": self.lr}
+        if getattr(self, "kept_start", None) is not None:  # fine-tuning never beat its start on validation
+            meta.update(kept_start=True, val_iou=float(self.kept_start))
+        elif self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.best_model_score is not None:
+            meta["val_iou"] = float(self.trainer.checkpoint_callback.best_model_score)
+        elif "val_iou" in self.trainer.callback_metrics:
             meta["val_iou"] = float(self.trainer.callback_metrics["val_iou"])
         return save_expert(self.model, path, meta)

@@ -56,9 +56,12 @@ def train_expert(prep: Prepared, cfg: Config, job: ExpertJob, out: Path, progres
     model = new_expert(prep, cfg, job.init_from)
     meta = {"name": job.name, "init_from": str(job.init_from) if job.init_from else None}
     task = SegmentationTask(model, x, epochs * per_epoch, meta)
+    if job.init_from is not None:
+        task.lr = x.lr * x.finetune_lr_scale
     plan = PatchPlan(job.train_refs, job.val_refs, x.batch_size, per_epoch, epochs,
                      instance_targets=x.outputs == "instances")
     data = PatchDataModule(prep, plan, cfg.seed, cfg.data.min_valid, cfg.data.workers)
     fj = FitJob(job.name, out / "runs" / job.name, out / f"{job.name}.pt", epochs,
-                monitor="val_iou" if job.val_refs else None)
+                monitor="val_iou" if job.val_refs else None,
+                keep_start=job.init_from is not None and x.keep_start)
     return fit(task, data, cfg.trainer, fj, progress)

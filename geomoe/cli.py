@@ -268,6 +268,49 @@ def evaluate(root: Path, bundle: Path = typer.Option(..., "--bundle", "-b"), out
         console.print(f"wrote {p}")
 
 
+@app.command()
+def report(out: Path = typer.Option(Path("report/report.html"), "--out", "-o", help="the HTML file to write"),
+           bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="default: the bundle the predictions name"),
+           predictions: Optional[Path] = typer.Option(None, "--predictions", "-p", help="a 'geomoe predict' output folder"),
+           evaluation: Optional[Path] = typer.Option(None, "--evaluation", "-e", help="a 'geomoe evaluate' output folder"),
+           data: Optional[Path] = typer.Option(None, "--data", help="the training imagery, for the patches' pictures "
+                                               "(default: where the bundle trained)"),
+           limit: int = typer.Option(3000, help="at most this many patches in the explorer (a stated random subset)")) -> None:
+    """An interactive HTML report (offline): embedding explorer, maps of predicted scenes, metrics per location."""
+    from geomoe.pipelines.report import write_report
+    from geomoe.pipelines.report_sections import (bundle_of_predictions, explorer_section, load_evaluation,
+                                                  maps_section, metrics_section, predicted_scenes)
+
+    try:
+        scenes = predicted_scenes(predictions) if predictions else []
+        bundle = bundle or bundle_of_predictions(scenes)
+        if bundle is None:
+            named = next((s.summary.get("bundle") for s in scenes if s.summary.get("bundle")), None)
+            _fail("the report needs the bundle the predictions were made with: give -b BUNDLE"
+                  + (f" (the predictions name {named.split('#')[0]}, which is not there)" if named else ""))
+        b = _bundle(bundle)
+        root = data or Path(b.manifest.get("training_root", ""))
+        prep = None
+        if root and root.is_dir():
+            from geomoe.data.datasets import prepare
+
+            prep = prepare(root, b.config.data, b.config.seed)
+        elif data is not None:
+            _fail(f"{data}: not a folder of training imagery")
+        sections = [explorer_section(b, prep, scenes, limit)]
+        if scenes:
+            sections.append(maps_section(scenes))
+        ev = evaluation or (bundle / "evaluation" if (bundle / "evaluation" / "evaluation.csv").exists() else None)
+        if ev is not None:
+            sections.append(metrics_section(*load_evaluation(ev)))
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        _fail(str(e))
+    _out_dir(out.parent)
+    write_report(out, "geomoe report", f"bundle {bundle.resolve()}" + (f"; predictions {predictions}" if predictions else ""),
+                 sections)
+    console.print(f"[green]report:[/green] {out.resolve()}")
+
+
 @app.command("show-results")
 def show_results_cmd(root: Path, bundle: Path = typer.Option(..., "--bundle", "-b"), out: Path = typer.Option(..., "--out", "-o"),
                      n: int = 6, seed: int = 0) -> None:

@@ -88,6 +88,13 @@ class ExpertConfig(_Strict):
     min_expert_steps: int | None = Field(None, ge=1, description="Floor of an expert's steps (default: a quarter of the mean).")
     expert_steps_total: int | None = Field(None, ge=1, description="Steps shared by all experts in proportion to their "
                                            "regions (default: k x epochs x steps_per_epoch); fixing it compares k fairly.")
+    finetune_lr_scale: float = Field(
+        0.25, gt=0.0, le=1.0, description="Jobs that start from a trained network (the experts and the single network's "
+                                          "continuation from the generalist, finetune) use lr x this: restarting at the "
+                                          "full rate undoes what the start had learnt.")
+    keep_start: bool = Field(
+        True, description="A job that starts from a trained network also scores that start on its validation windows "
+                          "and keeps it when no fine-tuned checkpoint beats it (choice on validation, never test).")
 
     @model_validator(mode="after")
     def _pair_exists(self) -> "ExpertConfig":

@@ -9,6 +9,7 @@ rerun never retrains it, and export by rank 0 only.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -56,11 +57,16 @@ class FitJob:
     export: Path  # the finished model file; its presence marks the job done
     epochs: int
     monitor: str | None = None  # keep the best checkpoint by this validation metric (higher is better)
+    keep_start: bool = False  # the starting weights are a candidate too (fine-tuning may only make things worse)
     callbacks: list[Callback] = field(default_factory=list)
 
     @property
     def last(self) -> Path:
         return self.run_dir / "checkpoints" / "last.ckpt"
+
+    @property
+    def start_score(self) -> Path:
+        return self.run_dir / "start_score.json"
 
 
 def precision_for(tc: TrainerConfig) -> str:
@@ -108,6 +114,9 @@ def make_trainer(tc: TrainerConfig, job: FitJob, progress: bool = True, **overri
         max_epochs=job.epochs, logger=make_logger(tc, job.run_dir), callbacks=[ckpt, *job.callbacks],
         log_every_n_steps=tc.log_every_n_steps, enable_progress_bar=progress, enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False, plugins=plugins,
+        # no_grad rather than inference_mode: a job scores its start with trainer.validate before fit, and metric
+        # states reset under inference mode could not be updated in fit's validation
+        inference_mode=False,
         default_root_dir=job.run_dir,
     )
     kwargs.update(overrides)
@@ -141,6 +150,10 @@ def fit(task: L.LightningModule, data: L.LightningDataModule, tc: TrainerConfig,
     resume = job.last if job.last.exists() else None
     if resume is not None:
         log.info("%s: resuming from %s", job.name, resume)
+    keep_start = job.keep_start and job.monitor is not None
+    if keep_start:  # the task holds its starting weights now, on a resumed run too (it was built from them)
+        start_state = {k: v.detach().clone() for k, v in task.state_dict().items()}
+        start = start_score(trainer, task, data, job)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=QUIET)
         trainer.fit(task, datamodule=data, ckpt_path=str(resume) if resume else None)
@@ -148,7 +161,29 @@ def fit(task: L.LightningModule, data: L.LightningDataModule, tc: TrainerConfig,
     if best and Path(best).exists():
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
         task.load_state_dict(state)
+    score = trainer.checkpoint_callback.best_model_score if job.monitor else None
+    if keep_start and (score is None or start >= float(score)):
+        log.info("%s: no fine-tuned checkpoint beats the start on validation (%s %.4f >= %s); keeping the start",
+                 job.name, job.monitor, start, "none" if score is None else f"{float(score):.4f}")
+        task.load_state_dict(start_state)
+        task.kept_start = start  # type: ignore[attr-defined]
     if trainer.is_global_zero:
         task.export(job.export)  # type: ignore[attr-defined]
     barrier()
     return job.export
+
+
+def start_score(trainer: L.Trainer, task: L.LightningModule, data: L.LightningDataModule, job: FitJob) -> float:
+    """The validation score of the starting weights (computed once; a resumed run reads it back)."""
+    if job.start_score.exists():
+        return float(json.loads(job.start_score.read_text())["score"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=QUIET)
+        out = trainer.validate(task, datamodule=data, verbose=False)
+    score = float(out[0][job.monitor])
+    if trainer.is_global_zero:
+        job.start_score.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(job.start_score) as tmp:
+            tmp.write_text(json.dumps({"metric": job.monitor, "score": score}))
+    log.info("%s: the start scores %s %.4f on validation", job.name, job.monitor, score)
+    return score

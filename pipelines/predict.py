@@ -87,9 +87,13 @@ class BundleModel:
     def unfamiliar(self, ids: np.ndarray, dist: np.ndarray) -> np.ndarray:
         return self.b.unfamiliar(ids, dist)
 
-    def route(self, tiles: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def embed(self, tiles: torch.Tensor) -> np.ndarray:
+        """Unit-norm embeddings of uint8 tiles (n, 3, T, T): their centre patch, the size the embedding trained on."""
         o = (tiles.shape[-1] - self.patch) // 2
-        emb = embed_batches(self.b.embedding, tiles[..., o:o + self.patch, o:o + self.patch], self.b.device)
+        return embed_batches(self.b.embedding, tiles[..., o:o + self.patch, o:o + self.patch], self.b.device)
+
+    def route(self, tiles: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        emb = self.embed(tiles)
         ids, dist = self.b.router.route(emb)
         if self.soft:
             r = self.b.config.router
@@ -253,26 +257,35 @@ def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, t
             ds.close()
 
 
-def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, threshold: float, progress: bool,
-             fmt: str, t0: float, given_gsd: float | None, name: str | None):
+def open_tiles(model: TileModel, ds, src: Path, cfg: PredictConfig, given_gsd: float | None = None,
+               warn: bool = True) -> tuple["TileSource", float | None, float | None]:
+    """The tiles the model sees in ``ds`` (bands, bit depth and resolution as in training), the raster's GSD and
+    the GSD the model runs at."""
     bands, alpha = image_bands(ds, src, getattr(model, "bands", None))
     top = bit_depth(ds, bands, getattr(model, "bit_depth", None))  # as in training: [0, top] scaled to 8 bits
     gsd = ground_sampling_distance(grid_of(ds))
     if ds.crs is None:
         gsd = given_gsd or gsd_near(src)
-        warnings.warn(f"{src}: no CRS; outputs are in pixel coordinates and no GeoJSON is written"
-                      + ("" if gsd else "; its resolution is unknown (give --gsd) so it is not resampled"), stacklevel=2)
-    elif ds.crs.is_geographic:
+        if warn:
+            warnings.warn(f"{src}: no CRS; outputs are in pixel coordinates and no GeoJSON is written"
+                          + ("" if gsd else "; its resolution is unknown (give --gsd) so it is not resampled"),
+                          stacklevel=3)
+    elif ds.crs.is_geographic and warn:
         log.info("%s: geographic CRS; footprints are regularised in the local UTM zone", src.name)
     target = model.input_gsd(gsd) if hasattr(model, "input_gsd") else model.gsd
     scale = scale_for(gsd, target)
     T = model.tile_size
     t_src = max(1, int(round(T * scale)))
     grid = TileGrid(ds.width, ds.height, t_src, int(round(cfg.overlap * scale)))
+    return TileSource(ds, bands, alpha, grid, T, t_src, getattr(model, "use_alpha", True), top), gsd, target
+
+
+def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, threshold: float, progress: bool,
+             fmt: str, t0: float, given_gsd: float | None, name: str | None):
+    tiles, gsd, target = open_tiles(model, ds, src, cfg, given_gsd)
+    grid, alpha, use_alpha = tiles.grid, tiles.alpha, tiles.use_alpha
     out.mkdir(parents=True, exist_ok=True)
     outs = outputs_for(src, out, fmt, geojson=ds.crs is not None, name=name)
-    use_alpha = getattr(model, "use_alpha", True)
-    tiles = TileSource(ds, bands, alpha, grid, T, t_src, use_alpha, top)
     if cfg.routing == "tile":
         layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
     else:

@@ -19,7 +19,10 @@ import yaml
 from typer.testing import CliRunner
 
 from geomoe.cli import app
-from geomoe.config import UNSUPPORTED, Decoder, Encoder, load_config
+import lightning as L
+
+from geomoe.config import UNSUPPORTED, Decoder, Encoder, TrainerConfig, load_config
+from geomoe.trainer import FitJob, fit
 from geomoe.experts.model import Expert, load_expert, save_expert
 from geomoe.embedding.model import load_embedding
 
@@ -200,3 +203,50 @@ def test_run_killed_mid_training_resumes_to_the_same_weights(staged, reference, 
     # Lightning restores a checkpoint into the module before casting it to float64, so a resumed 64-true run passes
     # its weights once through float32 (measured: 2e-6 relative after 12 steps); in float32 a resume is exact.
     _same(_last_weights(run), reference, 1e-5)
+
+
+class _Knob(torch.nn.Module):
+    """One weight; its validation score is -|w - 1|, and training pushes it away from 1 at a rate ``push``."""
+
+    def __init__(self, w: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(float(w)))
+
+
+class _KnobTask(L.LightningModule):
+    def __init__(self, w: float, push: float):
+        super().__init__()
+        self.model, self.push = _Knob(w), push
+
+    def training_step(self, batch, batch_idx):
+        return -self.push * self.model.w  # gradient descent raises w: away from 1 when it starts at 1
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_score", -(self.model.w.detach() - 1).abs())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    def export(self, path: Path) -> Path:
+        torch.save({"w": float(self.model.w.detach())}, path)
+        return path
+
+
+class _KnobData(L.LightningDataModule):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=1)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(1, 1), batch_size=1)
+
+
+@pytest.mark.parametrize("start, push, kept", [(1.0, 0.5, True), (-3.0, 0.5, False)])
+def test_a_fine_tuning_job_keeps_its_start_when_no_checkpoint_beats_it(start, push, kept, tmp_path):
+    """Fine-tuning that only moves away from the validation optimum exports the start; one that helps does not."""
+    job = FitJob("knob", tmp_path / "run", tmp_path / "knob.pt", epochs=2, monitor="val_score", keep_start=True)
+    fit(_KnobTask(start, push), _KnobData(), TrainerConfig(accelerator="cpu"), job, progress=False)
+    w = torch.load(job.export)["w"]
+    assert (w == start) is kept
+    assert json.loads(job.start_score.read_text())["score"] == -abs(start - 1)
+    if not kept:
+        assert abs(w - 1) < abs(start - 1)  # the fine-tuned weights were better on validation and were kept

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -79,14 +81,24 @@ class SceneReader:
         d["_img"] = d["_lbl"] = None
         return d
 
+    def _own(self) -> None:
+        """Forget handles opened by another process: a GDAL handle inherited through fork (DataLoader workers)
+        shares its file position and block cache with the parent, and concurrent reads then fail to decode
+        ("ZIPDecode: Decoding error")."""
+        if getattr(self, "_pid", None) != os.getpid():
+            self._img = self._lbl = None  # not closed: the handle belongs to the other process
+            self._pid = os.getpid()
+
     @property
     def img(self) -> rasterio.io.DatasetReader:
+        self._own()
         if self._img is None:
             self._img = open_raster(self.scene.image)
         return self._img
 
     @property
     def lbl(self) -> rasterio.io.DatasetReader | None:
+        self._own()
         if self._lbl is None and self.scene.label_kind == "mask":
             self._lbl = open_raster(self.scene.label)
         return self._lbl
