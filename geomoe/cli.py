@@ -413,7 +413,7 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         t.add_row(str(r.path), "[green]ok[/green]" if r.ok else "[red]failed[/red]", r.message)
     console.print(t)
     failed = sum(not r.ok for r in results)
-    console.print(f"{len(results) - failed} done, {failed} failed; outputs in {out}")
+    console.print(f"{len(results) - failed} done, {failed} failed; outputs in {out} (run summary: {out / 'run_summary.json'})")
     if failed:
         raise typer.Exit(1)
 

@@ -141,6 +141,7 @@ class PredictConfig(_Strict):
     regularize: bool = True
     allow_diagonals: bool = False
     gdal_cache_mb: int = Field(32, ge=8, description="Least GDAL block cache during prediction (MB); raised to what the raster's width needs.")
+    geoparquet: bool = Field(True, description="Also write the footprints as GeoParquet (NAME_footprints.parquet).")
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> "PredictConfig":

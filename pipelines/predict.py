@@ -34,6 +34,7 @@ from geomoe.config import PredictConfig
 from geomoe.data.catalog import IMAGE_SUFFIXES, gsd_near
 from geomoe.embedding.model import embed_batches
 from geomoe.experts.model import predict_channels
+from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
 from geomoe.pipelines.footprints import FootprintCollector, Piece, pieces_to_frame
 from geomoe.pipelines.instances import instance_labels, separated_mask
 from geomoe.pipelines.tiling import BandBlender, TileGrid
@@ -119,17 +120,20 @@ class Outputs:
     footprints: Path
     geojson: Path | None
     summary: Path
+    parquet: Path | None = None  # the footprints again, as GeoParquet
 
     def all(self) -> list[Path]:
-        return [p for p in (self.prob, self.mask, self.routing, self.footprints, self.geojson, self.summary) if p]
+        return [p for p in (self.prob, self.mask, self.routing, self.footprints, self.geojson, self.parquet,
+                            self.summary) if p]
 
 
-def outputs_for(src: Path, out: Path, fmt: str = "gpkg", geojson: bool = True, name: str | None = None) -> Outputs:
+def outputs_for(src: Path, out: Path, fmt: str = "gpkg", geojson: bool = True, name: str | None = None,
+                parquet: bool = False) -> Outputs:
     """Output paths of ``src``; ``name`` (default: the file's stem) keeps inputs of the same name apart."""
     s = name or src.stem
     return Outputs(out / f"{s}_prob.tif", out / f"{s}_mask.tif", out / f"{s}_routing.gpkg",
                    out / f"{s}_footprints.{fmt}", out / f"{s}_footprints.geojson" if geojson else None,
-                   out / f"{s}_summary.json")
+                   out / f"{s}_summary.json", out / f"{s}_footprints.parquet" if parquet else None)
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -225,6 +229,8 @@ class _Writers:
             empty.to_file(self.vec_tmp, driver="GPKG", layer="footprints")
             if self.json_tmp is not None:
                 empty.to_crs("EPSG:4326").to_file(self.json_tmp, driver="GeoJSON")
+        if self.outs.parquet is not None:  # from the finished layer, in chunks: memory stays flat
+            gpkg_to_geoparquet(self.vec_tmp, self.outs.parquet)
         if self.json_tmp is not None:
             self.json_tmp.replace(self.outs.geojson)
         self.vec_tmp.replace(self.outs.footprints)
@@ -285,7 +291,7 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
     tiles, gsd, target = open_tiles(model, ds, src, cfg, given_gsd)
     grid, alpha, use_alpha = tiles.grid, tiles.alpha, tiles.use_alpha
     out.mkdir(parents=True, exist_ok=True)
-    outs = outputs_for(src, out, fmt, geojson=ds.crs is not None, name=name)
+    outs = outputs_for(src, out, fmt, geojson=ds.crs is not None, name=name, parquet=cfg.geoparquet)
     if cfg.routing == "tile":
         layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
     else:
@@ -544,6 +550,28 @@ class InputResult:
     ok: bool
     message: str
     seconds: float = 0.0
+    stats: RunStats | None = None  # None: skipped as complete, or failed
+
+
+def write_run_summary(out: Path, results: list[InputResult], seconds: float) -> Path:
+    """One summary of a run over many scenes: scenes done, skipped and failed (with reasons), tiles, footprints,
+    tiles per expert, time; written as OUT/run_summary.json."""
+    done = [r for r in results if r.stats is not None]
+    per_expert: dict[str, int] = {}
+    for r in done:
+        for e, n in r.stats.per_expert.items():
+            per_expert[str(e)] = per_expert.get(str(e), 0) + n
+    tiles = sum(r.stats.tiles for r in done)
+    summary = {"scenes": len(results), "predicted": len(done), "skipped_complete": sum(r.ok and r.stats is None for r in results),
+               "failed": [{"input": str(r.path), "reason": r.message} for r in results if not r.ok],
+               "tiles": tiles, "unfamiliar_tiles": sum(r.stats.unfamiliar for r in done),
+               "footprints": sum(r.stats.footprints for r in done), "tiles_per_expert": dict(sorted(per_expert.items())),
+               "seconds": round(seconds, 2), "tiles_per_second": round(tiles / seconds, 2) if seconds > 0 else None}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "run_summary.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return path
 
 
 def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictConfig, threshold: float,
@@ -551,6 +579,7 @@ def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictCo
     """Predict each input; a failure (unreadable file, out of memory, anything but an interrupt) is recorded with
     its reason and the others still run."""
     results = []
+    t0 = time.perf_counter()
     srcs = expand_inputs(inputs)
     names = output_names(srcs)
     model_id = getattr(model, "identity", None)
@@ -564,9 +593,10 @@ def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictCo
             outs, st = predict_raster(model, src, out, cfg, threshold, progress, gsd=gsd, name=names[src])
             results.append(InputResult(src, True, f"{st.tiles} tiles, {st.footprints} footprints, "
                                        f"{st.tiles / max(st.seconds, 1e-9):.1f} tiles/s"
-                                       + (f", {st.unfamiliar} unfamiliar" if st.unfamiliar else ""), st.seconds))
+                                       + (f", {st.unfamiliar} unfamiliar" if st.unfamiliar else ""), st.seconds, st))
         except Exception as e:  # noqa: BLE001 - one scene's failure (OSError, out of memory) must not end the run
             msg = explain(e, src)
             log.error("%s", msg)
             results.append(InputResult(src, False, msg))
+    write_run_summary(out, results, time.perf_counter() - t0)
     return results

@@ -32,7 +32,7 @@ class PredictedScene:
 
 def predicted_scenes(folder: Path) -> list[PredictedScene]:
     """Every finished prediction in ``folder`` (one ``*_summary.json`` each), or one line saying there is none."""
-    sums = sorted(folder.glob("*_summary.json"))
+    sums = sorted(p for p in folder.glob("*_summary.json") if p.name != "run_summary.json")
     if not sums:
         raise ValueError(f"{folder}: no finished predictions here (no *_summary.json); run 'geomoe predict ... -o {folder}' first")
     out = []
@@ -71,8 +71,8 @@ def explorer_section(bundle: Bundle, prep: Prepared | None, scenes: list[Predict
                                                         "location, choose the colouring above", explorer(bundle, data))])
 
 
-def maps_section(scenes: list[PredictedScene]) -> Section:
-    """A zoomable map per predicted scene: image, footprint outlines, routing layer."""
+def maps_section(scenes: list[PredictedScene], table: bool = True) -> Section:
+    """A zoomable map per predicted scene: image, footprint outlines, routing layer (and a table of the runs)."""
     plots, rows = [], []
     for s in scenes:
         if not s.image.exists():
@@ -83,7 +83,7 @@ def maps_section(scenes: list[PredictedScene]) -> Section:
         rows.append({"scene": s.name, "tiles": s.summary.get("tiles"), "footprints": s.summary.get("footprints"),
                      "unfamiliar tiles": s.summary.get("unfamiliar_tiles"), "routing": s.summary.get("routing"),
                      "tiles per expert": str(s.summary.get("tiles_per_expert"))})
-    tables = [("Runs", pd.DataFrame(rows).set_index("scene"))] if rows else []
+    tables = [("Runs", pd.DataFrame(rows).set_index("scene"))] if rows and table else []
     return Section("Maps of predicted scenes", "Wheel to zoom, drag to pan; hover a tile for its expert and distance.",
                    tables, plots=plots)
 

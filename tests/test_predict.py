@@ -225,3 +225,29 @@ def test_cli_predict_with_a_trained_bundle(tmp_path, synth_root, bundle_dir):
     assert summary["tiles"] > 0 and sum(summary["tiles_per_expert"].values()) == summary["tiles"]
     with rasterio.open(tmp_path / "pred" / "scene_mask.tif") as ds:
         assert ds.crs.to_epsg() == 32633 and set(np.unique(ds.read(1))) <= {0, 1}
+    # one summary for the whole run, failures with their reason
+    run = json.loads((tmp_path / "pred" / "run_summary.json").read_text())
+    assert run["scenes"] == 2 and run["predicted"] == 1 and len(run["failed"]) == 1
+    assert "bad.tif" in run["failed"][0]["input"] and run["failed"][0]["reason"]
+    assert run["tiles"] == summary["tiles"] and run["footprints"] == summary["footprints"]
+    assert run["tiles_per_expert"] == {str(k): v for k, v in summary["tiles_per_expert"].items()}
+    # the footprints also as GeoParquet: same features as the GPKG, with the raster's CRS
+    pq_path = tmp_path / "pred" / "scene_footprints.parquet"
+    assert str(pq_path) in summary["outputs"]
+    gp, gk = gpd.read_parquet(pq_path), gpd.read_file(tmp_path / "pred" / "scene_footprints.gpkg")
+    assert gp.crs.to_epsg() == 32633 and len(gp) == len(gk) == summary["footprints"]
+    assert np.isclose(gp.geometry.area.sum(), gk.geometry.area.sum())
+
+
+def test_geoparquet_is_written_in_chunks_with_its_crs(tmp_path):
+    from shapely.geometry import box
+
+    from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
+
+    g = gpd.GeoDataFrame({"area_m2": np.arange(7.0), "expert": np.arange(7) % 3},
+                         geometry=[box(i, 0, i + 0.5, 1) for i in range(7)], crs="EPSG:32614")
+    g.to_file(tmp_path / "f.gpkg", layer="footprints")
+    gpkg_to_geoparquet(tmp_path / "f.gpkg", tmp_path / "f.parquet", chunk=3)  # three chunks
+    r = gpd.read_parquet(tmp_path / "f.parquet")
+    assert r.crs.to_epsg() == 32614 and list(r.area_m2) == list(g.area_m2)
+    assert all(a.equals(b) for a, b in zip(r.geometry, g.geometry))
