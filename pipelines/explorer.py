@@ -137,8 +137,8 @@ def explorer(bundle: Bundle, data: ExplorerData, seed: int = 0):
 
     fig = figure(title="embedding space (UMAP of the 2048-d embeddings)", width=820, height=620, name="embedding-explorer",
                  tools="pan,wheel_zoom,box_zoom,reset,save", active_scroll="wheel_zoom", match_aspect=True)
-    sources, start = [], 0
-    coords = [xy[start:(start := start + len(s.vectors))] for s in patches] + scene_xy
+    sources = []
+    coords = np.split(xy, np.cumsum([len(s.vectors) for s in patches])[:-1]) + scene_xy  # back to one block per set
     for s, pts in zip([*patches, *scenes], coords):
         ids, dist = bundle.router.route(s.vectors)
         unfamiliar = bundle.unfamiliar(ids, dist)

@@ -99,7 +99,10 @@ def test_bundle_is_complete_and_resumes(bundle_dir, synth_root):
     import pandas as pd
 
     log = pd.read_csv(next((bundle_dir / "experts" / "runs" / "region_0" / "logs").glob("version_*/metrics.csv")))
-    assert log.val_iou.notna().sum() == 2 and "train_loss_epoch" in log
+    # the start's score (it is fine-tuned from the generalist), then one per epoch
+    start = json.loads((bundle_dir / "experts" / "runs" / "region_0" / "start_score.json").read_text())["score"]
+    assert log.val_iou.notna().sum() == 1 + 2 and "train_loss_epoch" in log
+    assert abs(log.val_iou.dropna().iloc[0] - start) < 1e-6
     assert (bundle_dir / "experts" / "runs" / "region_0" / "checkpoints" / "best.ckpt").exists()
     assert (bundle_dir / "figures" / "embedding_space.png").exists()
     # rerunning finds every stage done and changes nothing
