@@ -6,12 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-uv_cmd() {
-  if command -v uv >/dev/null 2>&1; then uv "$@"
-  elif [ -x "$HOME/.local/bin/uv" ]; then "$HOME/.local/bin/uv" "$@"
-  else python3 -m uv "$@"
-  fi
-}
+. "$(pwd)/scripts/uv_cmd.sh"
 if ! uv_cmd --version >/dev/null 2>&1; then
   echo "geomoe: installing uv with pip" >&2
   python3 -m pip install -q --user uv 2>/dev/null \

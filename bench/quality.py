@@ -90,10 +90,7 @@ def k_bundle(root: Path, cfg, k: int, base: Path, out: Path) -> Path:
 def cached_evaluation(bundle_dir: Path, prep, dev, out: Path) -> Evaluation:
     """Evaluate ``bundle_dir`` on the test split once; a rerun of the bench reads the written tables."""
     if (out / "evaluation.csv").exists() and (out / "evaluation.json").exists():
-        routing = pd.DataFrame(json.loads((out / "evaluation.json").read_text())["routing"]).T.rename_axis("location")
-        counts = [c for c in routing.columns if c != "unfamiliar"]  # tile counts stay integers in the tables
-        routing[counts] = routing[counts].astype(int)
-        return Evaluation(pd.read_csv(out / "evaluation.csv"), routing)
+        return Evaluation.read(out)
     ev = evaluate(load_bundle(bundle_dir, dev), prep=prep, split="test")
     ev.write(out)
     return ev

@@ -278,8 +278,9 @@ def report(out: Path = typer.Option(Path("report/report.html"), "--out", "-o", h
            limit: int = typer.Option(3000, help="at most this many patches in the explorer (a stated random subset)")) -> None:
     """An interactive HTML report (offline): embedding explorer, maps of predicted scenes, metrics per location."""
     from geomoe.pipelines.report import write_report
-    from geomoe.pipelines.report_sections import (bundle_of_predictions, explorer_section, load_evaluation,
-                                                  maps_section, metrics_section, predicted_scenes)
+    from geomoe.pipelines.evaluate import Evaluation
+    from geomoe.pipelines.report_sections import (bundle_of_predictions, explorer_section, maps_section,
+                                                  metrics_section, predicted_scenes)
 
     try:
         scenes = predicted_scenes(predictions) if predictions else []
@@ -302,7 +303,7 @@ def report(out: Path = typer.Option(Path("report/report.html"), "--out", "-o", h
             sections.append(maps_section(scenes))
         ev = evaluation or (bundle / "evaluation" if (bundle / "evaluation" / "evaluation.csv").exists() else None)
         if ev is not None:
-            sections.append(metrics_section(*load_evaluation(ev)))
+            sections.append(metrics_section(Evaluation.read(ev)))
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         _fail(str(e))
     _out_dir(out.parent)

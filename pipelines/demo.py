@@ -92,7 +92,7 @@ def run_demo(out: Path, cfg: Config, sample: Path = SAMPLE, progress: bool = Tru
         Section("Held-out evaluation", "Spatial hold-out of the sample; cumulative IoU over all pixels of a location.",
                 [("Pixel accuracy", ev.pivot("accuracy"))],
                 [("image / truth / prediction / routed expert", fig / "results.png")]),
-        metrics_section(ev.table, ev.routing, "held-out"),
+        metrics_section(ev, "held-out"),
         Section("Prediction on unseen scenes", "Streamed, routed tile by tile, blended without seams; footprints regularised.",
                 [("Runs", pd.DataFrame(scene_rows).set_index("scene"))], scene_imgs),
         maps_section(predicted, table=False),

@@ -168,6 +168,17 @@ class Evaluation:
                      + markdown_table(self.routing))
         return "\n\n".join(parts)
 
+    @classmethod
+    def read(cls, folder: Path) -> "Evaluation":
+        """What ``write`` wrote to ``folder``, or one line saying what is missing."""
+        csv, js = folder / "evaluation.csv", folder / "evaluation.json"
+        if not csv.exists() or not js.exists():
+            raise ValueError(f"{folder}: no evaluation.csv and evaluation.json; run 'geomoe evaluate ROOT -b BUNDLE -o {folder}' first")
+        routing = pd.DataFrame(json.loads(js.read_text())["routing"]).T.rename_axis("location")
+        counts = [c for c in routing.columns if c != "unfamiliar"]  # tile counts stay integers in the tables
+        routing[counts] = routing[counts].astype(int)
+        return cls(pd.read_csv(csv), routing)
+
     def write(self, out: Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         paths = [out / "evaluation.md", out / "evaluation.csv", out / "evaluation.json"]

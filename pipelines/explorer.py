@@ -51,12 +51,20 @@ class ExplorerData:
     shown_patches: int
 
 
-def thumbnail(image: np.ndarray, size: int = 64) -> str:
-    """A (3, H, W) uint8 image as a small JPEG data URI for a tooltip (about 2 kB: thousands fit in a page)."""
-    im = Image.fromarray(np.ascontiguousarray(image[:3].transpose(1, 2, 0))).resize((size, size), Image.BILINEAR)
+def jpeg_uri(image: np.ndarray, size: int | None = None, quality: int = 75) -> str:
+    """A (3, H, W) uint8 image as a JPEG data URI (resized to ``size`` x ``size`` when given): pictures inside the
+    page, a tenth of the size of PNG or raw RGBA."""
+    im = Image.fromarray(np.ascontiguousarray(image[:3].transpose(1, 2, 0)))
+    if size is not None:
+        im = im.resize((size, size), Image.BILINEAR)
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=75)
+    im.save(buf, format="JPEG", quality=quality)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def thumbnail(image: np.ndarray, size: int = 64) -> str:
+    """A tooltip's picture (about 2 kB: thousands fit in a page)."""
+    return jpeg_uri(image, size)
 
 
 def patch_points(emb: Embeddings, prep: Prepared | None, limit: int = 3000, seed: int = 0) -> ExplorerData:
@@ -205,11 +213,7 @@ def scene_map(image: Path, routing: Path | None, footprints: Path | None, title:
     fig = figure(title=title, width=820, height=int(820 * (y1 - y0) / max(right - left, 1e-9)) + 40,
                  tools="pan,wheel_zoom,box_zoom,reset,save", active_scroll="wheel_zoom", match_aspect=True,
                  x_range=(left, right), y_range=(y1, y0) if down else (y0, y1), name=f"map-{title}")
-    # a JPEG in the page, not an RGBA array: a tenth of the size for the same picture
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0))).save(buf, format="JPEG", quality=85)
-    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    fig.image_url(url=[url], x=left, y=y0 if down else y1, w=right - left, h=y1 - y0, anchor="top_left")
+    fig.image_url(url=[jpeg_uri(rgb, quality=85)], x=left, y=y0 if down else y1, w=right - left, h=y1 - y0, anchor="top_left")
     if routing is not None and routing.exists():
         r = gpd.read_file(routing)
         if len(r):

@@ -14,6 +14,7 @@ from geomoe.bundle import Bundle
 from geomoe.data.datasets import Prepared
 from geomoe.pipelines.explorer import (embedded_patches, explorer, metrics_chart, patch_points, scene_map,
                                        scene_points)
+from geomoe.pipelines.evaluate import Evaluation
 from geomoe.pipelines.report import Section
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def predicted_scenes(folder: Path) -> list[PredictedScene]:
         s = json.loads(p.read_text())
         outs = [Path(o) for o in s.get("outputs", [])]
         routing = next((o for o in outs if o.name.endswith("_routing.gpkg")), None)
-        fps = next((o for o in outs if "_footprints." in o.name and o.suffix != ".geojson"), None)
+        fps = next((o for o in outs if o.name.endswith("_footprints.gpkg")), None)
         out.append(PredictedScene(p.name[: -len("_summary.json")], Path(s["input"]), routing, fps, s))
     return out
 
@@ -88,24 +89,11 @@ def maps_section(scenes: list[PredictedScene], table: bool = True) -> Section:
                    tables, plots=plots)
 
 
-def metrics_section(table: pd.DataFrame, routing: pd.DataFrame | None, split: str = "test") -> Section:
+def metrics_section(ev: Evaluation, split: str = "test") -> Section:
     """Per-location metrics as charts and tables."""
-    piv = lambda m: table.pivot(index="location", columns="method", values=m)  # noqa: E731
-    tables = [("IoU by location and method", piv("iou")), ("Building F1 (IoU >= 0.5)", piv("building_f1"))]
-    if routing is not None:
-        tables.append(("Tiles per expert (embedding routing) and share flagged unfamiliar", routing))
+    tables = [("IoU by location and method", ev.pivot("iou")), ("Building F1 (IoU >= 0.5)", ev.pivot("building_f1")),
+              ("Tiles per expert (embedding routing) and share flagged unfamiliar", ev.routing)]
     return Section(f"Metrics per location ({split} split)", "Cumulative IoU over all pixels of a location; building F1 "
                    "counts a building found when a predicted footprint overlaps it at IoU 0.5 or more.", tables,
-                   plots=[("IoU per location and method", metrics_chart(table, "iou")),
-                          ("building F1 per location and method", metrics_chart(table, "building_f1"))])
-
-
-def load_evaluation(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """An evaluation written by ``geomoe evaluate`` (evaluation.csv and .json), or one line saying what is missing."""
-    csv = folder / "evaluation.csv"
-    if not csv.exists():
-        raise ValueError(f"{folder}: no evaluation.csv; run 'geomoe evaluate ROOT -b BUNDLE -o {folder}' first")
-    table = pd.read_csv(csv)
-    js = folder / "evaluation.json"
-    routing = pd.DataFrame(json.loads(js.read_text())["routing"]).T.rename_axis("location") if js.exists() else None
-    return table, routing
+                   plots=[("IoU per location and method", metrics_chart(ev.table, "iou")),
+                          ("building F1 per location and method", metrics_chart(ev.table, "building_f1"))])

@@ -3,12 +3,7 @@
 # gives a working `geomoe`: --help, and `data check` on the sample it ships as package data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-uv_cmd() {
-  if command -v uv >/dev/null 2>&1; then uv "$@"
-  elif [ -x "$HOME/.local/bin/uv" ]; then "$HOME/.local/bin/uv" "$@"
-  else python3 -m uv "$@"
-  fi
-}
+. "$(pwd)/scripts/uv_cmd.sh"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 uv_cmd build --wheel --quiet -o "$work/dist"
