@@ -17,7 +17,8 @@ from common import SHARED, record
 
 from geomoe.backbone import pick_device
 from geomoe.bundle import load_bundle
-from geomoe.pipelines.predict import BundleModel, predict_raster
+from geomoe.pipelines.inference import BundleModel
+from geomoe.pipelines.predict import predict_raster
 from geomoe.pipelines.scene_plots import plot_scene
 from geomoe.pipelines.tiling import TileGrid
 

@@ -142,6 +142,11 @@ class PredictConfig(_Strict):
     allow_diagonals: bool = False
     gdal_cache_mb: int = Field(32, ge=8, description="Least GDAL block cache during prediction (MB); raised to what the raster's width needs.")
     geoparquet: bool = Field(True, description="Also write the footprints as GeoParquet (NAME_footprints.parquet).")
+    readers: int | None = Field(None, ge=0, description="Threads reading tiles ahead of the model (0: read in the "
+                                "model's thread; default: 1 beside a CPU model, enough to feed a GPU).")
+    read_ahead: int = Field(2, ge=1, description="Tile rows read ahead of the model (memory: that many rows of tiles).")
+    write_behind: bool = Field(True, description="Write rasters and polygonise footprints on a worker thread, off the "
+                                                 "model's critical path (False: in line, the reference path).")
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> "PredictConfig":

@@ -16,7 +16,8 @@ from geomoe.data.check import check_catalog
 from geomoe.data.datasets import prepare
 from geomoe.data.show import show_patches
 from geomoe.pipelines.evaluate import evaluate
-from geomoe.pipelines.predict import BundleModel, predict_raster
+from geomoe.pipelines.inference import BundleModel
+from geomoe.pipelines.predict import predict_raster
 from geomoe.pipelines.report import Section, write_report
 from geomoe.pipelines.report_sections import explorer_section, maps_section, metrics_section, predicted_scenes
 from geomoe.pipelines.scene_plots import plot_scene

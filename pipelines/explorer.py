@@ -95,7 +95,8 @@ def patch_points(emb: Embeddings, prep: Prepared | None, limit: int = 3000, seed
 def scene_points(bundle: Bundle, image: Path, cfg: PredictConfig, limit: int = 400, name: str | None = None) -> PointSet:
     """A predicted scene's tiles in embedding space: the tiles prediction routes (same reading, same centre
     patch), at most ``limit`` of them on an even sub-grid."""
-    from geomoe.pipelines.predict import BundleModel, open_tiles
+    from geomoe.pipelines.inference import BundleModel
+    from geomoe.pipelines.tile_source import open_tiles
     from geomoe.raster import open_raster
 
     model = BundleModel(bundle)
@@ -105,7 +106,8 @@ def scene_points(bundle: Bundle, image: Path, cfg: PredictConfig, limit: int = 4
         rows, cols = len(tiles.grid.ys), len(tiles.grid.xs)
         step = max(1, int(np.ceil(np.sqrt(rows * cols / limit))))
         for iy in range(0, rows, step):
-            batch, kept = tiles.read(iy, list(range(0, cols, step)))
+            row = tiles.read_row(iy, list(range(0, cols, step)))
+            batch, kept = row.tiles, row.cols
             if batch is None:
                 continue
             vectors.append(model.embed(batch))

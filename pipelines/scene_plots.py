@@ -9,7 +9,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
-from geomoe.pipelines.predict import Outputs
+from geomoe.pipelines.outputs import Outputs
 from geomoe.plots import plt, save_figure
 
 

@@ -76,17 +76,20 @@ class TileGrid:
 class BandBlender:
     """Accumulates weighted tile predictions for one row of tiles at a time and hands finished rows on.
 
-    ``sink(row0, values)`` receives rows in order, each exactly once, as float32 (channels, n_rows, width), at
-    most ``flush_rows`` at a time so that what the sink derives from them stays small (``None``: every row a
-    tile row finishes at once, which the watershed of instance outputs needs to see whole buildings).
-    Memory: one (channels x tile x width) float32 band.
+    ``sink(row0, values, valid)`` receives rows in order, each exactly once, as float32 (channels, n_rows, width)
+    and a bool (n_rows, width) mask of the pixels any added tile called valid (all True when tiles came without
+    masks), at most ``flush_rows`` at a time so that what the sink derives from them stays small (``None``: every
+    row a tile row finishes at once, which the watershed of instance outputs needs to see whole buildings).
+    The arrays are views of the band: a sink that keeps them past the call copies them.
+    Memory: one (channels x tile x width) float32 band and its mask.
     """
 
-    def __init__(self, grid: TileGrid, sink: Callable[[int, np.ndarray], None], flush_rows: int | None = 64,
-                 channels: int = 1):
+    def __init__(self, grid: TileGrid, sink: Callable[[int, np.ndarray, np.ndarray], None],
+                 flush_rows: int | None = 64, channels: int = 1):
         self.g, self.sink, self.flush_rows = grid, sink, flush_rows
         self.top = 0
         self.band = np.zeros((channels, grid.tile, grid.width), np.float32)
+        self.valid = np.zeros((grid.tile, grid.width), bool)
 
     def start_row(self, iy: int) -> None:
         """Begin tile row ``iy``: rows above its origin can no longer change, so they are flushed."""
@@ -99,20 +102,25 @@ class BandBlender:
             return
         step = self.flush_rows or n
         for r in range(0, n, step):
-            self.sink(self.top + r, self.band[:, r:min(n, r + step)])
+            self.sink(self.top + r, self.band[:, r:min(n, r + step)], self.valid[r:min(n, r + step)])
         rows = self.band.shape[1]
         self.band[:, :-n] = self.band[:, n:].copy() if n < rows else 0
         self.band[:, -n:] = 0
+        self.valid[:-n] = self.valid[n:].copy() if n < rows else False
+        self.valid[-n:] = False
         self.top += n
 
-    def add(self, ix: int, iy: int, values: np.ndarray) -> None:
-        """Add tile (ix, iy)'s prediction ((channels,) tile x tile, or larger: it is cropped to the raster)."""
+    def add(self, ix: int, iy: int, values: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Add tile (ix, iy)'s prediction ((channels,) tile x tile, or larger: it is cropped to the raster) and
+        its valid mask at the raster's resolution (None: all valid). Tiles read the same pixels where they
+        overlap, so their masks agree there and are simply joined."""
         x0, y0 = int(self.g.xs[ix]), int(self.g.ys[iy])
         wgt = self.g.weight(ix, iy)
         h, w = wgt.shape
         r = y0 - self.top
         v = values if values.ndim == 3 else values[None]
         self.band[:, r:r + h, x0:x0 + w] += v[:, :h, :w] * wgt
+        self.valid[r:r + h, x0:x0 + w] |= True if valid is None else valid[:h, :w]
 
     def finish(self) -> None:
         self._flush_to(self.g.height)

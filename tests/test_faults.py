@@ -14,7 +14,8 @@ from rasterio.transform import from_origin
 from geomoe.config import PredictConfig
 from geomoe.data.synthetic import write_geotiff
 from geomoe.metrics import Scores
-from geomoe.pipelines.predict import BundleModel, predict_raster
+from geomoe.pipelines.inference import BundleModel
+from geomoe.pipelines.predict import predict_raster
 from geomoe.raster import fill_invalid
 
 
@@ -128,7 +129,8 @@ class _Flat:
 
 
 def test_same_file_names_in_two_folders_get_their_own_outputs_and_resume_checks_the_input(tmp_path):
-    from geomoe.pipelines.predict import is_complete, output_names, outputs_for, predict_many
+    from geomoe.pipelines.outputs import is_complete, output_names, outputs_for
+    from geomoe.pipelines.predict import predict_many
 
     cfg = PredictConfig(tile_size=64, overlap=16, batch_size=4, regularize=False)
     srcs = []
@@ -269,7 +271,7 @@ def test_a_small_crop_gives_about_the_answer_of_the_same_pixels_inside_the_scene
     """A 40 x 40 crop (smaller than the 64 px tile, so padded) against the same pixels in its 256 px scene,
     with a trained U-Net expert: completion from the nearest valid pixel keeps the answer close, closer than the
     black frame used before."""
-    import geomoe.pipelines.predict as pred
+    import geomoe.pipelines.tile_source as pred
     from geomoe.bundle import load_bundle
 
     b = load_bundle(bundle_dir)

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from geomoe.config import PredictConfig
 from geomoe.data.synthetic import write_geotiff
 from geomoe.pipelines.footprints import FootprintCollector
-from geomoe.pipelines.predict import is_complete, outputs_for, predict_many, predict_raster
+from geomoe.pipelines.outputs import is_complete, outputs_for
+from geomoe.pipelines.predict import predict_many, predict_raster
 from geomoe.pipelines.tiling import BandBlender, TileGrid
 
 from conftest import ROOT
@@ -67,9 +68,10 @@ def test_band_blender_reproduces_a_field_and_flushes_each_row_once():
     field = rng.random((300, 230)).astype(np.float32)
     g = TileGrid(230, 300, 64, 16)
 
-    def sink(r0, rows):
+    def sink(r0, rows, valid):
         seen.append((r0, rows.shape[1]))
         got[:, r0:r0 + rows.shape[1]] = rows
+        assert valid.shape == rows.shape[1:] and valid.all()  # tiles without masks cover every pixel
 
     for channels, flush in ((1, 64), (3, None)):  # one channel in small flushes; instance channels a tile row at once
         stack = np.stack([field * (c + 1) for c in range(channels)])

@@ -1,0 +1,191 @@
+"""Routing and expert inference over rows of tiles: what the model does, between the tile source and blending.
+
+Tiles are grouped by expert across a whole tile row, so each expert runs on full batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from geomoe.bundle import Bundle, BundlePaths, sha256
+from geomoe.config import PredictConfig
+from geomoe.embedding.model import embed_batches
+from geomoe.experts.model import predict_channels
+from geomoe.pipelines.outputs import RunStats
+from geomoe.pipelines.tile_source import TileRow, TileSource
+from geomoe.router.smoothing import scene_majority, smooth_grid
+
+
+class TileModel(Protocol):
+    """What prediction needs from a model: tile size, routing, and per-expert probabilities.
+
+    ``channels`` (optional, default 1): 3 when the experts give building, boundary and contact probabilities,
+    which are separated into one instance per building before polygonising (pipelines/instances.py).
+    """
+
+    tile_size: int
+    gsd: float | None  # the GSD every input is resampled to (None: inputs keep theirs unless ``input_gsd`` says)
+
+    def route(self, tiles: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(expert ids (N, top), blend weights (N, top), distance to the nearest centroid (N,))."""
+
+    def predict(self, expert: int, tiles: torch.Tensor) -> torch.Tensor:
+        """Probabilities (n, T, T), or (n, channels, T, T), for uint8 tiles (n, 3, T, T)."""
+
+
+class BundleModel:
+    """A bundle as a TileModel: embeds the centre patch (what the embedding saw in training), routes by FAISS."""
+
+    def __init__(self, bundle: Bundle, soft: bool = False, tta: bool = False):
+        self.b, self.soft, self.tta = bundle, soft, tta
+        self.tile_size = bundle.config.predict.tile_size
+        self.patch = min(bundle.config.data.patch_size, self.tile_size)
+        self.gsd = bundle.gsd
+        self.device = bundle.device  # pinned tiles and more readers when it is a GPU
+        self.channels = 3 if all(e.classes >= 3 for e in bundle.experts) else 1
+        self.use_alpha = bundle.config.data.alpha == "mask"  # as in training
+        self.bands, self.bit_depth = bundle.config.data.bands, bundle.config.data.bit_depth
+        # resume only trusts outputs of the same bundle: its manifest (which holds every file's checksum) and its place
+        self.identity = f"{bundle.root.resolve()}#{sha256(BundlePaths(bundle.root).manifest)[:12]}"
+
+    def input_gsd(self, native: float | None) -> float | None:
+        return self.b.input_gsd(native)
+
+    @property
+    def baseline_id(self) -> int | None:
+        """The id ``predict`` takes for the single network (after the experts), when the bundle has one loaded."""
+        return self.b.k if self.b.baseline is not None else None
+
+    def unfamiliar(self, ids: np.ndarray, dist: np.ndarray) -> np.ndarray:
+        return self.b.unfamiliar(ids, dist)
+
+    def embed(self, tiles: torch.Tensor) -> np.ndarray:
+        """Unit-norm embeddings of uint8 tiles (n, 3, T, T): their centre patch, the size the embedding trained on."""
+        o = (tiles.shape[-1] - self.patch) // 2
+        return embed_batches(self.b.embedding, tiles[..., o:o + self.patch, o:o + self.patch], self.b.device)
+
+    def route(self, tiles: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        emb = self.embed(tiles)
+        ids, dist = self.b.router.route(emb)
+        if self.soft:
+            r = self.b.config.router
+            sids, w = self.b.router.soft(emb, r.soft_top_k, r.soft_temperature)
+            return sids, w, dist
+        return ids[:, None], np.ones((len(ids), 1), np.float32), dist
+
+    def predict(self, expert: int, tiles: torch.Tensor) -> torch.Tensor:
+        model = self.b.baseline if expert == self.b.k else self.b.experts[expert]
+        p = predict_channels(model, tiles, self.b.device)[:, :self.channels]
+        if self.tta:  # flips are exact symmetries of the task: average them back
+            p = p + predict_channels(model, tiles.flip(-1), self.b.device)[:, :self.channels].flip(-1)
+            p = p + predict_channels(model, tiles.flip(-2), self.b.device)[:, :self.channels].flip(-2)
+            p = p / 3
+        return p
+
+
+@dataclass
+class RoutingLayer:
+    """Expert and distance per tile; ``fixed`` holds routes decided before prediction (smoothed or per scene)."""
+
+    experts: np.ndarray  # (rows, cols) int16: the region's expert; -1 where no tile ran
+    distance: np.ndarray  # (rows, cols) float32, distance to the nearest centroid
+    fixed: bool = False
+    unfamiliar: np.ndarray | None = None  # (rows, cols) bool: beyond the region's training distances
+    ran: np.ndarray | None = None  # (rows, cols) int16: what ran (expert id, k = single network, -2 skipped)
+
+    @classmethod
+    def empty(cls, rows: int, cols: int, fixed: bool = False) -> "RoutingLayer":
+        return cls(np.full((rows, cols), -1, np.int16), np.full((rows, cols), np.nan, np.float32), fixed,
+                   np.zeros((rows, cols), bool), np.full((rows, cols), -1, np.int16))
+
+    def flag(self, model: TileModel, iy: int, cols: list[int], ids: np.ndarray, dist: np.ndarray) -> None:
+        """Record route and distance of tiles (iy, cols) and whether each is unfamiliar."""
+        self.experts[iy, cols] = ids
+        self.distance[iy, cols] = dist
+        if hasattr(model, "unfamiliar"):
+            self.unfamiliar[iy, cols] = model.unfamiliar(ids, dist)
+
+
+def route_tiles(model: TileModel, tiles: torch.Tensor, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``model.route`` over a row of tiles, ``batch`` tiles at a time (the embedding's memory stays bounded)."""
+    parts = [model.route(tiles[s:s + batch]) for s in range(0, len(tiles), batch)]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+
+
+def route_scene(model: TileModel, src: TileSource, how: str, cfg: PredictConfig, readers: int = 0,
+                progress: bool = False, name: str = "") -> RoutingLayer:
+    """A first, embedding-only pass over the scene; then each tile takes its neighbourhood's (or the scene's)
+    majority expert. The experts run in the second pass on these routes."""
+    layer = RoutingLayer.empty(len(src.grid.ys), len(src.grid.xs), fixed=True)
+    with tqdm(total=len(src.grid), desc=f"{name} routing", unit="tile", disable=not progress, leave=False) as bar:
+        for row in src.rows(readers):
+            if row.cols:
+                ids, _, dist = route_tiles(model, row.tiles, 4 * cfg.batch_size)
+                layer.flag(model, row.iy, row.cols, ids[:, 0], dist)
+            bar.update(len(row.cols) + row.empty)
+    layer.experts = (smooth_grid(layer.experts) if how == "smoothed" else scene_majority(layer.experts)).astype(np.int16)
+    return layer
+
+
+@dataclass
+class PredictedRow:
+    """Probabilities of the tiles of one row that ran, at the raster's resolution, and their valid masks."""
+
+    iy: int
+    cols: list[int]
+    probs: torch.Tensor  # float32 (n, channels, t_src, t_src)
+    valid: list[np.ndarray]
+
+
+def infer_row(model: TileModel, row: TileRow, t_src: int, cfg: PredictConfig, layer: RoutingLayer,
+              stats: RunStats) -> PredictedRow | None:
+    """Route (unless routed already) and predict one row of tiles, grouped by expert; None when nothing ran."""
+    stats.skipped_tiles += row.empty
+    stats.tiles += len(row.cols)  # tiles with data, whether predicted or skipped as unfamiliar
+    if not row.cols:
+        return None
+    iy, keep, batch, valid = row.iy, row.cols, row.tiles, row.valid
+    if layer.fixed:
+        ids = layer.experts[iy, keep].astype(np.int64)[:, None]
+        weights = np.ones((len(keep), 1), np.float32)
+    else:
+        ids, weights, dist = route_tiles(model, batch, 4 * cfg.batch_size)
+        layer.flag(model, iy, keep, ids[:, 0], dist)
+    unf = layer.unfamiliar[iy, keep]
+    stats.unfamiliar += int(unf.sum())
+    if unf.any() and cfg.unfamiliar != "route":
+        if cfg.unfamiliar == "skip":  # these tiles get no prediction; their cells are written as nodata
+            layer.ran[iy, np.asarray(keep)[unf]] = -2
+            sel = np.flatnonzero(~unf)
+            batch, ids, weights = batch[sel], ids[sel], weights[sel]
+            keep, valid = [keep[j] for j in sel], [valid[j] for j in sel]
+            if not keep:
+                return None
+        else:  # the single network on every unfamiliar tile
+            base = getattr(model, "baseline_id", None)
+            if base is None:
+                raise ValueError("--unfamiliar baseline needs a bundle with its single network (trained with --baseline)")
+            ids, weights = ids.copy(), weights.copy()
+            ids[unf] = base
+            weights[unf] = 0
+            weights[unf, 0] = 1
+    layer.ran[iy, keep] = ids[:, 0]
+    T = batch.shape[-1]
+    probs = torch.zeros(len(keep), getattr(model, "channels", 1), T, T)
+    for e in np.unique(ids):
+        rows, slots = np.nonzero(ids == e)
+        for s in range(0, len(rows), cfg.batch_size):
+            r = rows[s:s + cfg.batch_size]
+            p = model.predict(int(e), batch[r])
+            p = p[:, None] if p.ndim == 3 else p
+            probs[r] += p * torch.from_numpy(weights[r, slots[s:s + cfg.batch_size]])[:, None, None, None]
+        stats.per_expert[int(e)] = stats.per_expert.get(int(e), 0) + int((ids[:, 0] == e).sum())
+    if t_src != T:
+        probs = F.interpolate(probs, size=(t_src, t_src), mode="bilinear", align_corners=False)
+    return PredictedRow(iy, keep, probs, valid)

@@ -1,0 +1,156 @@
+"""The writers of one scene's outputs: probability and mask COGs, footprints (GPKG, GeoJSON, GeoParquet) and the
+routing layer. Everything is written under a temporary name and moved to its final name only when complete."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.windows import Window
+from shapely.geometry import Polygon
+
+from geomoe.atomic import atomic_path, tmp_name
+from geomoe.config import PredictConfig
+from geomoe.pipelines.footprints import FootprintCollector, Piece, pieces_to_frame
+from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
+from geomoe.pipelines.instances import instance_labels, separated_mask
+from geomoe.pipelines.outputs import Outputs
+from geomoe.pipelines.tiling import TileGrid
+
+if TYPE_CHECKING:
+    from geomoe.pipelines.inference import RoutingLayer
+
+NODATA = 255
+
+
+class SceneWriters:
+    """The probability and mask GeoTIFFs (tiled, written window by window) and the footprint layer."""
+
+    def __init__(self, ds, outs: Outputs, gsd: float | None, cfg: PredictConfig, expert_at):
+        prof = dict(driver="GTiff", width=ds.width, height=ds.height, count=1, dtype="uint8", crs=ds.crs,
+                    transform=ds.transform, nodata=NODATA, tiled=True, blockxsize=512, blockysize=512,
+                    compress="deflate", BIGTIFF="IF_SAFER")
+        self.outs, self.cfg, self.gsd, self.expert_at = outs, cfg, gsd, expert_at
+        self.crs, self.transform = ds.crs, ds.transform
+        self.raw_prob, self.raw_mask = tmp_name(outs.prob).with_suffix(".raw.tif"), tmp_name(outs.mask).with_suffix(".raw.tif")
+        self.prob = rasterio.open(self.raw_prob, "w", **prof)
+        self.mask = rasterio.open(self.raw_mask, "w", **prof)
+        self.vec_tmp = tmp_name(outs.footprints)
+        self.json_tmp = tmp_name(outs.geojson) if outs.geojson else None
+        for p in (self.vec_tmp, self.json_tmp):
+            if p is not None and p.exists():
+                p.unlink()
+        self.count = 0
+
+    def write_rows(self, row0: int, prob: np.ndarray, valid: np.ndarray, threshold: float) -> np.ndarray:
+        """Write building probability and mask for rows ``prob`` (channels, n, width); return the mask.
+
+        With instance channels the mask is cut between touching buildings (watershed), so each polygon is one
+        building; the cuts never fall on the band's edges, so the collector still joins buildings across bands.
+        """
+        building = prob[0]
+        win = Window(0, row0, building.shape[1], building.shape[0])
+        p8 = (np.clip(building, 0, 1) * 254 + 0.5).astype(np.uint8)
+        p8[~valid] = NODATA
+        self.prob.write(p8, 1, window=win)
+        if len(prob) >= 3:
+            m = separated_mask(instance_labels(prob, threshold)) & valid
+        else:
+            m = (building >= threshold) & valid
+        m8 = m.astype(np.uint8)
+        m8[~valid] = NODATA
+        self.mask.write(m8, 1, window=win)
+        return m
+
+    def write_pieces(self, pieces: list[Piece]) -> None:
+        gdf = pieces_to_frame(pieces, self.transform, self.crs, self.gsd, self.cfg.min_area_m2, self.cfg.regularize,
+                              self.cfg.allow_diagonals, self.expert_at)
+        if len(gdf):
+            gdf = gdf[["area_m2", "expert", "mean_prob", "pixels", "geometry"]]
+            gdf.to_file(self.vec_tmp, driver="GPKG", layer="footprints", append=self.vec_tmp.exists(), engine="pyogrio")
+            if self.json_tmp is not None:  # written batch by batch too, so no step holds every footprint
+                gdf.to_crs("EPSG:4326").to_file(self.json_tmp, driver="GeoJSON", append=self.json_tmp.exists(),
+                                                engine="pyogrio")
+            self.count += len(gdf)
+
+    def close(self) -> None:
+        self.prob.close()
+        self.mask.close()
+
+    def finish(self) -> None:
+        """Convert the rasters to COGs and move every output to its final name."""
+        self.close()
+        for raw, final in ((self.raw_prob, self.outs.prob), (self.raw_mask, self.outs.mask)):
+            with atomic_path(final) as tmp:
+                rasterio.shutil.copy(raw, tmp, driver="COG", compress="DEFLATE", overview_resampling="nearest",
+                                     BIGTIFF="IF_SAFER")
+            raw.unlink()
+        if not self.vec_tmp.exists():  # no building found: empty, valid layers
+            empty = gpd.GeoDataFrame({"area_m2": [], "expert": [], "mean_prob": [], "pixels": []}, geometry=[], crs=self.crs)
+            empty.to_file(self.vec_tmp, driver="GPKG", layer="footprints")
+            if self.json_tmp is not None:
+                empty.to_crs("EPSG:4326").to_file(self.json_tmp, driver="GeoJSON")
+        if self.outs.parquet is not None:  # from the finished layer, in chunks: memory stays flat
+            gpkg_to_geoparquet(self.vec_tmp, self.outs.parquet)
+        if self.json_tmp is not None:
+            self.json_tmp.replace(self.outs.geojson)
+        self.vec_tmp.replace(self.outs.footprints)
+
+    def abort(self) -> None:
+        self.close()
+        for p in (self.raw_prob, self.raw_mask, self.vec_tmp, self.json_tmp):
+            if p is not None:
+                p.unlink(missing_ok=True)
+
+
+def write_routing(path: Path, grid: TileGrid, ex: np.ndarray, ey: np.ndarray, layer: RoutingLayer, ds,
+                   baseline_id: int | None) -> None:
+    """One polygon per tile's cell (its true footprint, rotated grids included): the region's expert, its distance,
+    whether the tile was unfamiliar and what ran on it."""
+    rows = []
+    t = ds.transform
+    for iy in range(len(grid.ys)):
+        for ix in range(len(grid.xs)):
+            e = int(layer.experts[iy, ix])
+            if e < 0:
+                continue
+            ran = int(layer.ran[iy, ix])
+            corners = [t @ (ex[a], ey[b]) for a, b in ((ix, iy), (ix + 1, iy), (ix + 1, iy + 1), (ix, iy + 1))]
+            rows.append({"expert": e, "distance": float(layer.distance[iy, ix]),
+                         "unfamiliar": bool(layer.unfamiliar[iy, ix]),
+                         "ran": "skipped" if ran == -2 else "single network" if ran == baseline_id else f"expert {ran}",
+                         "tile_col": ix, "tile_row": iy, "geometry": Polygon(corners)})
+    cols = {"expert": [], "distance": [], "unfamiliar": [], "ran": [], "tile_col": [], "tile_row": []}
+    gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=ds.crs) if rows else gpd.GeoDataFrame(cols, geometry=[], crs=ds.crs)
+    with atomic_path(path) as tmp:
+        gdf.to_file(tmp, driver="GPKG", layer="routing")
+
+
+@dataclass
+class Band:
+    """Finished rows of a scene: blended probabilities (channels, n, width) and where the raster holds data."""
+
+    row0: int
+    prob: np.ndarray
+    valid: np.ndarray
+
+
+class BandWriter:
+    """Writes finished bands in order: probability and mask rows, then their footprints (polygonised, joined across
+    band borders, regularised). Runs beside the model (pipelines.background.Consumer), off its critical path."""
+
+    def __init__(self, writers: SceneWriters, width: int, threshold: float):
+        self.writers, self.threshold = writers, threshold
+        self.collector = FootprintCollector(width, writers.write_pieces, batch=1000)
+
+    def __call__(self, band: Band) -> None:
+        m = self.writers.write_rows(band.row0, band.prob, band.valid, self.threshold)
+        self.collector.add_band(band.row0, m, band.prob[0])  # probabilities are only summed inside m (no nodata)
+
+    def finish(self) -> None:
+        self.collector.finish()

@@ -1,0 +1,160 @@
+"""The staged prediction pipeline: reader threads and the write-behind worker change nothing in the outputs, errors
+cross threads, queues bound memory, and the blender's valid mask replaces a second read of the masks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window
+
+from geomoe.bundle import load_bundle
+from geomoe.pipelines.background import Consumer, read_ahead
+from geomoe.pipelines.inference import BundleModel
+from geomoe.pipelines.predict import predict_raster
+from geomoe.pipelines.tiling import BandBlender, TileGrid
+from geomoe.raster import open_raster, valid_window_mask
+
+from conftest import ROOT
+
+SCENE = ROOT / "sample" / "scenes" / "banepa_east.tif"
+
+
+@pytest.fixture(scope="module")
+def real_crop(tmp_path_factory):
+    """A 700 x 520 crop of the real Banepa sample scene with a nodata strip (its mask) along the left edge."""
+    path = tmp_path_factory.mktemp("crop") / "banepa_crop.tif"
+    with rasterio.open(SCENE) as ds:
+        w = Window(900, 700, 700, 520)
+        prof = ds.profile | dict(width=700, height=520, transform=ds.window_transform(w), tiled=True,
+                                 blockxsize=256, blockysize=256)
+        with rasterio.open(path, "w", **prof) as out:
+            out.write(ds.read(window=w))
+            m = np.full((520, 700), 255, np.uint8)
+            m[:, :70] = 0
+            m[400:, 300:380] = 0
+            out.write_mask(m)
+    return path
+
+
+def _outputs(model, src, out, cfg, threshold):
+    outs, st = predict_raster(model, src, out, cfg, threshold, progress=False)
+    with rasterio.open(outs.prob) as p, rasterio.open(outs.mask) as m:
+        prob, mask = p.read(1), m.read(1)
+    return prob, mask, gpd.read_file(outs.footprints), gpd.read_file(outs.routing), st
+
+
+@pytest.mark.parametrize("case", ["native", "resampled", "skip"])
+def test_staged_pipeline_equals_the_in_line_one_on_a_real_crop(case, real_crop, bundle_dir, tmp_path):
+    """Reader threads a few rows ahead and the write-behind worker give byte-identical rasters and identical
+    footprints and routing to reading, predicting and writing in one thread."""
+    b = load_bundle(bundle_dir)
+    cfg = b.config.predict.model_copy(update={"min_area_m2": 0.0, "unfamiliar": "skip" if case == "skip" else "route"})
+
+    def model():
+        m = BundleModel(b)
+        if case == "resampled":  # the model runs at 1.6 x the crop's GSD: tiles are resampled, masks too
+            m.input_gsd = lambda g: g * 1.6
+        if case == "skip":  # every third tile of a batch unfamiliar: skipped, nodata in the outputs
+            m.unfamiliar = lambda ids, dist: np.arange(len(ids)) % 3 == 0
+        return m
+
+    staged = _outputs(model(), real_crop, tmp_path / "staged",
+                      cfg.model_copy(update={"readers": 2, "read_ahead": 3, "write_behind": True}), b.threshold)
+    inline = _outputs(model(), real_crop, tmp_path / "inline",
+                      cfg.model_copy(update={"readers": 0, "write_behind": False}), b.threshold)
+    assert np.array_equal(staged[0], inline[0]) and np.array_equal(staged[1], inline[1])
+    assert (staged[0] == 255).any() and (staged[0] < 255).any()  # nodata kept as nodata, data predicted
+    for a, c in ((staged[2], inline[2]), (staged[3], inline[3])):
+        assert len(a) == len(c)
+        assert all(g.equals_exact(h, 0) for g, h in zip(a.geometry, c.geometry))
+        assert a.drop(columns="geometry").equals(c.drop(columns="geometry"))
+    assert staged[4].tiles == inline[4].tiles and staged[4].per_expert == inline[4].per_expert
+    if case == "skip":
+        assert (staged[3]["ran"] == "skipped").any()
+
+
+def test_blended_valid_mask_equals_reading_the_mask_for_the_band(real_crop):
+    """The mask the blender joins from the tiles' masks is the one a read of the whole band gives."""
+    from geomoe.pipelines.tile_source import open_tiles
+    from geomoe.config import PredictConfig
+
+    class M:
+        tile_size, gsd = 128, None
+
+    with open_raster(real_crop) as ds:
+        tiles, _, _ = open_tiles(M(), ds, real_crop, PredictConfig(tile_size=128, overlap=32))
+        got = np.zeros((ds.height, ds.width), bool)
+
+        def sink(r0, values, valid):
+            got[r0:r0 + valid.shape[0]] = valid
+
+        blender = BandBlender(tiles.grid, sink)
+        for row in tiles.rows(readers=2):
+            blender.start_row(row.iy)
+            for ix, v in zip(row.cols, row.valid):
+                blender.add(ix, row.iy, np.zeros((128, 128), np.float32), v)
+        blender.finish()
+        tiles.close()
+        want = valid_window_mask(ds, Window(0, 0, ds.width, ds.height), (ds.height, ds.width), None, True)
+    assert np.array_equal(got, want) and not want.all() and want.any()
+
+
+def test_read_ahead_keeps_order_bounds_work_in_flight_and_raises_errors():
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.01 * (i % 3))  # out-of-order finishing
+        if i == 7:
+            raise ValueError("tile 7 unreadable")
+        return i * i
+
+    got = []
+    it = read_ahead(work, range(20), workers=3, depth=2)
+    with pytest.raises(ValueError, match="tile 7"):
+        for v in it:
+            got.append(v)
+            assert max(started) <= len(got) + 2  # never more than depth items ahead of the consumer
+    assert got == [i * i for i in range(7)]
+    assert list(read_ahead(lambda i: -i, range(5), workers=0, depth=2)) == [0, -1, -2, -3, -4]
+
+
+def test_consumer_keeps_order_blocks_when_full_and_hands_errors_back():
+    seen = []
+    gate = threading.Event()
+
+    def slow(i):
+        gate.wait(5)
+        seen.append(i)
+
+    c = Consumer(slow, depth=2)
+    c.put(0)  # taken by the worker, which waits at the gate
+    time.sleep(0.05)
+    c.put(1)
+    c.put(2)  # the queue is full now
+    t = threading.Thread(target=c.put, args=(3,))
+    t.start()
+    time.sleep(0.2)
+    assert t.is_alive()  # a full queue holds the producer back
+    gate.set()
+    t.join(5)
+    c.close()
+    assert seen == [0, 1, 2, 3]
+
+    def fails(i):
+        if i == 2:
+            raise OSError("disk full")
+
+    c = Consumer(fails, depth=1)
+    with pytest.raises(OSError, match="disk full"):
+        for i in range(100):
+            c.put(i)
+        c.close()
+    c.abort()
