@@ -373,7 +373,8 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
     """Predict GeoTIFF/VRT/PNG/JPEG files, folders or .txt lists into COG masks, routing and footprints."""
     from geomoe.backbone import pick_device
     from geomoe.bundle import load_bundle
-    from geomoe.pipelines.predict import BundleModel, predict_many
+    from geomoe.pipelines.inference import BundleModel
+    from geomoe.pipelines.predict import predict_many
 
     if unfamiliar not in (None, "route", "baseline", "skip"):
         _fail(f"--unfamiliar {unfamiliar}: choose route, baseline or skip")
