@@ -369,30 +369,39 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
                                                 "locations.csv above them, else not resampled)"),
             resume: bool = typer.Option(False, help="skip inputs whose outputs are complete"),
             no_regularize: bool = typer.Option(False, "--no-regularize"),
-            min_area: Optional[float] = typer.Option(None, help="drop footprints smaller than this (m^2)")) -> None:
+            min_area: Optional[float] = typer.Option(None, help="drop footprints smaller than this (m^2)"),
+            engine: str = typer.Option("local", help="local (this process) or ray (scenes spread over a Ray cluster)"),
+            address: Optional[str] = typer.Option(None, help="Ray cluster address for --engine ray (default: "
+                                                  "RAY_ADDRESS, else a local cluster on this machine)"),
+            workers: Optional[int] = typer.Option(None, help="Ray workers, each loading the bundle once (default: one "
+                                                  "per --cpus-per-worker CPUs of the cluster)"),
+            cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker"),
+            gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker")) -> None:
     """Predict GeoTIFF/VRT/PNG/JPEG files, folders or .txt lists into COG masks, routing and footprints."""
-    from geomoe.backbone import pick_device
     from geomoe.bundle import load_bundle
-    from geomoe.pipelines.inference import BundleModel
+    from geomoe.pipelines.inference import ModelSpec
     from geomoe.pipelines.predict import predict_many
 
     if unfamiliar not in (None, "route", "baseline", "skip"):
         _fail(f"--unfamiliar {unfamiliar}: choose route, baseline or skip")
     if routing not in (None, "tile", "smoothed", "scene"):
         _fail(f"--routing {routing}: choose tile, smoothed or scene")
+    if engine not in ("local", "ray"):
+        _fail(f"--engine {engine}: choose local or ray")
+    band_list = None
+    if bands is not None:
+        try:
+            band_list = [int(x) for x in bands.split(",")]
+        except ValueError:
+            _fail(f"--bands {bands}: give three band numbers, e.g. 3,2,1")
+    spec = ModelSpec(str(bundle.resolve()), device, soft, tta, with_baseline=unfamiliar == "baseline", bands=band_list,
+                     bit_depth=bit_depth)
     try:
-        b = load_bundle(bundle, pick_device(device), with_baseline=unfamiliar == "baseline")
+        model = spec.load() if engine == "local" else None
+        b = model.b if model is not None else load_bundle(bundle, "cpu", with_baseline=unfamiliar == "baseline")
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     _out_dir(out)
-    model = BundleModel(b, soft=soft)
-    if bands is not None:
-        try:
-            model.bands = [int(x) for x in bands.split(",")]
-        except ValueError:
-            _fail(f"--bands {bands}: give three band numbers, e.g. 3,2,1")
-    if bit_depth is not None:
-        model.bit_depth = bit_depth
     if unfamiliar == "baseline" and b.baseline is None:
         _fail(f"{bundle}: --unfamiliar baseline needs the single network, which this bundle does not have "
               f"(train with --baseline, or use --unfamiliar route or skip)")
@@ -406,8 +415,20 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         pcfg = b.config.predict.model_validate({**b.config.predict.model_dump(), **upd})
     except ValueError as e:
         _fail(str(e))
-    model.tta = pcfg.tta
-    results = predict_many(model, inputs, out, pcfg, b.threshold, resume=resume, gsd=gsd)
+    if engine == "local":
+        model.tta = pcfg.tta
+        results = predict_many(model, inputs, out, pcfg, b.threshold, resume=resume, gsd=gsd)
+    else:
+        from geomoe.pipelines.inference import BundleModel
+        from geomoe.pipelines.ray_engine import EngineError, RayOptions, predict_many_ray
+
+        spec.tta = pcfg.tta
+        try:
+            results = predict_many_ray(spec, BundleModel(b).identity, inputs, out, pcfg, b.threshold,
+                                       RayOptions(address, workers, cpus_per_worker, gpus_per_worker),
+                                       resume=resume, gsd=gsd)
+        except EngineError as e:
+            _fail(str(e))
     t = Table(title="predict")
     for c in ("input", "status", "details"):
         t.add_column(c)

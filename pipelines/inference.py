@@ -90,6 +90,31 @@ class BundleModel:
 
 
 @dataclass
+class ModelSpec:
+    """How to build a BundleModel: small and picklable, so each Ray worker builds its own (loads the bundle once)."""
+
+    bundle: str
+    device: str = "auto"
+    soft: bool = False
+    tta: bool = False
+    with_baseline: bool = True
+    bands: list[int] | None = None  # None: the bundle's
+    bit_depth: int | None = None  # None: the bundle's (NBITS tag, else detected)
+
+    def load(self) -> BundleModel:
+        from geomoe.backbone import pick_device
+        from geomoe.bundle import load_bundle
+
+        device = pick_device(self.device)  # "auto" is resolved where the model runs (a Ray worker may hold a GPU)
+        model = BundleModel(load_bundle(self.bundle, device, with_baseline=self.with_baseline), self.soft, self.tta)
+        if self.bands is not None:
+            model.bands = self.bands
+        if self.bit_depth is not None:
+            model.bit_depth = self.bit_depth
+        return model
+
+
+@dataclass
 class RoutingLayer:
     """Expert and distance per tile; ``fixed`` holds routes decided before prediction (smoothed or per scene)."""
 

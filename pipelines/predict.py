@@ -144,29 +144,45 @@ def _run_scene(model: TileModel, tiles: TileSource, src: Path, out: Path, cfg: P
     return outs, stats
 
 
-def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictConfig, threshold: float,
-                 resume: bool = False, progress: bool = True, gsd: float | None = None) -> list[InputResult]:
-    """Predict each input; a failure (unreadable file, out of memory, anything but an interrupt) is recorded with
-    its reason and the others still run."""
-    results = []
-    t0 = time.perf_counter()
+def scenes_to_do(inputs: list[Path], out: Path, resume: bool, model_id: str | None
+                 ) -> tuple[list[tuple[Path, str]], list[InputResult]]:
+    """(input, output name) of each scene to predict, and the results of those skipped as complete (``resume``)."""
     srcs = expand_inputs(inputs)
     names = output_names(srcs)
-    model_id = getattr(model, "identity", None)
+    todo, skipped = [], []
     for src in srcs:
         if resume and is_complete(src, out, name=names[src], model_id=model_id):
-            results.append(InputResult(src, True, "skipped (complete)"))
-            continue
-        try:
-            if not src.exists():
-                raise RasterError(f"{src}: no such file")
-            outs, st = predict_raster(model, src, out, cfg, threshold, progress, gsd=gsd, name=names[src])
-            results.append(InputResult(src, True, f"{st.tiles} tiles, {st.footprints} footprints, "
-                                       f"{st.tiles / max(st.seconds, 1e-9):.1f} tiles/s"
-                                       + (f", {st.unfamiliar} unfamiliar" if st.unfamiliar else ""), st.seconds, st))
-        except Exception as e:  # noqa: BLE001 - one scene's failure (OSError, out of memory) must not end the run
-            msg = explain(e, src)
-            log.error("%s", msg)
-            results.append(InputResult(src, False, msg))
+            skipped.append(InputResult(src, True, "skipped (complete)"))
+        else:
+            todo.append((src, names[src]))
+    return todo, skipped
+
+
+def predict_scene(model: TileModel, src: Path, name: str, out: Path, cfg: PredictConfig, threshold: float,
+                  progress: bool = True, gsd: float | None = None) -> InputResult:
+    """Predict one scene; a failure (unreadable file, out of memory, anything but an interrupt) comes back as a
+    result with its reason, so the other scenes still run."""
+    try:
+        if not src.exists():
+            raise RasterError(f"{src}: no such file")
+        _, st = predict_raster(model, src, out, cfg, threshold, progress, gsd=gsd, name=name)
+        return InputResult(src, True, f"{st.tiles} tiles, {st.footprints} footprints, "
+                           f"{st.tiles / max(st.seconds, 1e-9):.1f} tiles/s"
+                           + (f", {st.unfamiliar} unfamiliar" if st.unfamiliar else ""), st.seconds, st)
+    except Exception as e:  # noqa: BLE001 - one scene's failure (OSError, out of memory) must not end the run
+        msg = explain(e, src)
+        log.error("%s", msg)
+        return InputResult(src, False, msg)
+
+
+def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictConfig, threshold: float,
+                 resume: bool = False, progress: bool = True, gsd: float | None = None) -> list[InputResult]:
+    """Predict each input in this process (the local engine); writes OUT/run_summary.json."""
+    t0 = time.perf_counter()
+    todo, results = scenes_to_do(inputs, out, resume, getattr(model, "identity", None))
+    for src, name in todo:
+        results.append(predict_scene(model, src, name, out, cfg, threshold, progress, gsd))
+    order = {p: i for i, p in enumerate(expand_inputs(inputs))}
+    results.sort(key=lambda r: order.get(r.path, 0))
     write_run_summary(out, results, time.perf_counter() - t0)
     return results

@@ -1,0 +1,162 @@
+"""``geomoe predict --engine ray``: many scenes over a Ray cluster.
+
+Each worker is a Ray actor that loads the bundle once and predicts whole scenes with the local engine's own
+``predict_scene``, so outputs are the local engine's. The driver skips complete scenes (resume), hands the rest out
+as workers free up, records a scene whose worker fails or dies (out of memory) with its reason while the others
+finish, and writes the same run summary. Inputs, bundle and output folder must be paths every node can reach (a
+shared filesystem). Ray is optional: the local engine never imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from geomoe.config import PredictConfig
+from geomoe.pipelines.inference import ModelSpec
+from geomoe.pipelines.outputs import InputResult, expand_inputs, write_run_summary
+from geomoe.pipelines.predict import predict_scene, scenes_to_do
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The Ray engine cannot run (Ray missing, cluster unreachable); the message is one line for the user."""
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # None: RAY_ADDRESS, else a local cluster started for this run
+    workers: int | None = None  # None: one per cpus_per_worker CPUs of the cluster (per GPU with gpus_per_worker)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    num_cpus: int | None = None  # CPUs of a local cluster started for this run (None: all)
+
+
+def _reachable(address: str, timeout: float = 5.0) -> bool:
+    """Whether host:port answers, so an address that does not fails in seconds with one line, not after Ray's
+    long retries."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return True  # 'auto', 'local', ray:// client URLs: Ray itself says what is wrong
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def connect(opts: RayOptions) -> None:
+    """Join the cluster at ``opts.address`` (or RAY_ADDRESS), or start a local one."""
+    try:
+        import ray
+    except ImportError as e:
+        raise EngineError("--engine ray needs Ray: pip install 'geomoe[ray]' (the local engine needs nothing)") from e
+    if ray.is_initialized():
+        return
+    address = opts.address or os.environ.get("RAY_ADDRESS") or None
+    if address and not _reachable(address):
+        raise EngineError(f"cannot reach the Ray cluster at {address} (is 'ray start --head' running there, and the "
+                          f"port open?)")
+    try:
+        ray.init(address=address, num_cpus=None if address else opts.num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ...: one line either way
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EngineError(f"cannot connect to the Ray cluster at {address or 'a new local cluster'}: {first}") from e
+
+
+def _worker_class():
+    import ray
+
+    @ray.remote(max_restarts=0)
+    class SceneWorker:
+        """Holds one loaded bundle; predicts whole scenes."""
+
+        def __init__(self, spec: ModelSpec, threads: int):
+            import torch
+
+            torch.set_num_threads(max(1, threads))
+            self.model = spec.load()
+
+        def predict(self, src: str, name: str, out: str, cfg: PredictConfig, threshold: float,
+                    gsd: float | None) -> InputResult:
+            return predict_scene(self.model, Path(src), name, Path(out), cfg, threshold, progress=False, gsd=gsd)
+
+    return SceneWorker
+
+
+def _worker_count(opts: RayOptions, scenes: int) -> int:
+    import ray
+
+    if opts.workers:
+        return max(1, min(opts.workers, scenes))
+    res = ray.cluster_resources()
+    n = int(res.get("CPU", 1) // max(opts.cpus_per_worker, 1e-9))
+    if opts.gpus_per_worker > 0:
+        n = min(n, int(res.get("GPU", 0) // opts.gpus_per_worker))
+    return max(1, min(n, scenes))
+
+
+def predict_many_ray(spec: ModelSpec, model_id: str, inputs: list[Path], out: Path, cfg: PredictConfig,
+                     threshold: float, opts: RayOptions, resume: bool = False, progress: bool = True,
+                     gsd: float | None = None) -> list[InputResult]:
+    """Predict each input on the Ray cluster; the same outputs, resume and run summary as ``predict_many``."""
+    connect(opts)
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    t0 = time.perf_counter()
+    out = out.resolve()
+    todo, results = scenes_to_do(inputs, out, resume, model_id)
+    if todo:
+        worker = _worker_class().options(num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker)
+        threads = max(1, int(opts.cpus_per_worker))
+
+        def start():
+            return worker.remote(spec, threads)
+
+        idle = [start() for _ in range(_worker_count(opts, len(todo)))]
+        queue = list(reversed(todo))
+        running: dict = {}
+        bar = tqdm(total=len(todo), desc="scenes (ray)", unit="scene", disable=not progress)
+        try:
+            while queue or running:
+                while queue and idle:
+                    src, name = queue.pop()
+                    actor = idle.pop()
+                    ref = actor.predict.remote(str(src.resolve()), name, str(out), cfg, threshold, gsd)
+                    running[ref] = (actor, src)
+                done, _ = ray.wait(list(running), num_returns=1)
+                for ref in done:
+                    actor, src = running.pop(ref)
+                    try:
+                        res = ray.get(ref)
+                        res.path = src
+                        idle.append(actor)
+                    except RayActorError as e:  # the worker died (killed, out of memory): this scene failed
+                        res = InputResult(src, False, f"{src}: its Ray worker died ({type(e).__name__}: "
+                                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no reason given'})")
+                        idle.append(start())
+                    except RayTaskError as e:
+                        res = InputResult(src, False, f"{src}: {str(e).strip().splitlines()[-1]}")
+                        idle.append(actor)
+                    if not res.ok:
+                        log.error("%s", res.message)
+                    results.append(res)
+                    bar.update(1)
+        finally:
+            bar.close()
+            for actor, _ in running.values():  # interrupted: stop the scenes in flight (their outputs stay partial)
+                ray.kill(actor)
+    order = {p: i for i, p in enumerate(expand_inputs(inputs))}
+    results.sort(key=lambda r: order.get(r.path, 0))
+    write_run_summary(out, results, time.perf_counter() - t0)
+    return results
+
