@@ -1,9 +1,9 @@
 """Memory: peak resident memory of prediction on 5000x5000 and 20000x20000 rasters (synthetic content).
 
-Each size runs in a fresh process so peaks do not mix. Every tile goes through the real pipeline;
-the expert is a cheap roof-colour rule so that 20000x20000 finishes in minutes on a CPU (an expert's
-memory is a constant that does not depend on the raster).
-Usage: uv run python bench/memory.py [--sizes 5000 20000]
+Each size runs in a fresh process so peaks do not mix. Every tile goes through the real pipeline. With
+``--bundle`` the bundle's own embedding and U-Net experts run (the issue's setting); without it the expert is a cheap
+roof-colour rule so that 20000x20000 finishes in minutes on a CPU. Target: peak 20000 / peak 5000 <= 1.10.
+Writes bench/results/memory.json. Usage: uv run python bench/memory.py [--bundle BUNDLE] [--sizes 5000 20000]
 """
 
 from __future__ import annotations
@@ -40,10 +40,22 @@ def make_raster(path: Path, size: int) -> None:
             ds.write(row[:, :h], window=Window(0, r, size, h))
 
 
-def child(path: Path, out: Path) -> dict:
+def child(path: Path, out: Path, bundle: str | None) -> dict:
     import resource
 
     import torch
+
+    if bundle:
+        from geomoe.bundle import load_bundle
+        from geomoe.pipelines.inference import BundleModel
+        from geomoe.pipelines.predict import predict_raster
+
+        b = load_bundle(bundle, "cpu")
+        t0 = time.perf_counter()
+        _, st = predict_raster(BundleModel(b), path, out, b.config.predict, b.threshold, progress=False)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"peak_rss_mib": round(peak, 1), "tiles": st.tiles, "footprints": st.footprints,
+                "seconds": round(time.perf_counter() - t0, 1)}
 
     from geomoe.config import PredictConfig
     from geomoe.embedding.model import LocationAutoencoder
@@ -78,27 +90,36 @@ def child(path: Path, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
+    ap.add_argument("--bundle", type=str, default=None, help="a trained bundle: its real experts run")
     ap.add_argument("--child", nargs=2)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(Path(a.child[0]), Path(a.child[1]))))
+        print(json.dumps(child(Path(a.child[0]), Path(a.child[1]), a.bundle)))
         return
-    from common import record
+    from common import record, write_json
+
+    runs = {}
 
     lines = ["| raster | file size | peak RSS (MiB) | tiles | footprints | seconds |", "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as td:
         for size in a.sizes:
             src = Path(td) / f"r{size}.tif"
             make_raster(src, size)
-            res = subprocess.run([sys.executable, __file__, "--child", str(src), str(Path(td) / f"o{size}")],
-                                 capture_output=True, text=True, check=True)
+            res = subprocess.run([sys.executable, __file__, "--child", str(src), str(Path(td) / f"o{size}"),
+                                  *(["--bundle", a.bundle] if a.bundle else [])], capture_output=True, text=True, check=True)
             r = json.loads(res.stdout.strip().splitlines()[-1])
+            runs[f"{size}x{size}"] = r
             lines.append(f"| {size}x{size} | {src.stat().st_size / 1e6:.0f} MB | {r['peak_rss_mib']} | {r['tiles']} | "
                          f"{r['footprints']} | {r['seconds']} |")
             print(lines[-1], flush=True)
+    peaks = [r["peak_rss_mib"] for r in runs.values()]
+    ratio = peaks[-1] / peaks[0]
+    lines += ["", f"**Peak RSS {list(runs)[-1]} / {list(runs)[0]}: {ratio:.3f}** (target <= 1.10)."]
+    what = (f"bundle `{a.bundle}` (its embedding and U-Net experts, its predict config)" if a.bundle else
+            "tile 512, overlap 128, batch 8; resnet34 embedding at 96 px (random weights), roof-colour rule as expert")
+    write_json("memory", {"runs": runs, "ratio": round(ratio, 3)}, what)
     record("Memory: peak RSS of streaming prediction", "\n".join(lines),
-           "tile 512, overlap 128, batch 8; every tile read, embedded (resnet34 embedding at 96 px, random weights), "
-           "routed, predicted (roof-colour rule as expert), blended, written as COG, polygonized and regularised")
+           what + "; every tile read, embedded, routed, predicted, blended, written as COG, polygonized and regularised")
 
 
 if __name__ == "__main__":
