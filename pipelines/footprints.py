@@ -161,6 +161,18 @@ def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd
             work = reg
         except Exception as e:  # keep the raw polygons rather than lose the batch
             log.warning("regularisation failed on a batch (%s); raw polygons kept", e)
+    work = _one_polygon_each(work, gsd * gsd if crs is None else 1.0)
     if crs is None:
         return work
     return work.to_crs(crs)
+
+
+def _one_polygon_each(gdf: gpd.GeoDataFrame, area_scale: float) -> gpd.GeoDataFrame:
+    """One Polygon per building: a piece is one 4-connected component, so a MultiPolygon can only come from
+    cleaning or regularising its outline (rings touching at a corner); its largest part is the building."""
+    multi = gdf.geom_type == "MultiPolygon"
+    if multi.any():
+        parts = [max(g.geoms, key=lambda q: q.area) for g in gdf.geometry[multi]]
+        gdf.loc[multi.to_numpy(), gdf.geometry.name] = parts
+        gdf.loc[multi.to_numpy(), "area_m2"] = np.array([q.area for q in parts]) * area_scale
+    return gdf

@@ -253,3 +253,17 @@ def test_geoparquet_is_written_in_chunks_with_its_crs(tmp_path):
     r = gpd.read_parquet(tmp_path / "f.parquet")
     assert r.crs.to_epsg() == 32614 and list(r.area_m2) == list(g.area_m2)
     assert all(a.equals(b) for a, b in zip(r.geometry, g.geometry))
+
+
+def test_a_footprint_that_cleaning_splits_stays_one_polygon():
+    """A building's outline that cleaning or regularising turned into a MultiPolygon is written as its largest part."""
+    import geopandas as gpd
+    from shapely.geometry import MultiPolygon, box
+
+    from geomoe.pipelines.footprints import _one_polygon_each
+
+    gdf = gpd.GeoDataFrame({"area_m2": [5.0, 4.0]}, geometry=[MultiPolygon([box(0, 0, 2, 2), box(2, 2, 3, 3)]), box(5, 5, 7, 7)],
+                           crs="EPSG:32633")
+    out = _one_polygon_each(gdf, 1.0)
+    assert list(out.geom_type) == ["Polygon", "Polygon"] and out.geometry[0].equals(box(0, 0, 2, 2))
+    assert list(out.area_m2) == [4.0, 4.0]
