@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import rasterio
 import torch
 from common import SHARED, record, write_json
@@ -47,7 +46,7 @@ def xiamen_mosaic(folder: Path, n: int) -> Path:
     best = max(((x, y) for x, y in files), key=lambda o: sum((o[0] + i, o[1] + j) in files for i in range(n) for j in range(n)))
     block = [files[(best[0] + i, best[1] + j)] for i in range(n) for j in range(n) if (best[0] + i, best[1] + j) in files]
     with rasterio.open(block[0]) as ds:
-        res, crs, dtype, count = ds.res[0], ds.crs, ds.dtypes[0], ds.count
+        res, crs, count = ds.res[0], ds.crs, ds.count
     bounds = [rasterio.open(f).bounds for f in block]
     left, top = min(b.left for b in bounds), max(b.top for b in bounds)
     width = round((max(b.right for b in bounds) - left) / res)

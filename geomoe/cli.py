@@ -376,7 +376,9 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
             workers: Optional[int] = typer.Option(None, help="Ray workers, each loading the bundle once (default: one "
                                                   "per --cpus-per-worker CPUs of the cluster)"),
             cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker"),
-            gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker")) -> None:
+            gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker"),
+            strip_rows: Optional[int] = typer.Option(None, "--strip-rows", help="--engine ray: split scenes of more "
+                                                     "tile rows than this into strips over several workers")) -> None:
     """Predict GeoTIFF/VRT/PNG/JPEG files, folders or .txt lists into COG masks, routing and footprints."""
     from geomoe.bundle import load_bundle
     from geomoe.pipelines.inference import ModelSpec
@@ -425,7 +427,7 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         spec.tta = pcfg.tta
         try:
             results = predict_many_ray(spec, BundleModel(b).identity, inputs, out, pcfg, b.threshold,
-                                       RayOptions(address, workers, cpus_per_worker, gpus_per_worker),
+                                       RayOptions(address, workers, cpus_per_worker, gpus_per_worker, strip_rows=strip_rows),
                                        resume=resume, gsd=gsd)
         except EngineError as e:
             _fail(str(e))

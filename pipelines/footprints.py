@@ -126,7 +126,10 @@ def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd
     """Georeference, measure, filter and regularise pieces; attributes: area_m2, expert, mean_prob."""
     cent = np.array([[p.geom.centroid.x, p.geom.centroid.y] for p in pieces]).reshape(-1, 2)
     a = transform
-    geoms = [affine_transform(p.geom, [a.a, a.b, a.d, a.e, a.c, a.f]).buffer(0) for p in pieces]
+    # canonical outlines (no collinear vertices, fixed start and orientation) in exact pixel coordinates: a building
+    # joined across different band or strip borders then reaches the regulariser as the very same polygon
+    canon = shapely.normalize(shapely.simplify(np.array([p.geom for p in pieces], dtype=object), 0))
+    geoms = [affine_transform(g, [a.a, a.b, a.d, a.e, a.c, a.f]).buffer(0) for g in canon]
     gdf = gpd.GeoDataFrame(
         {"expert": expert_at(cent[:, 0], cent[:, 1]).astype(np.int32) if len(pieces) else np.zeros(0, np.int32),
          "mean_prob": np.array([p.prob_sum / max(p.pixels, 1) for p in pieces], np.float32),

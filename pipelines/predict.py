@@ -17,6 +17,8 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,8 @@ from geomoe.pipelines.inference import RoutingLayer, TileModel, infer_row, route
 from geomoe.pipelines.outputs import (InputResult, Outputs, RunStats, expand_inputs, is_complete, output_names,
                                       outputs_for, write_run_summary, write_scene_summary)
 from geomoe.pipelines.tile_source import TileSource, open_tiles
-from geomoe.pipelines.tiling import BandBlender
+from geomoe.pipelines.footprints import Piece
+from geomoe.pipelines.tiling import BandBlender, TileGrid
 from geomoe.pipelines.writers import Band, BandWriter, SceneWriters, write_routing
 from geomoe.raster import RasterError, explain, open_raster
 
@@ -61,8 +64,9 @@ def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, t
     with open_raster(src) as probe:
         width = probe.width
     # GDAL's block cache defaults to 5% of RAM and fills up on big rasters. Streaming needs only about
-    # two rows of 512 px blocks of the input and both outputs (width x 3.5 kB) per reader; more just grows RSS.
-    cache_mb = max(cfg.gdal_cache_mb, int(width * 3584 * (1 + reader_threads(cfg, model)) / 2**20) + 16)
+    # two rows of 512 px blocks of the input and both outputs (width x 3.5 kB), per reader thread beyond the
+    # first (one reader and the writer work on different rows of different files); more just grows RSS.
+    cache_mb = max(cfg.gdal_cache_mb, int(width * 3584 * max(1, reader_threads(cfg, model)) / 2**20) + 16)
     with rasterio.Env(GDAL_CACHEMAX=cache_mb):
         ds = open_raster(src)
         try:
@@ -80,59 +84,112 @@ def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, thr
         tiles.close()
 
 
+@dataclass
+class RowSpan:
+    """The tile rows [a, b) a run answers for and the output rows [y0, y1) they finish: a whole scene, or one strip
+    of it (pipelines.strips). The tile row before ``a`` is read too: it lends its overlap to rows from y0 on."""
+
+    a: int
+    b: int
+    y0: int
+    y1: int
+
+    @classmethod
+    def whole(cls, grid: TileGrid) -> "RowSpan":
+        return cls(0, len(grid.ys), 0, grid.height)
+
+    @property
+    def first(self) -> int:
+        return max(self.a - 1, 0)
+
+
+def cell_index(grid: TileGrid) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(cols, rows) of pixels -> (tile column, tile row) of the cell each pixel falls in."""
+    ex, ey = grid.cell_edges("x"), grid.cell_edges("y")
+
+    def index(cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ix = np.clip(np.searchsorted(ex, cols, side="right") - 1, 0, len(grid.xs) - 1)
+        iy = np.clip(np.searchsorted(ey, rows, side="right") - 1, 0, len(grid.ys) - 1)
+        return ix, iy
+
+    return index
+
+
+def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: PredictConfig, threshold: float,
+                layer: RoutingLayer, writers: SceneWriters, progress: bool = False, desc: str = "",
+                emit: Callable[[list[Piece]], None] | None = None) -> RunStats:
+    """Read, route, predict and blend the tile rows of ``span``; its finished output rows go to ``writers`` (their
+    row 0 is ``span.y0``) on the write-behind worker, footprints to ``emit`` (default: the writers)."""
+    grid, readers = tiles.grid, reader_threads(cfg, model)
+    cells = cell_index(grid)
+    band_writer = BandWriter(writers, grid.width, threshold, emit)
+    # one band waiting while one is written: enough to keep the model busy; each band is a tile row x width
+    consumer = Consumer(band_writer, depth=1, threaded=cfg.write_behind)
+    stats, context = RunStats(), RunStats()  # the context row's tiles belong to the strip above
+
+    def sink(row0: int, prob: np.ndarray, valid: np.ndarray) -> None:
+        lo, hi = max(row0, span.y0), min(row0 + prob.shape[1], span.y1)
+        if lo >= hi:
+            return
+        prob, valid = prob[:, lo - row0:hi - row0], valid[lo - row0:hi - row0].copy()
+        if cfg.unfamiliar == "skip" and (layer.ran == -2).any():  # tiles skipped as unfamiliar: nodata cells
+            cx, cy = cells(np.arange(grid.width), np.arange(lo, hi))
+            valid &= layer.ran[cy][:, cx] != -2
+        consumer.put(Band(lo - span.y0, prob.copy(), valid))  # copies: the blender reuses its band
+
+    channels = getattr(model, "channels", 1)
+    # the watershed must see whole buildings: instance outputs are flushed a tile row at a time, not in strips
+    blender = BandBlender(grid, sink, flush_rows=None if channels > 1 else 64, channels=channels,
+                          top=int(grid.ys[span.first]))
+    total = len(grid.xs) * (span.b - span.a)
+    bar = tqdm(total=total, desc=desc, unit="tile", disable=not progress)
+    try:
+        for row in tiles.rows(readers, cfg.read_ahead, span.first, span.b):
+            blender.start_row(row.iy)
+            done = infer_row(model, row, tiles.t_src, cfg, layer, stats if row.iy >= span.a else context)
+            if done is not None:
+                for j, ix in enumerate(done.cols):
+                    blender.add(ix, done.iy, done.probs[j].numpy(), done.valid[j])
+            if row.iy >= span.a:
+                bar.update(len(row.cols) + row.empty)
+        if span.b < len(grid.ys):
+            blender.start_row(span.b)  # rows above the next strip's first tile row are final
+        else:
+            blender.finish()
+        consumer.close()
+        band_writer.finish()
+    except BaseException:
+        consumer.abort()
+        raise
+    finally:
+        bar.close()
+    return stats
+
+
 def _run_scene(model: TileModel, tiles: TileSource, src: Path, out: Path, cfg: PredictConfig, threshold: float,
                progress: bool, fmt: str, t0: float, gsd: float | None, target: float | None,
                name: str | None) -> tuple[Outputs, RunStats]:
-    ds, grid, readers = tiles.ds, tiles.grid, reader_threads(cfg, model)
+    ds, grid = tiles.ds, tiles.grid
     out.mkdir(parents=True, exist_ok=True)
     outs = outputs_for(src, out, fmt, geojson=ds.crs is not None, name=name, parquet=cfg.geoparquet)
     if cfg.routing == "tile":
         layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
     else:
-        layer = route_scene(model, tiles, cfg.routing, cfg, readers, progress, src.name)
-    ex, ey = grid.cell_edges("x"), grid.cell_edges("y")
+        layer = route_scene(model, tiles, cfg.routing, cfg, reader_threads(cfg, model), progress, src.name)
+    cells = cell_index(grid)
 
     def expert_at(cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """What ran at these pixels: an expert id, k for the single network (unfamiliar tiles), -2 skipped."""
-        ix = np.clip(np.searchsorted(ex, cols, side="right") - 1, 0, len(grid.xs) - 1)
-        iy = np.clip(np.searchsorted(ey, rows, side="right") - 1, 0, len(grid.ys) - 1)
+        ix, iy = cells(cols, rows)
         return layer.ran[iy, ix]
 
     writers = SceneWriters(ds, outs, gsd, cfg, expert_at)
-    band_writer = BandWriter(writers, ds.width, threshold)
-    consumer = Consumer(band_writer, depth=2, threaded=cfg.write_behind)
-    stats = RunStats()
-
-    def sink(row0: int, prob: np.ndarray, valid: np.ndarray) -> None:
-        valid = valid.copy()
-        if cfg.unfamiliar == "skip" and (layer.ran == -2).any():  # tiles skipped as unfamiliar: nodata cells
-            cy = np.clip(np.searchsorted(ey, np.arange(row0, row0 + prob.shape[1]), side="right") - 1, 0, len(grid.ys) - 1)
-            cx = np.clip(np.searchsorted(ex, np.arange(ds.width), side="right") - 1, 0, len(grid.xs) - 1)
-            valid &= layer.ran[cy][:, cx] != -2
-        consumer.put(Band(row0, prob.copy(), valid))  # copies: the blender reuses its band
-
-    channels = getattr(model, "channels", 1)
-    # the watershed must see whole buildings: instance outputs are flushed a tile row at a time, not in strips
-    blender = BandBlender(grid, sink, flush_rows=None if channels > 1 else 64, channels=channels)
-    bar = tqdm(total=len(grid), desc=src.name, unit="tile", disable=not progress)
     try:
-        for row in tiles.rows(readers, depth=cfg.read_ahead):
-            blender.start_row(row.iy)
-            done = infer_row(model, row, tiles.t_src, cfg, layer, stats)
-            if done is not None:
-                for j, ix in enumerate(done.cols):
-                    blender.add(ix, done.iy, done.probs[j].numpy(), done.valid[j])
-            bar.update(len(row.cols) + row.empty)
-        blender.finish()
-        consumer.close()
-        band_writer.finish()
-        bar.close()
+        stats = stream_rows(model, tiles, RowSpan.whole(grid), cfg, threshold, layer, writers, progress, src.name)
         stats.footprints = writers.count
-        write_routing(outs.routing, grid, ex, ey, layer, ds, getattr(model, "baseline_id", None))
+        write_routing(outs.routing, grid, layer, ds, getattr(model, "baseline_id", None))
         writers.finish()
     except BaseException:
-        bar.close()
-        consumer.abort()
         writers.abort()
         raise
     stats.seconds = time.perf_counter() - t0

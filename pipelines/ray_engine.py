@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class RayOptions:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     num_cpus: int | None = None  # CPUs of a local cluster started for this run (None: all)
+    strip_rows: int | None = None  # split scenes of more tile rows than this into strips over several workers
 
 
 def _reachable(address: str, timeout: float = 5.0) -> bool:
@@ -77,7 +79,7 @@ def _worker_class():
 
     @ray.remote(max_restarts=0)
     class SceneWorker:
-        """Holds one loaded bundle; predicts whole scenes."""
+        """Holds one loaded bundle; predicts whole scenes, plans and predicts strips of large ones, merges strips."""
 
         def __init__(self, spec: ModelSpec, threads: int):
             import torch
@@ -88,6 +90,21 @@ def _worker_class():
         def predict(self, src: str, name: str, out: str, cfg: PredictConfig, threshold: float,
                     gsd: float | None) -> InputResult:
             return predict_scene(self.model, Path(src), name, Path(out), cfg, threshold, progress=False, gsd=gsd)
+
+        def plan(self, src: str, name: str, out: str, cfg: PredictConfig, rows: int, gsd: float | None):
+            from geomoe.pipelines.strips import plan_strips
+
+            return plan_strips(self.model, Path(src), name, Path(out), cfg, rows, gsd)
+
+        def strip(self, strip, cfg: PredictConfig, threshold: float, gsd: float | None):
+            from geomoe.pipelines.strips import predict_strip
+
+            return predict_strip(self.model, strip, cfg, threshold, gsd)
+
+        def merge(self, results, out: str, cfg: PredictConfig, started: float) -> InputResult:
+            from geomoe.pipelines.strips import merge_strips
+
+            return merge_strips(results, Path(out), cfg, getattr(self.model, "identity", None), started)
 
     return SceneWorker
 
@@ -122,39 +139,80 @@ def predict_many_ray(spec: ModelSpec, model_id: str, inputs: list[Path], out: Pa
         def start():
             return worker.remote(spec, threads)
 
-        idle = [start() for _ in range(_worker_count(opts, len(todo)))]
-        queue = list(reversed(todo))
+        # strips let one scene use many workers; whole scenes use at most one each
+        idle = [start() for _ in range(_worker_count(opts, 10**6 if opts.strip_rows else len(todo)))]
+        # work items, first in first out: ("scene" | "plan", src, name), ("strip", src, Strip), ("merge", src, results)
+        queue: deque = deque(("plan" if opts.strip_rows else "scene", src, name) for src, name in todo)
         running: dict = {}
+        strips: dict[Path, dict] = {}  # per scene in strips: its start, how many strips, the results so far
+        failed: set[Path] = set()
         bar = tqdm(total=len(todo), desc="scenes (ray)", unit="scene", disable=not progress)
+
+        def submit(item, actor):
+            kind, src = item[0], item[1]
+            if kind == "scene":
+                return actor.predict.remote(str(src.resolve()), item[2], str(out), cfg, threshold, gsd)
+            if kind == "plan":
+                return actor.plan.remote(str(src.resolve()), item[2], str(out), cfg, opts.strip_rows, gsd)
+            if kind == "strip":
+                return actor.strip.remote(item[2], cfg, threshold, gsd)
+            return actor.merge.remote(item[2], str(out), cfg, strips[src]["started"])
+
+        def finish(res: InputResult) -> None:
+            if not res.ok:
+                log.error("%s", res.message)
+                failed.add(res.path)
+            results.append(res)
+            bar.update(1)
+
         try:
             while queue or running:
                 while queue and idle:
-                    src, name = queue.pop()
+                    item = queue.popleft()
+                    if item[1] in failed:  # a strip of a scene that already failed
+                        continue
                     actor = idle.pop()
-                    ref = actor.predict.remote(str(src.resolve()), name, str(out), cfg, threshold, gsd)
-                    running[ref] = (actor, src)
+                    running[submit(item, actor)] = (actor, item)
+                if not running:
+                    continue
                 done, _ = ray.wait(list(running), num_returns=1)
                 for ref in done:
-                    actor, src = running.pop(ref)
+                    actor, item = running.pop(ref)
+                    kind, src = item[0], item[1]
                     try:
-                        res = ray.get(ref)
-                        res.path = src
+                        value = ray.get(ref)
                         idle.append(actor)
                     except RayActorError as e:  # the worker died (killed, out of memory): this scene failed
-                        res = InputResult(src, False, f"{src}: its Ray worker died ({type(e).__name__}: "
-                                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no reason given'})")
+                        reason = str(e).strip().splitlines()[0] if str(e).strip() else "no reason given"
+                        value = InputResult(src, False, f"{src}: its Ray worker died ({type(e).__name__}: {reason})")
                         idle.append(start())
                     except RayTaskError as e:
-                        res = InputResult(src, False, f"{src}: {str(e).strip().splitlines()[-1]}")
+                        value = InputResult(src, False, f"{src}: {str(e).strip().splitlines()[-1]}")
                         idle.append(actor)
-                    if not res.ok:
-                        log.error("%s", res.message)
-                    results.append(res)
-                    bar.update(1)
+                    if src in failed:
+                        continue
+                    if isinstance(value, InputResult):  # a whole scene, a merge, or a failure of any step
+                        value.path = src
+                        finish(value)
+                    elif kind == "plan":
+                        if not value.strips:
+                            queue.append(("scene", src, item[2]))
+                        else:
+                            strips[src] = {"started": time.time(), "count": len(value.strips), "done": []}
+                            queue.extend(("strip", src, st) for st in value.strips)
+                    else:  # a strip's result
+                        entry = strips[src]
+                        entry["done"].append(value)
+                        if len(entry["done"]) == entry["count"]:
+                            queue.appendleft(("merge", src, entry.pop("done")))
         finally:
             bar.close()
-            for actor, _ in running.values():  # interrupted: stop the scenes in flight (their outputs stay partial)
+            for actor, _ in running.values():  # interrupted: stop the work in flight (its outputs stay partial)
                 ray.kill(actor)
+        if not running:  # every scene ended: the parts of scenes whose strips failed go too
+            import shutil
+
+            shutil.rmtree(out / ".strips", ignore_errors=True)
     order = {p: i for i, p in enumerate(expand_inputs(inputs))}
     results.sort(key=lambda r: order.get(r.path, 0))
     write_run_summary(out, results, time.perf_counter() - t0)

@@ -104,9 +104,10 @@ class TileSource:
             batch = batch.pin_memory()
         return TileRow(iy, keep, batch, masks, len(cols) - len(keep))
 
-    def rows(self, readers: int = 0, depth: int = 2) -> Iterator[TileRow]:
-        """Every tile row in order, read by ``readers`` threads up to ``depth`` rows ahead (0: in this thread)."""
-        return read_ahead(self.read_row, range(len(self.grid.ys)), readers, depth)
+    def rows(self, readers: int = 0, depth: int = 2, start: int = 0, stop: int | None = None) -> Iterator[TileRow]:
+        """Tile rows ``start`` to ``stop`` (default: all) in order, read by ``readers`` threads up to ``depth`` rows
+        ahead (0: in this thread)."""
+        return read_ahead(self.read_row, range(start, len(self.grid.ys) if stop is None else stop), readers, depth)
 
 
 def open_tiles(model, ds, src: Path, cfg: PredictConfig, given_gsd: float | None = None,

@@ -85,9 +85,9 @@ class BandBlender:
     """
 
     def __init__(self, grid: TileGrid, sink: Callable[[int, np.ndarray, np.ndarray], None],
-                 flush_rows: int | None = 64, channels: int = 1):
+                 flush_rows: int | None = 64, channels: int = 1, top: int = 0):
         self.g, self.sink, self.flush_rows = grid, sink, flush_rows
-        self.top = 0
+        self.top = top  # first row of the band: the first tile row's origin (0, or a strip's context row)
         self.band = np.zeros((channels, grid.tile, grid.width), np.float32)
         self.valid = np.zeros((grid.tile, grid.width), bool)
 

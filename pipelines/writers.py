@@ -3,6 +3,7 @@ routing layer. Everything is written under a temporary name and moved to its fin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,8 +69,11 @@ class SceneWriters:
         return m
 
     def write_pieces(self, pieces: list[Piece]) -> None:
-        gdf = pieces_to_frame(pieces, self.transform, self.crs, self.gsd, self.cfg.min_area_m2, self.cfg.regularize,
-                              self.cfg.allow_diagonals, self.expert_at)
+        self.write_frame(pieces_to_frame(pieces, self.transform, self.crs, self.gsd, self.cfg.min_area_m2,
+                                         self.cfg.regularize, self.cfg.allow_diagonals, self.expert_at))
+
+    def write_frame(self, gdf: gpd.GeoDataFrame) -> None:
+        """Append finished footprints (in the raster's CRS) to the layers."""
         if len(gdf):
             gdf = gdf[["area_m2", "expert", "mean_prob", "pixels", "geometry"]]
             gdf.to_file(self.vec_tmp, driver="GPKG", layer="footprints", append=self.vec_tmp.exists(), engine="pyogrio")
@@ -77,6 +81,15 @@ class SceneWriters:
                 gdf.to_crs("EPSG:4326").to_file(self.json_tmp, driver="GeoJSON", append=self.json_tmp.exists(),
                                                 engine="pyogrio")
             self.count += len(gdf)
+
+    def copy_rows(self, prob_part: Path, mask_part: Path, row0: int, chunk: int = 512) -> None:
+        """Write the rows of a strip's probability and mask rasters (made by another worker) from ``row0`` on."""
+        with rasterio.open(prob_part) as p, rasterio.open(mask_part) as m:
+            for r in range(0, p.height, chunk):
+                win = Window(0, r, p.width, min(chunk, p.height - r))
+                dst = Window(0, row0 + r, p.width, win.height)
+                self.prob.write(p.read(1, window=win), 1, window=dst)
+                self.mask.write(m.read(1, window=win), 1, window=dst)
 
     def close(self) -> None:
         self.prob.close()
@@ -108,10 +121,10 @@ class SceneWriters:
                 p.unlink(missing_ok=True)
 
 
-def write_routing(path: Path, grid: TileGrid, ex: np.ndarray, ey: np.ndarray, layer: RoutingLayer, ds,
-                   baseline_id: int | None) -> None:
+def write_routing(path: Path, grid: TileGrid, layer: "RoutingLayer", ds, baseline_id: int | None) -> None:
     """One polygon per tile's cell (its true footprint, rotated grids included): the region's expert, its distance,
     whether the tile was unfamiliar and what ran on it."""
+    ex, ey = grid.cell_edges("x"), grid.cell_edges("y")
     rows = []
     t = ds.transform
     for iy in range(len(grid.ys)):
@@ -144,9 +157,10 @@ class BandWriter:
     """Writes finished bands in order: probability and mask rows, then their footprints (polygonised, joined across
     band borders, regularised). Runs beside the model (pipelines.background.Consumer), off its critical path."""
 
-    def __init__(self, writers: SceneWriters, width: int, threshold: float):
+    def __init__(self, writers: SceneWriters, width: int, threshold: float,
+                 emit: Callable[[list[Piece]], None] | None = None):
         self.writers, self.threshold = writers, threshold
-        self.collector = FootprintCollector(width, writers.write_pieces, batch=1000)
+        self.collector = FootprintCollector(width, emit or writers.write_pieces, batch=1000)
 
     def __call__(self, band: Band) -> None:
         m = self.writers.write_rows(band.row0, band.prob, band.valid, self.threshold)

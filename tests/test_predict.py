@@ -9,7 +9,6 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
-import torch
 from rasterio.transform import from_origin
 from typer.testing import CliRunner
 

@@ -18,6 +18,7 @@ from geomoe.pipelines.inference import BundleModel, ModelSpec
 from geomoe.pipelines.predict import predict_many
 
 from conftest import ROOT
+from test_stages import _same_footprint_sets
 
 ray = pytest.importorskip("ray")
 from geomoe.pipelines.ray_engine import RayOptions, connect, predict_many_ray  # noqa: E402
@@ -71,6 +72,17 @@ def test_four_scenes_on_ray_equal_the_local_engine(scenes, bundle_dir, cluster, 
     summary = json.loads((tmp_path / "ray" / "run_summary.json").read_text())
     assert summary["predicted"] == 4 and summary["failed"] == []
     assert summary["footprints"] == sum(r.stats.footprints for r in local)
+
+    # the same scenes cut into strips of one tile row, spread over the workers and merged: the same outputs
+    strips = predict_many_ray(spec, BundleModel(b).identity, inputs, tmp_path / "strips", cfg, b.threshold,
+                              RayOptions(strip_rows=1), progress=False)
+    assert [r.ok for r in strips] == [True] * 4 and all("strips" in r.message for r in strips)
+    for src in inputs:
+        pa, fa = _read(tmp_path / "local", src.stem)
+        pb, fb = _read(tmp_path / "strips", src.stem)
+        assert np.array_equal(pa, pb), src.name
+        _same_footprint_sets(fb, fa)
+    assert not (tmp_path / "strips" / ".strips").exists()
 
 
 def test_a_bad_scene_is_reported_and_a_rerun_skips_finished_ones(scenes, bundle_dir, cluster, tmp_path):

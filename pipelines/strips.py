@@ -1,0 +1,230 @@
+"""One very large scene in strips: several workers predict bands of tile rows, one merges them into the scene's
+outputs.
+
+A strip answers for tile rows [a, b) and finishes output rows [ys[a], ys[b]); it also reads tile row a - 1, whose
+overlap it needs, so every output pixel is blended from exactly the tiles the whole-scene run blends (the same
+rasters, byte for byte). Its footprints are made where it runs, except those touching its first or last output row:
+those go back to the merge, which joins the pieces that meet across a strip border (4-connectivity, as within a
+scene) before cleaning and regularising them. Strips need tile-by-tile routing (smoothed and per-scene routing look
+at the whole scene first).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyogrio
+import rasterio
+import shapely
+from rasterio.windows import Window
+from shapely.affinity import translate
+from shapely.geometry import box
+
+from geomoe.config import PredictConfig
+from geomoe.pipelines.footprints import Piece, _UnionFind
+from geomoe.pipelines.inference import RoutingLayer, TileModel
+from geomoe.pipelines.outputs import InputResult, Outputs, RunStats, outputs_for, write_scene_summary
+from geomoe.pipelines.predict import RowSpan, cell_index, stream_rows
+from geomoe.pipelines.tile_source import open_tiles
+from geomoe.pipelines.tiling import TileGrid
+from geomoe.pipelines.writers import SceneWriters, write_routing
+from geomoe.raster import open_raster
+
+
+@dataclass
+class Strip:
+    src: Path
+    name: str
+    index: int
+    count: int
+    span: RowSpan
+    work: Path  # where its parts go until the merge (a folder every worker and the merge can reach)
+
+
+@dataclass
+class StripResult:
+    strip: Strip
+    prob: Path
+    mask: Path
+    footprints: Path | None  # its own footprints (GPKG); None when it has none
+    boundary: list[Piece]  # pieces touching its first or last row, in the scene's pixel coordinates
+    routing: dict[str, np.ndarray]  # its tile rows of the routing layer
+    stats: RunStats
+    grid: tuple[int, int, int, int]  # the scene's TileGrid (width, height, tile, overlap)
+    gsd: float | None = None
+    target: float | None = None
+    baseline_id: int | None = None
+    footprints_written: int = 0
+
+
+@dataclass
+class StripPlan:
+    strips: list[Strip] = field(default_factory=list)  # empty: the scene is small enough to run whole
+
+
+def plan_strips(model: TileModel, src: Path, name: str, out: Path, cfg: PredictConfig, rows_per_strip: int,
+                gsd: float | None = None) -> StripPlan:
+    """Strips of ``rows_per_strip`` tile rows; none when the scene has no more rows than that or its routing looks
+    at the whole scene."""
+    with open_raster(src) as ds:
+        tiles, _, _ = open_tiles(model, ds, src, cfg, gsd, warn=False)
+    grid = tiles.grid
+    n = len(grid.ys)
+    if n <= rows_per_strip or cfg.routing != "tile":
+        return StripPlan()
+    cuts = list(range(0, n, rows_per_strip)) + [n]
+    work = out / ".strips" / name
+    spans = [RowSpan(a, b, int(grid.ys[a]), int(grid.ys[b]) if b < n else grid.height) for a, b in zip(cuts, cuts[1:])]
+    return StripPlan([Strip(src, name, i, len(spans), s, work) for i, s in enumerate(spans)])
+
+
+def predict_strip(model: TileModel, strip: Strip, cfg: PredictConfig, threshold: float,
+                  gsd: float | None = None) -> StripResult:
+    """Predict one strip into its part rasters and footprints; held-back boundary pieces come back."""
+    span = strip.span
+    strip.work.mkdir(parents=True, exist_ok=True)
+    base = strip.work / f"strip{strip.index:05d}"
+    with open_raster(strip.src) as ds:
+        tiles, scene_gsd, target = open_tiles(model, ds, strip.src, cfg, gsd, warn=False)
+        try:
+            grid = tiles.grid
+            layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
+            cells = cell_index(grid)
+            h = span.y1 - span.y0
+            view = SimpleNamespace(width=ds.width, height=h, crs=ds.crs,
+                                   transform=ds.window_transform(Window(0, span.y0, ds.width, h)))
+
+            def expert_at(cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+                ix, iy = cells(cols, rows)
+                return layer.ran[iy, ix]
+
+            outs = Outputs(Path(f"{base}_prob.tif"), Path(f"{base}_mask.tif"), Path(f"{base}_routing.gpkg"),
+                           Path(f"{base}_footprints.gpkg"), None, Path(f"{base}_summary.json"))
+            writers = SceneWriters(view, outs, scene_gsd, cfg, expert_at)  # part rasters: the strip's rows only
+            writers.transform = ds.transform  # footprints in the scene's pixel grid: the whole run's coordinates
+            held: list[Piece] = []
+            top_open, bottom_open = strip.index > 0, strip.index < strip.count - 1
+
+            def emit(pieces: list[Piece]) -> None:
+                own = []
+                for p in pieces:
+                    _, miny, _, maxy = p.geom.bounds
+                    piece = Piece(translate(p.geom, yoff=span.y0), p.pixels, p.prob_sum)  # the scene's rows
+                    if (top_open and miny <= 0) or (bottom_open and maxy >= h):
+                        held.append(piece)
+                    else:
+                        own.append(piece)
+                if own:
+                    writers.write_pieces(own)
+
+            try:
+                stats = stream_rows(model, tiles, span, cfg, threshold, layer, writers, emit=emit)
+            except BaseException:
+                writers.abort()
+                raise
+            writers.close()
+        finally:
+            tiles.close()
+    rows = slice(span.a, span.b)
+    return StripResult(strip, writers.raw_prob, writers.raw_mask,
+                       writers.vec_tmp if writers.vec_tmp.exists() else None, held,
+                       {k: getattr(layer, k)[rows].copy() for k in ("experts", "distance", "unfamiliar", "ran")},
+                       stats, (grid.width, grid.height, grid.tile, grid.overlap), scene_gsd, target,
+                       getattr(model, "baseline_id", None), writers.count)
+
+
+def join_boundary_pieces(results: list[StripResult], width: int) -> list[Piece]:
+    """Union the held-back pieces that share pixels across strip borders (4-connectivity: one pixel above the other)."""
+    pieces = [p for r in results for p in r.boundary]
+    if not pieces:
+        return []
+    uf = _UnionFind()
+    owner = [i for i, r in enumerate(results) for _ in r.boundary]
+    for k in range(len(results) - 1):
+        y = results[k + 1].strip.span.y0
+        above = [i for i, o in enumerate(owner) if o == k and pieces[i].geom.bounds[3] >= y]
+        below = [i for i, o in enumerate(owner) if o == k + 1 and pieces[i].geom.bounds[1] <= y]
+        if not above or not below:
+            continue
+        # the last row above, moved down one row, against the first row below: overlap of positive length = a shared
+        # column, the same test as the stream's label comparison
+        rows_above = [translate(shapely.intersection(pieces[i].geom, box(0, y - 1, width, y)), yoff=1) for i in above]
+        rows_below = [shapely.intersection(pieces[i].geom, box(0, y, width, y + 1)) for i in below]
+        tree = shapely.STRtree(rows_below)
+        for ia, ga in zip(above, rows_above):
+            for jb in tree.query(ga):
+                if shapely.intersection(ga, rows_below[jb]).area > 0:
+                    uf.union(ia, below[jb])
+    groups: dict[int, list[int]] = {}
+    for i in range(len(pieces)):
+        groups.setdefault(uf.find(i), []).append(i)
+    joined = []
+    for members in groups.values():
+        parts = [pieces[m] for m in members]
+        geom = parts[0].geom if len(parts) == 1 else shapely.union_all([p.geom for p in parts])
+        joined.append(Piece(geom, sum(p.pixels for p in parts), sum(p.prob_sum for p in parts)))
+    return joined
+
+
+def merge_strips(results: list[StripResult], out: Path, cfg: PredictConfig, model_id: str | None,
+                 started: float | None = None) -> InputResult:
+    """The scene's outputs from its strips: rasters copied row by row into the COGs, footprints appended in chunks,
+    the boundary pieces joined; every output appears under its final name only when complete."""
+    results = sorted(results, key=lambda r: r.strip.index)
+    first = results[0]
+    src, name = first.strip.src, first.strip.name
+    grid = TileGrid(*first.grid)
+    layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
+    for r in results:
+        for k, v in r.routing.items():
+            getattr(layer, k)[r.strip.span.a:r.strip.span.b] = v
+    cells = cell_index(grid)
+
+    def expert_at(cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        ix, iy = cells(cols, rows)
+        return layer.ran[iy, ix]
+
+    stats = RunStats()
+    for r in results:
+        stats.tiles += r.stats.tiles
+        stats.skipped_tiles += r.stats.skipped_tiles
+        stats.unfamiliar += r.stats.unfamiliar
+        for e, n in r.stats.per_expert.items():
+            stats.per_expert[e] = stats.per_expert.get(e, 0) + n
+    out.mkdir(parents=True, exist_ok=True)
+    with open_raster(src) as ds:
+        outs = outputs_for(src, out, geojson=ds.crs is not None, name=name, parquet=cfg.geoparquet)
+        writers = SceneWriters(ds, outs, first.gsd, cfg, expert_at)
+        try:
+            for r in results:
+                writers.copy_rows(r.prob, r.mask, r.strip.span.y0)
+                if r.footprints is not None:
+                    n = pyogrio.read_info(r.footprints, layer="footprints")["features"]
+                    for s in range(0, n, 5000):
+                        gdf = pyogrio.read_dataframe(r.footprints, layer="footprints", skip_features=s, max_features=5000)
+                        writers.write_frame(gdf)
+            joined = join_boundary_pieces(results, grid.width)
+            if joined:
+                writers.write_pieces(joined)
+            write_routing(outs.routing, grid, layer, ds, first.baseline_id)
+            stats.footprints = writers.count
+            writers.finish()
+        except BaseException:
+            writers.abort()
+            raise
+        stats.seconds = time.time() - started if started is not None else 0.0  # wall clock: strips ran elsewhere
+        write_scene_summary(outs, src, model_id, stats, len(grid), {
+            "routing": cfg.routing, "unfamiliar_action": cfg.unfamiliar, "gsd": first.gsd, "model_gsd": first.target,
+            "crs": str(ds.crs) if ds.crs else None, "strips": len(results)})
+    shutil.rmtree(first.strip.work, ignore_errors=True)
+    try:
+        first.strip.work.parent.rmdir()  # .strips, once no other scene's parts are in it
+    except OSError:
+        pass
+    return InputResult(src, True, f"{stats.tiles} tiles in {len(results)} strips, {stats.footprints} footprints",
+                       stats.seconds, stats)
