@@ -19,7 +19,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyogrio
-import rasterio
 import shapely
 from rasterio.windows import Window
 from shapely.affinity import translate
