@@ -7,7 +7,8 @@ One scene flows through small stages (each its own module):
     thread behind a bounded queue: probability and mask rows, instance separation, polygons, regularisation
     (pipelines.writers)
 
-so the model's thread only routes, predicts and blends. Queues are bounded, so memory does not grow with the raster.
+so the model's thread only routes, predicts and blends. Queues are bounded: memory holds a few tile rows across
+the scene's width, whatever its height.
 Many scenes: ``predict_many`` here, or over a Ray cluster (pipelines.ray_engine).
 """
 
@@ -31,8 +32,8 @@ from geomoe.pipelines.background import Consumer
 from geomoe.pipelines.inference import RoutingLayer, TileModel, infer_row, route_scene
 from geomoe.pipelines.outputs import (InputResult, Outputs, RunStats, expand_inputs, is_complete, output_names,
                                       outputs_for, write_run_summary, write_scene_summary)
-from geomoe.pipelines.tile_source import TileSource, open_tiles
 from geomoe.pipelines.footprints import Piece
+from geomoe.pipelines.tile_source import TileSource, open_tiles
 from geomoe.pipelines.tiling import BandBlender, TileGrid
 from geomoe.pipelines.writers import Band, BandWriter, SceneWriters, write_routing
 from geomoe.raster import RasterError, explain, open_raster
