@@ -470,8 +470,12 @@ def main() -> None:
     debug = "--debug" in sys.argv[1:]
     if debug:  # accepted anywhere on the line, not only before the command
         sys.argv.remove("--debug")
+    from geomoe import interrupt
+
+    interrupt.install()
     try:
         rc = app(standalone_mode=False)
+        interrupt.check()  # a Ctrl-C whose KeyboardInterrupt Python dropped still ends as an interruption
     except (KeyboardInterrupt, click.exceptions.Abort):
         rc = 130
     except click.ClickException as e:

@@ -27,6 +27,7 @@ import rasterio
 import torch
 from tqdm import tqdm
 
+from geomoe import interrupt
 from geomoe.config import PredictConfig
 from geomoe.pipelines.background import Consumer
 from geomoe.pipelines.inference import RoutingLayer, TileModel, infer_row, route_scene
@@ -146,6 +147,7 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: Predict
     bar = tqdm(total=total, desc=desc, unit="tile", disable=not progress)
     try:
         for row in tiles.rows(readers, cfg.read_ahead, span.first, span.b):
+            interrupt.check()
             blender.start_row(row.iy)
             done = infer_row(model, row, tiles.t_src, cfg, layer, stats if row.iy >= span.a else context)
             if done is not None:
@@ -159,6 +161,7 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: Predict
             blender.finish()
         consumer.close()
         band_writer.finish()
+        interrupt.check()
     except BaseException:
         consumer.abort()
         raise
@@ -239,6 +242,7 @@ def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictCo
     t0 = time.perf_counter()
     todo, results = scenes_to_do(inputs, out, resume, getattr(model, "identity", None))
     for src, name in todo:
+        interrupt.check()
         results.append(predict_scene(model, src, name, out, cfg, threshold, progress, gsd))
     order = {p: i for i, p in enumerate(expand_inputs(inputs))}
     results.sort(key=lambda r: order.get(r.path, 0))
