@@ -169,8 +169,21 @@ def fit(task: L.LightningModule, data: L.LightningDataModule, tc: TrainerConfig,
         task.kept_start = start  # type: ignore[attr-defined]
     if trainer.is_global_zero:
         task.export(job.export)  # type: ignore[attr-defined]
+        slim_checkpoints(job.run_dir / "checkpoints")
     barrier()
     return job.export
+
+
+def slim_checkpoints(folder: Path) -> None:
+    """Drop the optimizer state from a finished job's checkpoints: a finished job is never resumed, and Adam's two
+    moment buffers made a bundle's training checkpoints twice the size of its weights again."""
+    for ck in sorted(folder.glob("*.ckpt")):
+        state = torch.load(ck, map_location="cpu", weights_only=False)
+        if not state.get("optimizer_states"):
+            continue
+        state["optimizer_states"], state["lr_schedulers"] = [], []
+        with atomic_path(ck) as tmp:
+            torch.save(state, tmp)
 
 
 def start_score(trainer: L.Trainer, task: L.LightningModule, data: L.LightningDataModule, job: FitJob) -> float:
