@@ -47,7 +47,10 @@ def xiamen_mosaic(folder: Path, n: int) -> Path:
     block = [files[(best[0] + i, best[1] + j)] for i in range(n) for j in range(n) if (best[0] + i, best[1] + j) in files]
     with rasterio.open(block[0]) as ds:
         res, crs, count = ds.res[0], ds.crs, ds.count
-    bounds = [rasterio.open(f).bounds for f in block]
+    bounds = []
+    for f in block:
+        with rasterio.open(f) as ds:
+            bounds.append(ds.bounds)
     left, top = min(b.left for b in bounds), max(b.top for b in bounds)
     width = round((max(b.right for b in bounds) - left) / res)
     height = round((top - min(b.bottom for b in bounds)) / res)

@@ -206,8 +206,9 @@ def _run_scene(model: TileModel, tiles: TileSource, src: Path, out: Path, cfg: P
 
 
 def scenes_to_do(inputs: list[Path], out: Path, resume: bool, model_id: str | None
-                 ) -> tuple[list[tuple[Path, str]], list[InputResult]]:
-    """(input, output name) of each scene to predict, and the results of those skipped as complete (``resume``)."""
+                 ) -> tuple[list[tuple[Path, str]], list[InputResult], dict[Path, int]]:
+    """(input, output name) of each scene to predict, the results of those skipped as complete (``resume``), and
+    each input's place in the run (results are reported in that order)."""
     srcs = expand_inputs(inputs)
     names = output_names(srcs)
     todo, skipped = [], []
@@ -216,7 +217,7 @@ def scenes_to_do(inputs: list[Path], out: Path, resume: bool, model_id: str | No
             skipped.append(InputResult(src, True, "skipped (complete)"))
         else:
             todo.append((src, names[src]))
-    return todo, skipped
+    return todo, skipped, {p: i for i, p in enumerate(srcs)}
 
 
 def predict_scene(model: TileModel, src: Path, name: str, out: Path, cfg: PredictConfig, threshold: float,
@@ -240,11 +241,10 @@ def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictCo
                  resume: bool = False, progress: bool = True, gsd: float | None = None) -> list[InputResult]:
     """Predict each input in this process (the local engine); writes OUT/run_summary.json."""
     t0 = time.perf_counter()
-    todo, results = scenes_to_do(inputs, out, resume, getattr(model, "identity", None))
+    todo, results, order = scenes_to_do(inputs, out, resume, getattr(model, "identity", None))
     for src, name in todo:
         interrupt.check()
         results.append(predict_scene(model, src, name, out, cfg, threshold, progress, gsd))
-    order = {p: i for i, p in enumerate(expand_inputs(inputs))}
     results.sort(key=lambda r: order.get(r.path, 0))
     write_run_summary(out, results, time.perf_counter() - t0)
     return results

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from geomoe.config import PredictConfig
 from geomoe.pipelines.inference import ModelSpec
-from geomoe.pipelines.outputs import InputResult, expand_inputs, write_run_summary
+from geomoe.pipelines.outputs import InputResult, write_run_summary
 from geomoe.pipelines.predict import predict_scene, scenes_to_do
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def predict_many_ray(spec: ModelSpec, model_id: str, inputs: list[Path], out: Pa
 
     t0 = time.perf_counter()
     out = out.resolve()
-    todo, results = scenes_to_do(inputs, out, resume, model_id)
+    todo, results, order = scenes_to_do(inputs, out, resume, model_id)
     if todo:
         worker = _worker_class().options(num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker)
         threads = max(1, int(opts.cpus_per_worker))
@@ -213,7 +213,6 @@ def predict_many_ray(spec: ModelSpec, model_id: str, inputs: list[Path], out: Pa
             import shutil
 
             shutil.rmtree(out / ".strips", ignore_errors=True)
-    order = {p: i for i, p in enumerate(expand_inputs(inputs))}
     results.sort(key=lambda r: order.get(r.path, 0))
     write_run_summary(out, results, time.perf_counter() - t0)
     return results
