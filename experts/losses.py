@@ -2,6 +2,11 @@
 
 Both terms are computed per image and averaged over the batch, so the loss of a batch split over several
 processes (DDP) averages to the loss of the whole batch, and the two runs take the same steps.
+
+The Jaccard term counts only images with building pixels: on an image without any, soft Jaccard is
+1 / (sum of probabilities + 1), about 0 unless every pixel is near 0, so the term sits near its maximum and
+its only pull is to lower every probability in the image. Regions with many empty patches (villages, fields)
+then learn to under-predict; BCE alone scores the empty images.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.T
     target, v = target.to(logits.dtype), valid.to(logits.dtype)
     bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * v).sum((-2, -1)) / v.sum((-2, -1)).clamp(min=1)
     jac = soft_jaccard(torch.sigmoid(logits), target, valid)
-    return (alpha * bce + (1 - alpha) * (1 - jac)).mean()
+    has = ((target * v).sum((-2, -1)) > 0).to(logits.dtype)
+    return (alpha * bce + (1 - alpha) * (1 - jac) * has).mean()
 
 
 def instance_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, alpha: float,

@@ -44,6 +44,7 @@ class SegmentationTask(GeomoeTask):
         super().__init__()
         self.model, self.cfg, self.total_steps, self.meta = model, cfg, total_steps, meta or {}
         self.lr, self.weight_decay, self.poly_power = cfg.lr, cfg.weight_decay, cfg.poly_power
+        self.optimizer_name = cfg.optimizer
         self.val_counts = PixelCounts()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,7 @@ def train_expert(prep: Prepared, cfg: Config, job: ExpertJob, out: Path, progres
     task = SegmentationTask(model, x, epochs * per_epoch, meta)
     if job.init_from is not None:
         task.lr = x.lr * x.finetune_lr_scale
+        task.warmup_steps = round(x.finetune_warmup * epochs * per_epoch)
     plan = PatchPlan(job.train_refs, job.val_refs, x.batch_size, per_epoch, epochs,
                      instance_targets=x.outputs == "instances")
     data = PatchDataModule(prep, plan, cfg.seed, cfg.data.min_valid, cfg.data.workers)

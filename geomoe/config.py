@@ -92,6 +92,13 @@ class ExpertConfig(_Strict):
         0.25, gt=0.0, le=1.0, description="Jobs that start from a trained network (the experts and the single network's "
                                           "continuation from the generalist, finetune) use lr x this: restarting at the "
                                           "full rate undoes what the start had learnt.")
+    finetune_warmup: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Jobs that start from a trained network raise their rate linearly over this "
+                                         "share of their steps: Adam's fresh moments make its first steps about lr per "
+                                         "weight whatever the gradient, which shakes a trained network.")
+    optimizer: Literal["adam", "adamw"] = Field(
+        "adam", description="adam: the paper's Adam with weight decay as an L2 term (normalised by Adam, so weights "
+                            "with small gradients shrink by about lr per step); adamw: decoupled weight decay.")
     keep_start: bool = Field(
         True, description="A job that starts from a trained network also scores that start on its validation windows "
                           "and keeps it when no fine-tuned checkpoint beats it (choice on validation, never test).")

@@ -40,6 +40,18 @@ def match_buildings(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5) -> tu
     return tp, n_p - tp, n_t - tp
 
 
+def drop_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """``mask`` without its connected components (4-neighbours) of fewer than ``min_pixels`` pixels."""
+    if min_pixels <= 1:
+        return mask
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    keep = np.bincount(lab.ravel(), minlength=n + 1) >= min_pixels
+    keep[0] = False
+    return keep[lab]
+
+
 @dataclass
 class Scores:
     """Running pixel counts (and building and boundary counts) for one location and one method."""
@@ -56,8 +68,12 @@ class Scores:
     patches: int = 0
 
     def update(self, pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None, boundary_px: int = 2,
-               instances: bool = True) -> None:
-        """Add one patch; ``instances=False`` counts pixels only (cheap enough for every training epoch)."""
+               instances: bool = True, min_pixels: int = 0) -> None:
+        """Add one patch; ``instances=False`` counts pixels only (cheap enough for every training epoch).
+
+        Pixel figures score the mask as predicted; building F1 and boundary IoU score the footprints a user gets,
+        so predicted buildings under ``min_pixels`` (prediction's ``min_area_m2``) are dropped for them first.
+        """
         pred, truth = pred.astype(bool), truth.astype(bool)
         v = np.ones_like(pred) if valid is None else valid.astype(bool)
         p, t = pred & v, truth & v
@@ -68,6 +84,7 @@ class Scores:
         self.patches += 1
         if not instances:
             return
+        p = drop_small(p, min_pixels)
         a, b, c = match_buildings(p, t)
         self.b_tp, self.b_fp, self.b_fn = self.b_tp + a, self.b_fp + b, self.b_fn + c
         bp, bt = _boundary(p, boundary_px), _boundary(t, boundary_px)

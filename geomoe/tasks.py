@@ -6,10 +6,16 @@ import lightning as L
 import torch
 
 
-def poly_lambda(total_steps: int, power: float):
-    """lr = base * (1 - step / total) ** power, the paper's "poly" schedule, stepped per batch."""
+def poly_lambda(total_steps: int, power: float, warmup_steps: int = 0):
+    """lr = base * (1 - step / total) ** power, the paper's "poly" schedule, stepped per batch; over the first
+    ``warmup_steps`` it is also scaled by a linear ramp (step + 1) / warmup_steps."""
     total = max(1, total_steps)
-    return lambda s: max(0.0, 1 - s / total) ** power
+
+    def factor(s: int) -> float:
+        ramp = min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        return ramp * max(0.0, 1 - s / total) ** power
+
+    return factor
 
 
 class GeomoeTask(L.LightningModule):
@@ -20,10 +26,13 @@ class GeomoeTask(L.LightningModule):
     weight_decay: float
     poly_power: float = 0.9
     total_steps: int
+    warmup_steps: int = 0
+    optimizer_name: str = "adam"
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(self.total_steps, self.poly_power))
+        kind = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
+        opt = kind(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(self.total_steps, self.poly_power, self.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:

@@ -204,6 +204,12 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def min_pixels(reader, min_area_m2: float) -> int:
+    """Prediction's smallest footprint (``predict.min_area_m2``) in pixels of ``reader``'s grid (0: size unknown)."""
+    pixel = reader.target_gsd or reader.gsd
+    return int(np.ceil(min_area_m2 / pixel ** 2)) if pixel else 0
+
+
 def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = None, split: str = "test",
              batch_size: int = 8, seed: int = 0, progress: bool = True) -> Evaluation:
     """Score every method on the ``split`` windows of ``root`` (the bundle's own split when it trained there)."""
@@ -238,10 +244,11 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
             flagged[li] += int(u)
         truth, valid = b["mask"].numpy() > 0, b["valid"].numpy()
         bids = rb.best_expert(truth, valid, bundle.threshold)
+        small = [min_pixels(prep.readers[refs[k].scene], cfg.predict.min_area_m2) for k in i]
         for m in methods:
             pred = rb.method_masks(m, bundle.threshold, rids, oids, bids)
             for j, loc in enumerate(locs):
-                scores[(m, loc)].update(pred[j], truth[j], valid[j])
+                scores[(m, loc)].update(pred[j], truth[j], valid[j], min_pixels=small[j])
     rows = []
     for m in methods:
         overall = Scores()

@@ -18,6 +18,7 @@ from geomoe.data.synthetic import make_synthetic
 from geomoe.experts.losses import segmentation_loss, soft_jaccard
 from geomoe.experts.model import Expert
 from geomoe.metrics import Scores, match_buildings
+from geomoe.tasks import poly_lambda
 from geomoe.pipelines.evaluate import evaluate
 from geomoe.pipelines.train import train_all
 from geomoe.router.routing import OracleRouter, RandomRouter, Router
@@ -46,6 +47,20 @@ def test_loss_ignores_invalid_pixels_and_rewards_overlap():
     assert soft_jaccard(torch.sigmoid(good[:, 0]), t, v).item() == pytest.approx(1.0, abs=1e-3)
 
 
+def test_an_image_without_buildings_is_scored_by_bce_alone():
+    empty = torch.zeros(2, 64, 64)
+    v = torch.ones(2, 64, 64, dtype=torch.bool)
+    logits = torch.full((2, 1, 64, 64), -4.0, requires_grad=True)  # p = 0.018: a confident, correct background
+    loss = segmentation_loss(logits, empty, v, 0.5)
+    bce = torch.nn.functional.softplus(torch.tensor(-4.0)).item()  # BCE of logit -4 against 0
+    assert loss.item() == pytest.approx(0.5 * bce, rel=1e-4)  # no Jaccard term near its maximum of 0.5
+    loss.backward()
+    assert logits.grad.abs().max() < 1e-5  # and no push to lower every pixel further
+    t = empty.clone()
+    t[1, :8, :8] = 1  # an image with a building keeps its Jaccard term
+    assert segmentation_loss(logits, t, v, 0.5).item() > 0.5 * (1 - 1 / 65) / 2
+
+
 def test_metrics_cumulative_iou_building_f1_and_boundary():
     truth = np.zeros((20, 20), bool)
     truth[2:6, 2:6] = truth[10:16, 10:16] = True
@@ -63,6 +78,18 @@ def test_metrics_cumulative_iou_building_f1_and_boundary():
     perfect = Scores()
     perfect.update(truth, truth)
     assert perfect.summary()["boundary_iou"] == 1.0 and perfect.summary()["accuracy"] == 1.0
+    # footprints under prediction's smallest area are dropped for the building figures, not for the pixel figures
+    small = Scores()
+    small.update(pred, truth, min_pixels=5)
+    assert small.summary()["building_f1"] == pytest.approx(2 * 1 / (2 * 1 + 0 + 1))
+    assert small.summary()["iou"] == pytest.approx(12 / (12 + 4 + 4 + 36))
+
+
+def test_poly_schedule_warms_up_then_decays():
+    f = poly_lambda(100, 0.9, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1 * 1.0) and f(4) == pytest.approx(0.5 * (1 - 4 / 100) ** 0.9)
+    assert f(9) == pytest.approx((1 - 9 / 100) ** 0.9) and f(50) == pytest.approx(0.5 ** 0.9)
+    assert poly_lambda(100, 0.9)(0) == 1.0 and f(100) == 0.0
 
 
 def test_router_nearest_centroid_by_cosine_and_soft_weights(tmp_path):

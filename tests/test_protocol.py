@@ -143,3 +143,21 @@ def test_predict_with_smoothed_and_scene_routing(tmp_path):
         experts[how] = gpd.read_file(outs.routing).expert.value_counts().to_dict()
     assert experts["tile"].get(1, 0) >= 1
     assert set(experts["smoothed"]) == {0} and set(experts["scene"]) == {0}
+
+
+def test_a_region_draws_each_window_equally_often_not_each_location():
+    """A region with 400 of one location's windows and 3 strays of another trains on its own data, not the strays."""
+    from types import SimpleNamespace
+
+    from geomoe.data.sampling import PatchRef, WindowSampler
+
+    readers = [SimpleNamespace(scene=SimpleNamespace(location="village")),
+               SimpleNamespace(scene=SimpleNamespace(location="town"))]
+    refs = [PatchRef(0, 256 * i, 0, 256) for i in range(400)] + [PatchRef(1, 256 * i, 0, 256) for i in range(3)]
+    s = WindowSampler(readers, refs)
+    rng = np.random.default_rng(0)
+    draws = [s.draw(rng) for _ in range(4000)]
+    strays = sum(r.scene == 1 for r in draws) / len(draws)
+    assert strays == pytest.approx(3 / 403, abs=0.006)
+    assert len({(r.scene, r.col) for r in draws}) > 390  # nearly every window of the region is seen
+    assert all(s.draw(rng, "town").scene == 1 for _ in range(20))  # a location asked for is still honoured

@@ -205,17 +205,22 @@ class BalancedSampler:
 
 
 class WindowSampler:
-    """Draws from a fixed list of windows (a region's share), each location equally often."""
+    """Draws from a fixed list of windows (a region's share), each window equally often.
+
+    Not each location equally often: a region holds most of some locations' windows and a few strays of
+    others (3 of one town's windows among 400 of a village's), and balancing by location would draw those few
+    strays a third of the time each, so the expert would learn them instead of its region.
+    """
 
     def __init__(self, readers: list[SceneReader], refs: list[PatchRef]):
         if not refs:
             raise ValueError("no windows to sample from")
+        self.refs = list(refs)
         self.by_loc: dict[str, list[PatchRef]] = {}
         for r in refs:
             self.by_loc.setdefault(readers[r.scene].scene.location, []).append(r)
         self.locations = sorted(self.by_loc)
 
     def draw(self, rng: np.random.Generator, location: str | None = None) -> PatchRef:
-        loc = location if location in self.by_loc else self.locations[int(rng.integers(len(self.locations)))]
-        refs = self.by_loc[loc]
+        refs = self.by_loc[location] if location in self.by_loc else self.refs
         return refs[int(rng.integers(len(refs)))]
