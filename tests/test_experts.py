@@ -92,6 +92,18 @@ def test_poly_schedule_warms_up_then_decays():
     assert poly_lambda(100, 0.9)(0) == 1.0 and f(100) == 0.0
 
 
+@pytest.mark.parametrize("name, kind", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_optimizer_and_warmup_come_from_the_config(name, kind):
+    from geomoe.config import ExpertConfig
+    from geomoe.experts.task import SegmentationTask
+
+    task = SegmentationTask(Expert("resnet18"), ExpertConfig(encoder="resnet18", optimizer=name), 100)
+    task.warmup_steps = 10
+    conf = task.configure_optimizers()
+    assert type(conf["optimizer"]) is kind
+    assert conf["optimizer"].param_groups[0]["lr"] == pytest.approx(1e-4 * 0.1)  # the ramp's first step
+
+
 def test_router_nearest_centroid_by_cosine_and_soft_weights(tmp_path):
     c = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
     r = Router(c * np.array([[5.0], [1.0], [2.0]], np.float32))  # scale must not matter: cosine
