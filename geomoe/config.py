@@ -152,6 +152,8 @@ class PredictConfig(_Strict):
     readers: int | None = Field(None, ge=0, description="Threads reading tiles ahead of the model (0: read in the "
                                 "model's thread; default: 1 beside a CPU model, enough to feed a GPU).")
     read_ahead: int = Field(2, ge=1, description="Tile rows read ahead of the model (memory: that many rows of tiles).")
+    footprint_workers: int | None = Field(None, ge=0, description="Processes regularising footprints (0: on the writer "
+                                          "thread; default: none up to 4 cores, then a quarter of them, at most 8).")
     write_behind: bool = Field(True, description="Write rasters and polygonise footprints on a worker thread, off the "
                                                  "model's critical path (False: in line, the reference path).")
 

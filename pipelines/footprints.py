@@ -8,7 +8,6 @@ border (4-connectivity, as the labelling) are unioned, so no building is cut in 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,8 +121,9 @@ class FootprintCollector:
 
 def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
                     min_area_m2: float, regularize: bool, diagonals: bool,
-                    expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> gpd.GeoDataFrame:
-    """Georeference, measure, filter and regularise pieces; attributes: area_m2, expert, mean_prob."""
+                    expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0) -> gpd.GeoDataFrame:
+    """Georeference, measure, filter and regularise pieces (over ``workers`` processes when more than one);
+    attributes: area_m2, expert, mean_prob."""
     cent = np.array([[p.geom.centroid.x, p.geom.centroid.y] for p in pieces]).reshape(-1, 2)
     a = transform
     # canonical outlines (no collinear vertices, fixed start and orientation) in exact pixel coordinates: a building
@@ -147,12 +147,9 @@ def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd
     work = work[work.area_m2 >= min_area_m2]
     if regularize and len(work):
         try:
-            from buildingregulariser import regularize_geodataframe
+            from geomoe.pipelines.regularise import regularise
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                reg = regularize_geodataframe(work, parallel_threshold=2 * gsd * unit, simplify_tolerance=gsd * unit,
-                                              allow_45_degree=diagonals, allow_circles=False, num_cores=1)
+            reg = regularise(work, 2 * gsd * unit, gsd * unit, diagonals, workers)
             lost = reg.geometry.isna() | reg.geometry.is_empty
             if len(reg) == len(work) and lost.any():  # a building is never dropped: its raw outline stays
                 reg.loc[lost.to_numpy(), reg.geometry.name] = work.geometry[lost.to_numpy()].to_numpy()

@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 NODATA = 255
 
 
+def footprint_workers(cfg: PredictConfig) -> int:
+    """``predict.footprint_workers``, or by default a few processes on machines with cores to spare."""
+    from geomoe.pipelines.regularise import auto_workers
+
+    return cfg.footprint_workers if cfg.footprint_workers is not None else auto_workers()
+
+
 class SceneWriters:
     """The probability and mask GeoTIFFs (tiled, written window by window) and the footprint layer."""
 
@@ -70,7 +77,8 @@ class SceneWriters:
 
     def write_pieces(self, pieces: list[Piece]) -> None:
         self.write_frame(pieces_to_frame(pieces, self.transform, self.crs, self.gsd, self.cfg.min_area_m2,
-                                         self.cfg.regularize, self.cfg.allow_diagonals, self.expert_at))
+                                         self.cfg.regularize, self.cfg.allow_diagonals, self.expert_at,
+                                         footprint_workers(self.cfg)))
 
     def write_frame(self, gdf: gpd.GeoDataFrame) -> None:
         """Append finished footprints (in the raster's CRS) to the layers."""

@@ -1,0 +1,54 @@
+"""Regularising footprints over a pool of processes gives exactly the outlines of one call in the writer's thread."""
+
+from __future__ import annotations
+
+import geopandas as gpd
+import numpy as np
+import shapely
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+
+from geomoe.config import PredictConfig
+from geomoe.pipelines.footprints import Piece, pieces_to_frame
+from geomoe.pipelines.regularise import regularise
+from geomoe.pipelines.writers import footprint_workers
+
+from conftest import ROOT
+
+
+def test_a_pool_of_processes_regularises_real_outlines_exactly_as_one_call():
+    gdf = gpd.read_file(ROOT / "sample" / "train" / "banepa" / "labels.geojson")
+    gdf = gdf[gdf.geom_type == "Polygon"].iloc[:160]
+    gdf = gdf.to_crs(gdf.estimate_utm_crs()).reset_index(drop=True)
+    # ragged outlines, as polygonised masks give them: the regulariser has work to do
+    gdf["geometry"] = gdf.geometry.buffer(0.4, quad_segs=2).simplify(0.05)
+    assert len(gdf) >= 100
+    one = regularise(gdf, 0.3, 0.15, False, workers=0)
+    pooled = regularise(gdf, 0.3, 0.15, False, workers=2)
+    assert len(pooled) == len(one) and pooled.crs == one.crs
+    assert all(shapely.equals_exact(a, b, 0) for a, b in zip(one.geometry, pooled.geometry))
+    assert (one.geometry.area - gdf.geometry.area).abs().mean() > 0.01  # regularising changed the outlines
+
+
+def test_pieces_to_frame_with_workers_equals_in_line():
+    rng = np.random.default_rng(0)
+    pieces = []
+    for i in range(80):  # 80 separate jagged rectangles in pixel coordinates
+        x, y = (i % 10) * 30, (i // 10) * 30
+        w, h = rng.integers(8, 20, 2)
+        ring = [(x, y), (x + w, y), (x + w, y + h // 2), (x + w - 1, y + h // 2), (x + w - 1, y + h), (x, y + h)]
+        pieces.append(Piece(shapely.Polygon(ring), int(w * h), float(w * h) * 0.9))
+    args = (from_origin(500000, 4000000, 0.5, 0.5), CRS.from_epsg(32633), 0.5, 1.0, True, False,
+            lambda c, r: np.zeros(len(c)))
+    a = pieces_to_frame(pieces, *args, workers=0)
+    b = pieces_to_frame(pieces, *args, workers=2)
+    assert len(a) == len(b) == 80
+    assert all(shapely.equals_exact(p, q, 0) for p, q in zip(a.geometry, b.geometry))
+
+
+def test_footprint_workers_default_keeps_small_machines_in_the_writer_thread(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert footprint_workers(PredictConfig()) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert footprint_workers(PredictConfig()) == 4
+    assert footprint_workers(PredictConfig(footprint_workers=3)) == 3
