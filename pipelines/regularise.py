@@ -12,8 +12,10 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import signal
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import geopandas as gpd
 import numpy as np
@@ -40,9 +42,15 @@ def auto_workers() -> int:
     return 0 if cores <= 4 else min(8, cores // 4)
 
 
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the predicting process, which stops at a safe point (geomoe/interrupt.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _pool(workers: int) -> ProcessPoolExecutor:
     if workers not in _POOLS:
-        _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=_ignore_sigint)
     return _POOLS[workers]
 
 
@@ -63,5 +71,9 @@ def regularise(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: flo
     pool = _pool(workers)
     parts = [pool.submit(regularise_frame, work.iloc[idx], parallel_threshold, tolerance, diagonals)
              for idx in np.array_split(np.arange(len(work)), n_chunks)]
-    out = pd.concat([p.result() for p in parts], ignore_index=True)
+    try:
+        out = pd.concat([p.result() for p in parts], ignore_index=True)
+    except BrokenProcessPool:
+        _POOLS.pop(workers, None)  # a worker died (killed, out of memory): the next batch starts a new pool
+        raise
     return gpd.GeoDataFrame(out, geometry=work.geometry.name, crs=work.crs)
