@@ -7,6 +7,7 @@ F1 at IoU 0.5, boundary IoU. Also a picture of a dense test area (image, truth, 
 Writes bench/results/quality.json and appends the tables to bench/RESULTS.md.
 Usage: uv run python bench/quality.py [--config medium] [--root ../shared/data] [--out bench/runs/quality]
        [--parts main,scratch,k5]   (finished parts are reused: a rerun only adds what is missing)
+       [--results quality_gpu]     (JSON and picture names; the GPU run: --config bench/configs/gpu.yaml)
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=SHARED)
     ap.add_argument("--out", type=Path, default=Path("bench/runs/quality"))
     ap.add_argument("--config", default="medium")
+    ap.add_argument("--results", default="quality", help="name of the JSON under bench/results/ and of the picture "
+                    "under docs/ (e.g. quality_gpu for the GPU run, so it does not replace the CPU run's figures)")
     ap.add_argument("--parts", default="main,scratch,k5",
                     help="main (generalist-started experts, k from the config), scratch (the paper's experts, same "
                          "regions), k5 (k = 5 on the same embedding and generalist); finished parts are reused")
@@ -185,7 +188,7 @@ def main() -> None:
         kev = timed(a.out, "evaluate_k5", lambda: cached_evaluation(kb, prep, dev, a.out / "evaluation_k5"))
         tables["k5"] = kev.table
         routing["k5"] = kev.routing
-    pic = dense_picture(load_bundle(base, dev), prep, Path("docs") / "quality_dense_test_area.png")
+    pic = dense_picture(load_bundle(base, dev), prep, Path("docs") / f"{a.results}_dense_test_area.png")
     times = json.loads((a.out / "times.json").read_text())
     minutes = sum(times.values()) / 60
 
@@ -211,7 +214,7 @@ def main() -> None:
               f"neighbouring tiles; scratch_* = the paper's experts trained from scratch, same regions and budget.")
     record(f"Quality: honest protocol, `{a.config}`, k = {cfg.regions.k}" + (", k = 5" if "k5" in tables else ""),
            "\n\n".join(md), f"`{a.config}` on {a.root} (test split)")
-    write_json("quality", {
+    write_json(a.results, {
         "wall_minutes": minutes, "times_s": times, "targets": targets,
         "table": {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
                       for loc, row in piv[m].iterrows()} for m in METRICS},
