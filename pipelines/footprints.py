@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import geopandas as gpd
 import numpy as np
@@ -20,6 +21,9 @@ from rasterio.transform import Affine
 from scipy import ndimage
 from shapely.affinity import affine_transform
 from shapely.geometry import shape
+
+if TYPE_CHECKING:
+    from geomoe.pipelines.regularise import Pending
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +123,29 @@ class FootprintCollector:
         self.flush()
 
 
-def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
-                    min_area_m2: float, regularize: bool, diagonals: bool,
-                    expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0) -> gpd.GeoDataFrame:
-    """Georeference, measure, filter and regularise pieces (over ``workers`` processes when more than one);
-    attributes: area_m2, expert, mean_prob."""
+@dataclass
+class FrameJob:
+    """A batch of footprints on its way to the layer: measured and filtered, its regularisation perhaps under way."""
+
+    work: gpd.GeoDataFrame
+    crs: CRS | None
+    area_scale: float  # m2 per unit of the work frame's area
+    measured: bool = True  # False without a ground resolution: no areas, no regularisation
+    pending: "Pending | None" = None
+
+    def done(self) -> bool:
+        return self.pending is None or self.pending.done()
+
+    def cancel(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+
+
+def start_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
+                min_area_m2: float, regularize: bool, diagonals: bool,
+                expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0) -> FrameJob:
+    """Georeference, measure, filter and clean pieces, and start their regularisation (over ``workers`` processes,
+    which go on while the caller does; :func:`finish_frame` gives the frame)."""
     cent = np.array([[p.geom.centroid.x, p.geom.centroid.y] for p in pieces]).reshape(-1, 2)
     a = transform
     # canonical outlines (no collinear vertices, fixed start and orientation) in exact pixel coordinates: a building
@@ -137,19 +159,34 @@ def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd
         geometry=geoms, crs=crs)
     if gsd is None:
         gdf["area_m2"] = np.nan
-        return gdf
+        return FrameJob(gdf, crs, 1.0, measured=False)
     if crs is None:  # pixel coordinates with a known resolution (locations.csv or --gsd): measure in pixels
         work, unit = gdf, 1.0 / gsd
         work["area_m2"] = work.geometry.area * gsd * gsd
     else:
         work, unit = (gdf.to_crs(gdf.estimate_utm_crs()) if len(gdf) else gdf), 1.0
         work["area_m2"] = work.geometry.area
+    scale = gsd * gsd if crs is None else 1.0
     work = work[work.area_m2 >= min_area_m2]
+    if len(work):  # pinholes are noise in a roof, not courtyards; they also cost the regulariser most of its time
+        work[work.geometry.name] = fill_holes(work.geometry.to_numpy(), min_area_m2 / scale)
+    job = FrameJob(work, crs, scale)
     if regularize and len(work):
-        try:
-            from geomoe.pipelines.regularise import regularise
+        from geomoe.pipelines.regularise import submit
 
-            reg = regularise(work, 2 * gsd * unit, gsd * unit, diagonals, workers)
+        try:
+            job.pending = submit(work, 2 * gsd * unit, gsd * unit, diagonals, workers)
+        except Exception as e:  # keep the raw polygons rather than lose the batch
+            log.warning("regularisation failed on a batch (%s); raw polygons kept", e)
+    return job
+
+
+def finish_frame(job: FrameJob) -> gpd.GeoDataFrame:
+    """The batch's footprints in the raster's CRS (waits for its regularisation): one polygon per building."""
+    work = job.work
+    if job.pending is not None:
+        try:
+            reg = job.pending.result()
             lost = reg.geometry.isna() | reg.geometry.is_empty
             if len(reg) == len(work) and lost.any():  # a building is never dropped: its raw outline stays
                 reg.loc[lost.to_numpy(), reg.geometry.name] = work.geometry[lost.to_numpy()].to_numpy()
@@ -157,14 +194,41 @@ def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd
             elif lost.any():
                 log.warning("regularisation dropped %d footprint(s)", int(lost.sum()))
                 reg = reg[~lost]
-            reg["area_m2"] = reg.geometry.area * (gsd * gsd if crs is None else 1.0)
+            reg["area_m2"] = reg.geometry.area * job.area_scale
             work = reg
         except Exception as e:  # keep the raw polygons rather than lose the batch
             log.warning("regularisation failed on a batch (%s); raw polygons kept", e)
-    work = _one_polygon_each(work, gsd * gsd if crs is None else 1.0)
-    if crs is None:
+    if job.measured:
+        work = _one_polygon_each(work, job.area_scale)
+    if job.crs is None or work.crs == job.crs:
         return work
-    return work.to_crs(crs)
+    return work.to_crs(job.crs)
+
+
+def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
+                    min_area_m2: float, regularize: bool, diagonals: bool,
+                    expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0) -> gpd.GeoDataFrame:
+    """Georeference, measure, filter and regularise pieces (over ``workers`` processes when more than one);
+    attributes: area_m2, expert, mean_prob."""
+    return finish_frame(start_frame(pieces, transform, crs, gsd, min_area_m2, regularize, diagonals, expert_at, workers))
+
+
+def fill_holes(geoms: np.ndarray, min_area: float) -> np.ndarray:
+    """Polygons (and multipolygons' parts) without their holes smaller than ``min_area`` (in the geometries' units):
+    a building's holes under the smallest building kept are gaps in the mask, and each costs the regulariser as
+    much as a small building."""
+
+    def fill(g: shapely.Polygon) -> shapely.Polygon:
+        keep = [r for r in g.interiors if shapely.area(shapely.Polygon(r)) >= min_area]
+        return g if len(keep) == len(g.interiors) else shapely.Polygon(g.exterior, keep)
+
+    out = geoms.copy()
+    for i, g in enumerate(geoms):
+        if g.geom_type == "Polygon" and len(g.interiors):
+            out[i] = fill(g)
+        elif g.geom_type == "MultiPolygon" and any(len(q.interiors) for q in g.geoms):
+            out[i] = shapely.MultiPolygon([fill(q) for q in g.geoms])
+    return out
 
 
 def _one_polygon_each(gdf: gpd.GeoDataFrame, area_scale: float) -> gpd.GeoDataFrame:

@@ -190,9 +190,9 @@ def _run_scene(model: TileModel, tiles: TileSource, src: Path, out: Path, cfg: P
     writers = SceneWriters(ds, outs, gsd, cfg, expert_at)
     try:
         stats = stream_rows(model, tiles, RowSpan.whole(grid), cfg, threshold, layer, writers, progress, src.name)
-        stats.footprints = writers.count
         write_routing(outs.routing, grid, layer, ds, getattr(model, "baseline_id", None))
         writers.finish()
+        stats.footprints = writers.count  # after finish: the last batches are written there
     except BaseException:
         writers.abort()
         raise

@@ -1,7 +1,8 @@
 """Footprint regularisation (buildingregulariser): in the writer's thread, or spread over a pool of processes.
 
-buildingregulariser costs about 10 ms a building, more than polygonising; on a machine whose cores the model
-leaves idle (a GPU machine) a pool of ``predict.footprint_workers`` processes keeps it off the writer's path.
+buildingregulariser costs about 10 ms a building (far more for an outline of thousands of vertices), more than
+polygonising; on a machine whose cores the model leaves idle (a GPU machine) a pool of
+``predict.footprint_workers`` processes keeps it off the writer's path.
 Each building is regularised on its own (no neighbour alignment), so cutting a batch into chunks gives exactly
 the outlines of one call on the whole batch. The pool is started once per process (spawned, never forked: the
 predicting process has reader, writer and torch threads) and reused by every scene.
@@ -20,6 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import shapely
 
 MIN_CHUNK = 32  # buildings: smaller chunks cost more in pickling than they save
 _POOLS: dict[int, ProcessPoolExecutor] = {}
@@ -62,18 +64,62 @@ def shutdown() -> None:
     _POOLS.clear()
 
 
+def balanced_chunks(cost: np.ndarray, n: int) -> list[np.ndarray]:
+    """Indices cut into ``n`` chunks of about equal total ``cost`` (largest first, each to the lightest chunk), each
+    in ascending order: one merged blob of tens of thousands of vertices must not hold up the buildings after it."""
+    loads, parts = np.zeros(n), [[] for _ in range(n)]
+    for i in np.argsort(-cost, kind="stable"):
+        j = int(np.argmin(loads))
+        parts[j].append(i)
+        loads[j] += cost[i]
+    return [np.sort(np.array(p, dtype=np.int64)) for p in parts if p]
+
+
+class Pending:
+    """A batch's regularisation: under way in the pool (its chunks' futures), or already done in this thread."""
+
+    def __init__(self, work: gpd.GeoDataFrame, futures: list | None = None, result: gpd.GeoDataFrame | None = None,
+                 workers: int = 0):
+        self.work, self.futures, self._result, self.workers = work, futures, result, workers
+
+    def done(self) -> bool:
+        return self.futures is None or all(f.done() for f in self.futures)
+
+    def cancel(self) -> None:
+        for f in self.futures or []:
+            f.cancel()
+
+    def result(self) -> gpd.GeoDataFrame:
+        """The regularised rows, in the order of one in-line call (waits for the pool)."""
+        if self.futures is None:
+            return self._result
+        try:
+            out = pd.concat([f.result() for f in self.futures], ignore_index=True)
+        except BrokenProcessPool:
+            _POOLS.pop(self.workers, None)  # a worker died (killed, out of memory): the next batch starts a new pool
+            raise
+        # stable: the parts of one outline split by the regulariser stay in its order
+        out = out.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+        return gpd.GeoDataFrame(out, geometry=self.work.geometry.name, crs=self.work.crs)
+
+
+def submit(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: float, diagonals: bool,
+           workers: int = 0) -> Pending:
+    """Start regularising every footprint of ``work``: with ``workers``, in chunks of about equal cost over that
+    many processes (the caller goes on meanwhile); without, here and now."""
+    if workers <= 0 or len(work) == 0:
+        return Pending(work, result=regularise_frame(work, parallel_threshold, tolerance, diagonals))
+    pool = _pool(workers)
+    # the regulariser's cost grows with an outline's vertices
+    cost = shapely.get_num_coordinates(work.geometry.to_numpy()).astype(float)
+    tagged = work.assign(_order=np.arange(len(work)))
+    futures = [pool.submit(regularise_frame, tagged.iloc[idx], parallel_threshold, tolerance, diagonals)
+               for idx in balanced_chunks(cost, max(1, min(workers, len(work) // MIN_CHUNK)))]
+    return Pending(work, futures, workers=workers)
+
+
 def regularise(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: float, diagonals: bool,
                workers: int = 0) -> gpd.GeoDataFrame:
-    """Regularise every footprint of ``work``, in chunks over ``workers`` processes when there are enough."""
-    n_chunks = min(workers, len(work) // MIN_CHUNK)
-    if n_chunks < 2:
-        return regularise_frame(work, parallel_threshold, tolerance, diagonals)
-    pool = _pool(workers)
-    parts = [pool.submit(regularise_frame, work.iloc[idx], parallel_threshold, tolerance, diagonals)
-             for idx in np.array_split(np.arange(len(work)), n_chunks)]
-    try:
-        out = pd.concat([p.result() for p in parts], ignore_index=True)
-    except BrokenProcessPool:
-        _POOLS.pop(workers, None)  # a worker died (killed, out of memory): the next batch starts a new pool
-        raise
-    return gpd.GeoDataFrame(out, geometry=work.geometry.name, crs=work.crs)
+    """Regularise every footprint of ``work`` (over ``workers`` processes when given); the rows come back in the
+    order of one in-line call."""
+    return submit(work, parallel_threshold, tolerance, diagonals, workers).result()

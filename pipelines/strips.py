@@ -211,8 +211,8 @@ def merge_strips(results: list[StripResult], out: Path, cfg: PredictConfig, mode
             if joined:
                 writers.write_pieces(joined)
             write_routing(outs.routing, grid, layer, ds, first.baseline_id)
-            stats.footprints = writers.count
             writers.finish()
+            stats.footprints = writers.count  # after finish: the last batches are written there
         except BaseException:
             writers.abort()
             raise

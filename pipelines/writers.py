@@ -3,6 +3,7 @@ routing layer. Everything is written under a temporary name and moved to its fin
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from shapely.geometry import Polygon
 
 from geomoe.atomic import atomic_path, tmp_name
 from geomoe.config import PredictConfig
-from geomoe.pipelines.footprints import FootprintCollector, Piece, pieces_to_frame
+from geomoe.pipelines.footprints import FootprintCollector, FrameJob, Piece, finish_frame, start_frame
 from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
 from geomoe.pipelines.instances import instance_labels, separated_mask
 from geomoe.pipelines.outputs import Outputs
@@ -54,6 +55,9 @@ class SceneWriters:
             if p is not None and p.exists():
                 p.unlink()
         self.count = 0
+        self.workers = footprint_workers(cfg)
+        # batches whose regularisation runs in the pool while bands go on; written in order as they finish
+        self.pending: deque[FrameJob] = deque()
 
     def write_rows(self, row0: int, prob: np.ndarray, valid: np.ndarray, threshold: float) -> np.ndarray:
         """Write building probability and mask for rows ``prob`` (channels, n, width); return the mask.
@@ -76,9 +80,16 @@ class SceneWriters:
         return m
 
     def write_pieces(self, pieces: list[Piece]) -> None:
-        self.write_frame(pieces_to_frame(pieces, self.transform, self.crs, self.gsd, self.cfg.min_area_m2,
-                                         self.cfg.regularize, self.cfg.allow_diagonals, self.expert_at,
-                                         footprint_workers(self.cfg)))
+        """Start a batch of finished pieces on its way to the layer; write the batches done so far, in order."""
+        self.pending.append(start_frame(pieces, self.transform, self.crs, self.gsd, self.cfg.min_area_m2,
+                                        self.cfg.regularize, self.cfg.allow_diagonals, self.expert_at, self.workers))
+        self._write_done(keep=2 * max(1, self.workers))
+
+    def _write_done(self, keep: int) -> None:
+        """Write the oldest batches that are done, and wait for the oldest while more than ``keep`` are under way
+        (memory stays bounded, and the layer's order is the order the pieces were finished in)."""
+        while self.pending and (len(self.pending) > keep or self.pending[0].done()):
+            self.write_frame(finish_frame(self.pending.popleft()))
 
     def write_frame(self, gdf: gpd.GeoDataFrame) -> None:
         """Append finished footprints (in the raster's CRS) to the layers."""
@@ -100,6 +111,8 @@ class SceneWriters:
                 self.mask.write(m.read(1, window=win), 1, window=dst)
 
     def close(self) -> None:
+        """Write the footprint batches still under way, and close the rasters."""
+        self._write_done(keep=0)
         self.prob.close()
         self.mask.close()
 
@@ -123,6 +136,9 @@ class SceneWriters:
         self.vec_tmp.replace(self.outs.footprints)
 
     def abort(self) -> None:
+        for job in self.pending:
+            job.cancel()
+        self.pending.clear()
         self.close()
         for p in (self.raw_prob, self.raw_mask, self.vec_tmp, self.json_tmp):
             if p is not None:
@@ -168,7 +184,9 @@ class BandWriter:
     def __init__(self, writers: SceneWriters, width: int, threshold: float,
                  emit: Callable[[list[Piece]], None] | None = None):
         self.writers, self.threshold = writers, threshold
-        self.collector = FootprintCollector(width, emit or writers.write_pieces, batch=1000)
+        # with a regularisation pool, smaller batches start it sooner (enough for each worker to get a chunk)
+        w = writers.workers
+        self.collector = FootprintCollector(width, emit or writers.write_pieces, batch=1000 if w == 0 else max(64, 32 * w))
 
     def __call__(self, band: Band) -> None:
         m = self.writers.write_rows(band.row0, band.prob, band.valid, self.threshold)

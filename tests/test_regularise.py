@@ -10,7 +10,7 @@ from rasterio.transform import from_origin
 
 from geomoe.config import PredictConfig
 from geomoe.pipelines.footprints import Piece, pieces_to_frame
-from geomoe.pipelines.regularise import regularise
+from geomoe.pipelines.regularise import balanced_chunks, regularise
 from geomoe.pipelines.writers import footprint_workers
 
 from conftest import ROOT
@@ -52,3 +52,26 @@ def test_footprint_workers_default_keeps_small_machines_in_the_writer_thread(mon
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert footprint_workers(PredictConfig()) == 4
     assert footprint_workers(PredictConfig(footprint_workers=3)) == 3
+
+
+def test_balanced_chunks_cover_every_building_once_with_even_cost():
+    cost = np.array([70000.0, 5, 8, 12, 400, 30000, 6, 9, 20000, 7, 11, 300])
+    chunks = balanced_chunks(cost, 3)
+    flat = np.concatenate(chunks)
+    assert sorted(flat.tolist()) == list(range(len(cost)))
+    assert all((np.diff(c) > 0).all() for c in chunks)  # ascending: in-line order within a chunk
+    # the three large outlines go to three different chunks (in order, they would hold up one worker)
+    assert all(len({0, 5, 8} & set(c.tolist())) == 1 for c in chunks)
+
+
+def test_pinholes_in_a_roof_are_filled_and_a_courtyard_stays():
+    # pixel coordinates at 0.5 m: a 20 x 20 m roof (40 px) with a 1 m2 pinhole and a 6 x 6 m courtyard
+    roof = shapely.Polygon([(0, 0), (40, 0), (40, 40), (0, 40)],
+                           [[(4, 4), (6, 4), (6, 6), (4, 6)], [(20, 20), (32, 20), (32, 32), (20, 32)]])
+    args = (from_origin(500000, 4000000, 0.5, 0.5), CRS.from_epsg(32633), 0.5, 4.0, False, False,
+            lambda c, r: np.zeros(len(c)))
+    gdf = pieces_to_frame([Piece(roof, 1600 - 4 - 144, 1000.0)], *args)
+    g = gdf.to_crs(32633).geometry.iloc[0]
+    assert len(g.interiors) == 1
+    assert abs(shapely.Polygon(g.interiors[0]).area - 36.0) < 1e-6
+    assert abs(g.area - (400 - 36)) < 1e-6

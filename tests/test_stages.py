@@ -50,8 +50,9 @@ def _outputs(model, src, out, cfg, threshold):
 
 @pytest.mark.parametrize("case", ["native", "resampled", "skip"])
 def test_staged_pipeline_equals_the_in_line_one_on_a_real_crop(case, real_crop, bundle_dir, tmp_path):
-    """Reader threads a few rows ahead and the write-behind worker give byte-identical rasters and identical
-    footprints and routing to reading, predicting and writing in one thread."""
+    """Reader threads a few rows ahead, the write-behind worker and footprint batches regularised by a pool while
+    bands go on give byte-identical rasters and identical footprints and routing to reading, predicting, writing
+    and regularising in one thread."""
     b = load_bundle(bundle_dir)
     cfg = b.config.predict.model_copy(update={"min_area_m2": 0.0, "unfamiliar": "skip" if case == "skip" else "route"})
 
@@ -64,11 +65,13 @@ def test_staged_pipeline_equals_the_in_line_one_on_a_real_crop(case, real_crop, 
         return m
 
     staged = _outputs(model(), real_crop, tmp_path / "staged",
-                      cfg.model_copy(update={"readers": 2, "read_ahead": 3, "write_behind": True}), b.threshold)
+                      cfg.model_copy(update={"readers": 2, "read_ahead": 3, "write_behind": True,
+                                             "footprint_workers": 2}), b.threshold)
     inline = _outputs(model(), real_crop, tmp_path / "inline",
-                      cfg.model_copy(update={"readers": 0, "write_behind": False}), b.threshold)
+                      cfg.model_copy(update={"readers": 0, "write_behind": False, "footprint_workers": 0}), b.threshold)
     assert np.array_equal(staged[0], inline[0]) and np.array_equal(staged[1], inline[1])
     assert (staged[0] == 255).any() and (staged[0] < 255).any()  # nodata kept as nodata, data predicted
+    assert len(staged[2]) >= 2  # footprints went through the pool
     for a, c in ((staged[2], inline[2]), (staged[3], inline[3])):
         assert len(a) == len(c)
         assert all(g.equals_exact(h, 0) for g, h in zip(a.geometry, c.geometry))

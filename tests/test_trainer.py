@@ -181,6 +181,18 @@ def test_two_process_ddp_gives_the_weights_of_one_process(staged, reference, syn
     _same(_last_weights(ddp), reference, 1e-6)
 
 
+def test_reader_processes_that_live_for_the_whole_job_give_the_weights_of_none(staged, reference, synth_root):
+    """Data workers persist across epochs and validations; every patch is still the one of the in-process reader."""
+    d, _ = staged
+    run = d / "workers"
+    shutil.copytree(d / "base", run)
+    cfg = d / "workers.yaml"
+    cfg.write_text(yaml.safe_dump({**LONGER, "data": {**LONGER["data"], "workers": 2}}))
+    res = CliRunner().invoke(app, ["train", str(synth_root), "-o", str(run), "-c", str(cfg), "--only", "expert:0"])
+    assert res.exit_code == 0, res.output
+    _same(_last_weights(run), reference, 1e-12)
+
+
 @pytest.mark.parametrize("resume_devices", [1, 2])
 def test_run_killed_mid_training_resumes_to_the_same_weights(staged, reference, synth_root, resume_devices):
     """Killed with SIGKILL, then resumed on the same or on another number of processes."""
