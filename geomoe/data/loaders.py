@@ -80,7 +80,7 @@ class PatchDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
                           pin_memory=torch.cuda.is_available(),
                           # workers live for the whole job rather than restart at every epoch and validation (the GPU
-                          # quality run spent over half its time outside its steps); items are pure functions of
+                          # quality run spent half its time or more outside its steps); items are pure functions of
                           # (seed, index), so which worker reads one does not change it
                           persistent_workers=self.workers > 0)
 
