@@ -22,6 +22,7 @@ from geomoe.pipelines.footprints import FootprintCollector, FrameJob, Piece, fin
 from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
 from geomoe.pipelines.instances import instance_labels, separated_mask
 from geomoe.pipelines.outputs import Outputs
+from geomoe.pipelines.regularise import MIN_CHUNK
 from geomoe.pipelines.tiling import TileGrid
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ class BandWriter:
         self.writers, self.threshold = writers, threshold
         # with a regularisation pool, smaller batches start it sooner (enough for each worker to get a chunk)
         w = writers.workers
-        self.collector = FootprintCollector(width, emit or writers.write_pieces, batch=1000 if w == 0 else max(64, 32 * w))
+        self.collector = FootprintCollector(width, emit or writers.write_pieces, batch=1000 if w == 0 else max(2 * MIN_CHUNK, MIN_CHUNK * w))
 
     def __call__(self, band: Band) -> None:
         m = self.writers.write_rows(band.row0, band.prob, band.valid, self.threshold)
