@@ -50,12 +50,26 @@ class _UnionFind:
         self.parent[self.find(a)] = self.find(b)
 
 
+@dataclass
+class _Open:
+    """A building still growing across band borders: its outlines from each band, joined once when it closes (a
+    blob crossing many bands is then unioned once, not once per band)."""
+
+    parts: list[shapely.Geometry]
+    pixels: int
+    prob_sum: float
+
+    def piece(self) -> Piece:
+        geom = self.parts[0] if len(self.parts) == 1 else shapely.union_all(self.parts)
+        return Piece(geom, self.pixels, self.prob_sum)
+
+
 class FootprintCollector:
     """Feed bands of (mask, probability) rows in order; finished pieces go to ``emit`` in batches."""
 
     def __init__(self, width: int, emit: Callable[[list[Piece]], None], batch: int = 5000):
         self.width, self.emit, self.batch = width, emit, batch
-        self.open: dict[int, Piece] = {}
+        self.open: dict[int, _Open] = {}
         self.edge = np.full(width, -1, np.int64)  # piece id of each pixel in the last row so far
         self.done: list[Piece] = []
         self.next_id = 0
@@ -71,16 +85,15 @@ class FootprintCollector:
         sums[1:] = ndimage.sum_labels(prob, labels, np.arange(1, n + 1))
         ids = np.arange(n + 1) + self.next_id  # label l -> global id (label 0 unused)
         self.next_id += n + 1
-        new: dict[int, Piece] = {}
+        new: dict[int, _Open] = {}
         for geom, lab in features.shapes(labels.astype(np.int32, copy=False), mask=labels > 0, connectivity=4,
                                          transform=Affine.translation(0, row0)):
             lab = int(lab)
-            g = shape(geom)
             gid = int(ids[lab])
             if gid in new:  # one label can come back as several rings; keep them together
-                new[gid].geom = shapely.union(new[gid].geom, g)
+                new[gid].parts.append(shape(geom))
             else:
-                new[gid] = Piece(g, int(counts[lab]), float(sums[lab]))
+                new[gid] = _Open([shape(geom)], int(counts[lab]), float(sums[lab]))
         uf = _UnionFind()
         top = labels[0]
         joined = (self.edge >= 0) & (top > 0)
@@ -89,14 +102,11 @@ class FootprintCollector:
         groups: dict[int, list[int]] = {}
         for gid in list(self.open) + list(new):
             groups.setdefault(uf.find(gid), []).append(gid)
-        merged: dict[int, Piece] = {}
+        merged: dict[int, _Open] = {}
         for root, members in groups.items():
             parts = [self.open.get(m) or new[m] for m in members]
-            if len(parts) == 1:
-                merged[root] = parts[0]
-            else:
-                merged[root] = Piece(shapely.union_all([p.geom for p in parts]), sum(p.pixels for p in parts),
-                                     sum(p.prob_sum for p in parts))
+            merged[root] = parts[0] if len(parts) == 1 else _Open(
+                [g for p in parts for g in p.parts], sum(p.pixels for p in parts), sum(p.prob_sum for p in parts))
         last = labels[-1]
         bottom_ids = {uf.find(int(ids[l])) for l in np.unique(last[last > 0])}
         self.open = {}
@@ -104,14 +114,14 @@ class FootprintCollector:
             if root in bottom_ids:
                 self.open[root] = p
             else:
-                self.done.append(p)
+                self.done.append(p.piece())
         self.edge = np.where(last > 0, np.array([uf.find(int(i)) for i in ids])[last], -1)
         if len(self.done) >= self.batch:
             self.flush()
 
     def _close(self, gids: set[int]) -> None:
         for g in gids:
-            self.done.append(self.open.pop(g))
+            self.done.append(self.open.pop(g).piece())
 
     def flush(self) -> None:
         if self.done:
@@ -146,12 +156,17 @@ def start_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: fl
                 expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0) -> FrameJob:
     """Georeference, measure, filter and clean pieces, and start their regularisation (over ``workers`` processes,
     which go on while the caller does; :func:`finish_frame` gives the frame)."""
+    pieces = _drop_specks(pieces, gsd, min_area_m2)
     cent = np.array([[p.geom.centroid.x, p.geom.centroid.y] for p in pieces]).reshape(-1, 2)
     a = transform
     # canonical outlines (no collinear vertices, fixed start and orientation) in exact pixel coordinates: a building
     # joined across different band or strip borders then reaches the regulariser as the very same polygon
     canon = shapely.normalize(shapely.simplify(np.array([p.geom for p in pieces], dtype=object), 0))
-    geoms = [affine_transform(g, [a.a, a.b, a.d, a.e, a.c, a.f]).buffer(0) for g in canon]
+    geoms = np.array([affine_transform(g, [a.a, a.b, a.d, a.e, a.c, a.f]) for g in canon], dtype=object)
+    # pixel outlines are valid but where two pixels meet at a corner; only those need the (costly) repair
+    bad = ~shapely.is_valid(geoms)
+    geoms[bad] = shapely.buffer(geoms[bad], 0)
+    geoms = shapely.normalize(geoms)
     gdf = gpd.GeoDataFrame(
         {"expert": expert_at(cent[:, 0], cent[:, 1]).astype(np.int32) if len(pieces) else np.zeros(0, np.int32),
          "mean_prob": np.array([p.prob_sum / max(p.pixels, 1) for p in pieces], np.float32),
@@ -181,21 +196,23 @@ def start_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: fl
     return job
 
 
+def _drop_specks(pieces: list[Piece], gsd: float | None, min_area_m2: float) -> list[Piece]:
+    """``pieces`` without those far below the smallest footprint by their pixel count (most pieces are specks):
+    geometry work is then spent on buildings. The margin of four leaves the exact decision, on the measured
+    area, to :func:`start_frame` (the ground resolution is the scene centre's)."""
+    if gsd is None or min_area_m2 <= 0:
+        return pieces
+    pixel_m2 = gsd * gsd
+    return [p for p in pieces if p.pixels * pixel_m2 * 4 >= min_area_m2]
+
+
 def finish_frame(job: FrameJob) -> gpd.GeoDataFrame:
     """The batch's footprints in the raster's CRS (waits for its regularisation): one polygon per building."""
     work = job.work
     if job.pending is not None:
         try:
-            reg = job.pending.result()
-            lost = reg.geometry.isna() | reg.geometry.is_empty
-            if len(reg) == len(work) and lost.any():  # a building is never dropped: its raw outline stays
-                reg.loc[lost.to_numpy(), reg.geometry.name] = work.geometry[lost.to_numpy()].to_numpy()
-                log.warning("regularisation emptied %d footprint(s); their raw outlines are kept", int(lost.sum()))
-            elif lost.any():
-                log.warning("regularisation dropped %d footprint(s)", int(lost.sum()))
-                reg = reg[~lost]
-            reg["area_m2"] = reg.geometry.area * job.area_scale
-            work = reg
+            work = job.pending.result()
+            work["area_m2"] = work.geometry.area * job.area_scale
         except Exception as e:  # keep the raw polygons rather than lose the batch
             log.warning("regularisation failed on a batch (%s); raw polygons kept", e)
     if job.measured:

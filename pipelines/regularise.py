@@ -11,6 +11,7 @@ predicting process has reader, writer and torch threads) and reused by every sce
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import os
 import signal
@@ -22,6 +23,8 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
+
+log = logging.getLogger(__name__)
 
 MIN_CHUNK = 32  # buildings: smaller chunks cost more in pickling than they save
 _POOLS: dict[int, ProcessPoolExecutor] = {}
@@ -90,29 +93,49 @@ class Pending:
             f.cancel()
 
     def result(self) -> gpd.GeoDataFrame:
-        """The regularised rows, in the order of one in-line call (waits for the pool)."""
+        """``work`` with each building's regularised outline: one row per building, in ``work``'s order (waits for
+        the pool)."""
         if self.futures is None:
-            return self._result
+            return one_per_building(self.work, self._result)
         try:
-            out = pd.concat([f.result() for f in self.futures], ignore_index=True)
+            parts = pd.concat([f.result() for f in self.futures], ignore_index=True)
         except BrokenProcessPool:
             _POOLS.pop(self.workers, None)  # a worker died (killed, out of memory): the next batch starts a new pool
             raise
-        # stable: the parts of one outline split by the regulariser stay in its order
-        out = out.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
-        return gpd.GeoDataFrame(out, geometry=self.work.geometry.name, crs=self.work.crs)
+        return one_per_building(self.work, parts)
+
+
+def one_per_building(work: gpd.GeoDataFrame, parts: pd.DataFrame) -> gpd.GeoDataFrame:
+    """``work`` with the regulariser's outlines put back row by row (``parts``' ``_order`` column): where it split
+    an outline into several rows (a self-touching ring) the largest part is the building, not a footprint each
+    (the rest are slivers); where it lost one, the raw outline stays. A building is never dropped or doubled."""
+    geoms = work.geometry.to_numpy().copy()
+    g = np.asarray(parts[work.geometry.name], dtype=object)
+    order = parts["_order"].to_numpy()
+    ok = ~(shapely.is_missing(g) | shapely.is_empty(g))
+    g, order = g[ok], order[ok]
+    by = np.lexsort((-shapely.area(g), order))  # each building's parts, largest first
+    first = by[np.unique(order[by], return_index=True)[1]]
+    geoms[order[first]] = g[first]
+    if len(first) < len(work):
+        log.warning("regularisation lost %d footprint(s); their raw outlines are kept", len(work) - len(first))
+    if len(g) > len(first):
+        log.info("regularisation split %d outline(s); the largest part of each is kept", len(g) - len(first))
+    out = work.copy()
+    out[out.geometry.name] = geoms
+    return out
 
 
 def submit(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: float, diagonals: bool,
            workers: int = 0) -> Pending:
     """Start regularising every footprint of ``work``: with ``workers``, in chunks of about equal cost over that
     many processes (the caller goes on meanwhile); without, here and now."""
+    tagged = work.assign(_order=np.arange(len(work)))  # each outline's building, whatever the regulariser returns
     if workers <= 0 or len(work) == 0:
-        return Pending(work, result=regularise_frame(work, parallel_threshold, tolerance, diagonals))
+        return Pending(work, result=regularise_frame(tagged, parallel_threshold, tolerance, diagonals))
     pool = _pool(workers)
     # the regulariser's cost grows with an outline's vertices
     cost = shapely.get_num_coordinates(work.geometry.to_numpy()).astype(float)
-    tagged = work.assign(_order=np.arange(len(work)))
     futures = [pool.submit(regularise_frame, tagged.iloc[idx], parallel_threshold, tolerance, diagonals)
                for idx in balanced_chunks(cost, max(1, min(workers, len(work) // MIN_CHUNK)))]
     return Pending(work, futures, workers=workers)
@@ -120,6 +143,6 @@ def submit(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: float, 
 
 def regularise(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: float, diagonals: bool,
                workers: int = 0) -> gpd.GeoDataFrame:
-    """Regularise every footprint of ``work`` (over ``workers`` processes when given); the rows come back in the
-    order of one in-line call."""
+    """Regularise every footprint of ``work`` (over ``workers`` processes when given): one row per building, in
+    ``work``'s order."""
     return submit(work, parallel_threshold, tolerance, diagonals, workers).result()

@@ -75,3 +75,46 @@ def test_pinholes_in_a_roof_are_filled_and_a_courtyard_stays():
     assert len(g.interiors) == 1
     assert abs(shapely.Polygon(g.interiors[0]).area - 36.0) < 1e-6
     assert abs(g.area - (400 - 36)) < 1e-6
+
+
+# a footprint the Banepa mosaic gave (a 0.13 m pixel outline in UTM metres, shifted to the origin) which the
+# regulariser splits into the roof and a sliver of a few hundred square centimetres
+_SPLIT_BY_THE_REGULARISER = [
+    (0.994, 3.022), (0.996, 3.154), (1.26, 3.15), (1.257, 2.887), (1.39, 2.886), (1.391, 3.017),
+    (1.523, 3.016), (1.525, 3.147), (1.79, 3.144), (1.788, 3.012), (2.185, 3.008), (2.184, 2.876),
+    (2.316, 2.875), (2.314, 2.743), (2.447, 2.741), (2.445, 2.61), (2.71, 2.606), (2.708, 2.475),
+    (2.973, 2.472), (2.971, 2.34), (3.104, 2.338), (3.102, 2.207), (3.631, 2.2), (3.633, 2.332),
+    (3.765, 2.331), (3.764, 2.199), (4.293, 2.193), (4.29, 1.929), (4.422, 1.928), (4.421, 1.796),
+    (4.818, 1.791), (4.814, 1.528), (5.079, 1.525), (5.077, 1.393), (5.342, 1.39), (5.344, 1.522),
+    (5.476, 1.52), (5.478, 1.652), (5.742, 1.649), (5.744, 1.78), (5.876, 1.779), (5.878, 1.91),
+    (6.01, 1.909), (6.008, 1.777), (6.141, 1.775), (6.139, 1.644), (5.875, 1.647), (5.865, 0.857),
+    (5.733, 0.859), (5.731, 0.727), (5.467, 0.73), (5.463, 0.467), (4.669, 0.477), (4.668, 0.345),
+    (4.271, 0.35), (4.272, 0.481), (4.14, 0.483), (4.143, 0.746), (3.746, 0.751), (3.749, 1.014),
+    (3.485, 1.017), (3.49, 1.412), (2.96, 1.419), (2.962, 1.55), (2.565, 1.555), (2.568, 1.818),
+    (2.436, 1.82), (2.437, 1.951), (2.305, 1.953), (2.306, 2.085), (2.042, 2.088), (2.043, 2.22),
+    (1.382, 2.227), (1.386, 2.622), (1.122, 2.626), (1.126, 3.02), (0.994, 3.022),
+]
+
+
+def test_an_outline_the_regulariser_splits_stays_one_footprint_its_largest_part():
+    from geomoe.pipelines.regularise import regularise_frame
+
+    roof = shapely.Polygon(_SPLIT_BY_THE_REGULARISER)
+    gdf = gpd.GeoDataFrame({"expert": [0, 1]}, geometry=[roof, shapely.box(20, 20, 26, 25)], crs="EPSG:32645")
+    raw = regularise_frame(gdf.assign(_order=[0, 1]), 0.264, 0.132, False)
+    assert (raw._order == 0).sum() == 2  # the regulariser alone gives this building two rows
+    for workers in (0, 2):
+        out = regularise(gdf, 0.264, 0.132, False, workers=workers)
+        assert len(out) == 2 and out.expert.tolist() == [0, 1]  # one row per building, in order
+        assert abs(out.geometry.iloc[0].area - raw[raw._order == 0].area.max()) < 1e-9
+        assert out.geometry.iloc[0].area > 0.9 * roof.area
+
+
+def test_a_building_the_regulariser_loses_keeps_its_raw_outline():
+    from geomoe.pipelines.regularise import one_per_building
+
+    work = gpd.GeoDataFrame({"expert": [3, 4]}, geometry=[shapely.box(0, 0, 5, 5), shapely.box(10, 0, 14, 6)])
+    parts = gpd.GeoDataFrame({"_order": [0, 1]}, geometry=[shapely.box(0, 0, 5, 4.9), shapely.Polygon()])
+    out = one_per_building(work, parts)
+    assert out.expert.tolist() == [3, 4] and "_order" not in out
+    assert out.geometry.iloc[0].equals(shapely.box(0, 0, 5, 4.9)) and out.geometry.iloc[1].equals(work.geometry.iloc[1])
