@@ -29,12 +29,11 @@ from skimage.measure import label
 from common import SHARED, record, write_json
 
 from geomoe.backbone import pick_device
-from geomoe.bundle import load_bundle
+from geomoe.bundle import BundlePaths, load_bundle, sha256
 from geomoe.config import load_config
 from geomoe.data.datasets import GridDataset, prepare
 from geomoe.embedding.extract import Embeddings
 from geomoe.pipelines.evaluate import Evaluation, evaluate, markdown_table, route_batch
-from geomoe.bundle import BundlePaths
 from geomoe.pipelines.train import expert_jobs, train_all
 
 METRICS = ("iou", "building_f1", "boundary_iou", "accuracy")
@@ -89,11 +88,15 @@ def k_bundle(root: Path, cfg, k: int, base: Path, out: Path) -> Path:
 
 
 def cached_evaluation(bundle_dir: Path, prep, dev, out: Path) -> Evaluation:
-    """Evaluate ``bundle_dir`` on the test split once; a rerun of the bench reads the written tables."""
-    if (out / "evaluation.csv").exists() and (out / "evaluation.json").exists():
+    """Evaluate ``bundle_dir`` on the test split once; a rerun of the bench reads the written tables while the
+    bundle's manifest is the one they were made with (a recalibrated bundle is evaluated again)."""
+    stamp, sha = out / "bundle_manifest.sha256", sha256(BundlePaths(bundle_dir).manifest)
+    if (out / "evaluation.csv").exists() and (out / "evaluation.json").exists() and stamp.exists() \
+            and stamp.read_text().strip() == sha:
         return Evaluation.read(out)
     ev = evaluate(load_bundle(bundle_dir, dev), prep=prep, split="test")
     ev.write(out)
+    stamp.write_text(sha + "\n")
     return ev
 
 

@@ -90,6 +90,8 @@ class Manifest(BaseModel):
     baseline: str | None = None
     generalist: str | None = None
     threshold: float
+    # instance separation chosen on the validation windows (pipelines/calibrate.py); empty: the defaults
+    separation: dict[str, float] = Field(default_factory=dict)
     gsd: float | None = None
     native_gsd: dict[str, float] = Field(default_factory=dict)
     tile_size: int
@@ -175,6 +177,13 @@ class Bundle:
     @property
     def threshold(self) -> float:
         return float(self.manifest["threshold"])
+
+    @property
+    def separation(self):
+        """How touching buildings are cut apart (geomoe.pipelines.instances.Separation), as calibrated."""
+        from geomoe.pipelines.instances import Separation
+
+        return Separation(**(self.manifest.get("separation") or {}))
 
     @property
     def gsd(self) -> float | None:

@@ -81,7 +81,7 @@ class RoutedBatch:
         return self._select(self.probs, self.baseline, self.generalist, method, random_ids, oracle_ids, best_ids)
 
     def method_masks(self, method: str, threshold: float, random_ids: np.ndarray, oracle_ids: np.ndarray | None,
-                     best_ids: np.ndarray | None = None) -> np.ndarray | None:
+                     best_ids: np.ndarray | None = None, separation=None) -> np.ndarray | None:
         """Building masks (N, H, W); separated into instances (one-pixel cuts) where the experts give aux channels."""
         p = self.method_probs(method, random_ids, oracle_ids, best_ids)
         if p is None:
@@ -92,7 +92,7 @@ class RoutedBatch:
         from geomoe.pipelines.instances import instance_labels, separated_mask
 
         full = torch.cat([p[:, None], aux], 1).numpy()
-        return np.stack([separated_mask(instance_labels(f, threshold)) for f in full])
+        return np.stack([separated_mask(instance_labels(f, threshold, separation)) for f in full])
 
 
 def _channels(model, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -246,7 +246,7 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
         bids = rb.best_expert(truth, valid, bundle.threshold)
         small = [min_pixels(prep.readers[refs[k].scene], cfg.predict.min_area_m2) for k in i]
         for m in methods:
-            pred = rb.method_masks(m, bundle.threshold, rids, oids, bids)
+            pred = rb.method_masks(m, bundle.threshold, rids, oids, bids, bundle.separation)
             for j, loc in enumerate(locs):
                 scores[(m, loc)].update(pred[j], truth[j], valid[j], min_pixels=small[j])
     rows = []

@@ -49,6 +49,7 @@ class BundleModel:
         self.gsd = bundle.gsd
         self.device = bundle.device  # pinned tiles and more readers when it is a GPU
         self.channels = 3 if all(e.classes >= 3 for e in bundle.experts) else 1
+        self.separation = bundle.separation
         self.use_alpha = bundle.config.data.alpha == "mask"  # as in training
         self.bands, self.bit_depth = bundle.config.data.bands, bundle.config.data.bit_depth
         # resume only trusts outputs of the same bundle: its manifest (which holds every file's checksum) and its place

@@ -9,17 +9,33 @@ band borders (a cut only falls between two different instances, never along a ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
 
-def instance_labels(prob: np.ndarray, threshold: float = 0.5, seed_threshold: float = 0.5,
+@dataclass(frozen=True)
+class Separation:
+    """How touching buildings are cut apart. Seeds are building pixels whose boundary probability is under
+    ``seed_threshold`` (and contact under half of it); with ``seed_distance`` only the pixels at least that many
+    pixels inside such a region stay seeds, so roofs joined by a neck the boundary channel misses still get a seed
+    each. Chosen per bundle on its validation windows (``pipelines/calibrate.py``)."""
+
+    seed_threshold: float = 0.5
+    seed_distance: float = 0.0
+
+
+def instance_labels(prob: np.ndarray, threshold: float = 0.5, separation: Separation | None = None,
                     min_seed_pixels: int = 4) -> np.ndarray:
     """Instance labels (H, W) int32 from ``prob`` (3, H, W): building, boundary, contact probabilities."""
+    sep = separation or Separation()
     building, boundary, contact = prob[0], prob[1], prob[2]
     mask = (building >= threshold) & (contact < 0.5)
-    seeds = mask & (boundary < seed_threshold) & (contact < seed_threshold * 0.5)
+    seeds = mask & (boundary < sep.seed_threshold) & (contact < sep.seed_threshold * 0.5)
+    if sep.seed_distance > 0:
+        seeds = ndimage.distance_transform_edt(seeds) >= sep.seed_distance
     markers, n = ndimage.label(seeds)
     if n == 0:
         return ndimage.label(mask)[0].astype(np.int32)

@@ -124,7 +124,8 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: Predict
     row 0 is ``span.y0``) on the write-behind worker, footprints to ``emit`` (default: the writers)."""
     grid, readers = tiles.grid, reader_threads(cfg, model)
     cells = cell_index(grid)
-    band_writer = BandWriter(writers, grid.width, threshold, emit)
+    # the bundle's calibrated separation of touching buildings (a plain TileModel: the defaults)
+    band_writer = BandWriter(writers, grid.width, threshold, emit, getattr(model, "separation", None))
     # one band waiting while one is written: enough to keep the model busy; each band is a tile row x width
     consumer = Consumer(band_writer, depth=1, threaded=cfg.write_behind)
     stats, context = RunStats(), RunStats()  # the context row's tiles belong to the strip above

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from geomoe.backbone import pick_device
-from geomoe.bundle import BundlePaths, write_manifest
+from geomoe.bundle import BundlePaths, load_bundle, write_manifest
 from geomoe.config import Config
 from geomoe.data.datasets import Prepared, prepare
 from geomoe.data.sampling import PatchRef
@@ -210,6 +210,10 @@ def train_all(root: Path, cfg: Config, out: Path, progress: bool = True, baselin
             train_expert(prep, cfg, job, paths.root / "experts", progress)
     if "assemble" in stages and is_rank_zero():
         assemble(prep, emb, centroids, cfg, paths, root, baseline, {n: j.steps for n, j in jobs.items()})
+        if cfg.experts.outputs == "instances":  # how touching buildings are cut apart, chosen on validation
+            from geomoe.pipelines.calibrate import calibrate
+
+            calibrate(load_bundle(paths.root, pick_device(cfg.device)), prep, progress=progress)
     barrier()
     return paths.root
 

@@ -20,7 +20,7 @@ from geomoe.atomic import atomic_path, tmp_name
 from geomoe.config import PredictConfig
 from geomoe.pipelines.footprints import FootprintCollector, FrameJob, Piece, finish_frame, start_frame
 from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
-from geomoe.pipelines.instances import instance_labels, separated_mask
+from geomoe.pipelines.instances import Separation, instance_labels, separated_mask
 from geomoe.pipelines.outputs import Outputs
 from geomoe.pipelines.regularise import MIN_CHUNK
 from geomoe.pipelines.tiling import TileGrid
@@ -60,7 +60,8 @@ class SceneWriters:
         # batches whose regularisation runs in the pool while bands go on; written in order as they finish
         self.pending: deque[FrameJob] = deque()
 
-    def write_rows(self, row0: int, prob: np.ndarray, valid: np.ndarray, threshold: float) -> np.ndarray:
+    def write_rows(self, row0: int, prob: np.ndarray, valid: np.ndarray, threshold: float,
+                   separation: Separation | None = None) -> np.ndarray:
         """Write building probability and mask for rows ``prob`` (channels, n, width); return the mask.
 
         With instance channels the mask is cut between touching buildings (watershed), so each polygon is one
@@ -72,7 +73,7 @@ class SceneWriters:
         p8[~valid] = NODATA
         self.prob.write(p8, 1, window=win)
         if len(prob) >= 3:
-            m = separated_mask(instance_labels(prob, threshold)) & valid
+            m = separated_mask(instance_labels(prob, threshold, separation)) & valid
         else:
             m = (building >= threshold) & valid
         m8 = m.astype(np.uint8)
@@ -183,14 +184,14 @@ class BandWriter:
     band borders, regularised). Runs beside the model (pipelines.background.Consumer), off its critical path."""
 
     def __init__(self, writers: SceneWriters, width: int, threshold: float,
-                 emit: Callable[[list[Piece]], None] | None = None):
-        self.writers, self.threshold = writers, threshold
+                 emit: Callable[[list[Piece]], None] | None = None, separation: Separation | None = None):
+        self.writers, self.threshold, self.separation = writers, threshold, separation
         # with a regularisation pool, smaller batches start it sooner (enough for each worker to get a chunk)
         w = writers.workers
         self.collector = FootprintCollector(width, emit or writers.write_pieces, batch=1000 if w == 0 else max(2 * MIN_CHUNK, MIN_CHUNK * w))
 
     def __call__(self, band: Band) -> None:
-        m = self.writers.write_rows(band.row0, band.prob, band.valid, self.threshold)
+        m = self.writers.write_rows(band.row0, band.prob, band.valid, self.threshold, self.separation)
         self.collector.add_band(band.row0, m, band.prob[0])  # probabilities are only summed inside m (no nodata)
 
     def finish(self) -> None:

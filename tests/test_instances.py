@@ -7,7 +7,7 @@ from rasterio.transform import Affine
 
 from geomoe.experts.targets import building_targets
 from geomoe.pipelines.footprints import FootprintCollector, pieces_to_frame
-from geomoe.pipelines.instances import instance_labels, separated_mask
+from geomoe.pipelines.instances import Separation, instance_labels, separated_mask
 
 
 def _two_houses_one_pixel_apart() -> np.ndarray:
@@ -62,6 +62,19 @@ def test_one_building_across_a_band_border_stays_one_polygon():
         assert _polygons(sep, band) == 2
 
 
+def test_a_seed_distance_splits_roofs_joined_by_a_neck_the_boundary_channel_missed():
+    building = np.zeros((40, 70), np.float32)
+    building[10:30, 5:30] = 0.9
+    building[10:30, 40:65] = 0.9
+    building[18:21, 30:40] = 0.9  # a 3-pixel neck, no boundary or contact seen anywhere
+    prob = np.stack([building, np.zeros_like(building), np.zeros_like(building)])
+    assert len(np.unique(instance_labels(prob))) - 1 == 1
+    labels = instance_labels(prob, 0.5, Separation(seed_distance=4))
+    assert len(np.unique(labels)) - 1 == 2
+    assert labels[20, 10] != labels[20, 60] and (labels > 0).sum() == (building >= 0.5).sum()
+    assert _polygons(separated_mask(labels), 40) == 2
+
+
 def test_instance_experts_train_and_evaluate_end_to_end(synth_root, tmp_path):
     from geomoe.bundle import load_bundle
     from geomoe.config import load_config
@@ -72,6 +85,12 @@ def test_instance_experts_train_and_evaluate_end_to_end(synth_root, tmp_path):
     cfg = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"outputs": "instances"})})
     b = load_bundle(train_all(synth_root, cfg, tmp_path / "b", progress=False, figures=False))
     assert b.experts[0].classes == 3 and b.baseline.classes == 3 and b.generalist.classes == 3
+    # the separation was chosen on the validation windows: the best of the candidates tried there
+    from geomoe.pipelines.calibrate import CANDIDATES
+
+    tried = b.manifest["separation_validation_f1"]
+    assert len(tried) == len(CANDIDATES) and b.separation in CANDIDATES
+    assert tried[f"{b.separation.seed_threshold}/{b.separation.seed_distance}"] == max(tried.values())
     ev = evaluate(b, synth_root, progress=False)
     overall = ev.table[ev.table.location == "overall"].set_index("method")
     assert overall.loc[["embedding", "single", "soft"], "iou"].notna().all()
