@@ -119,8 +119,10 @@ def one_per_building(work: gpd.GeoDataFrame, parts: pd.DataFrame) -> gpd.GeoData
     geoms[order[first]] = g[first]
     if len(first) < len(work):
         log.warning("regularisation lost %d footprint(s); their raw outlines are kept", len(work) - len(first))
-    if len(g) > len(first):
-        log.info("regularisation split %d outline(s); the largest part of each is kept", len(g) - len(first))
+    split = int((np.bincount(order) > 1).sum()) if len(order) else 0  # outlines that came back in parts
+    if split:
+        log.info("regularisation split %d outline(s) into %d extra part(s); the largest part of each is kept",
+                 split, len(g) - len(first))
     out = work.copy()
     out[out.geometry.name] = geoms
     return out
