@@ -151,7 +151,8 @@ class PredictConfig(_Strict):
     geoparquet: bool = Field(True, description="Also write the footprints as GeoParquet (NAME_footprints.parquet).")
     readers: int | None = Field(None, ge=0, description="Threads reading tiles ahead of the model (0: read in the "
                                 "model's thread; default: 1 beside a CPU model, enough to feed a GPU).")
-    read_ahead: int = Field(2, ge=1, description="Tile rows read ahead of the model (memory: that many rows of tiles).")
+    read_ahead: int | None = Field(None, ge=1, description="Tile rows read ahead of the model (memory: that many rows "
+                                   "of tiles); default one per reader thread, so each reader has a row to read.")
     footprint_workers: int | None = Field(None, ge=0, description="Processes regularising footprints (0: on the writer "
                                           "thread; default: none up to 4 cores, then a quarter of them, at most 8).")
     write_behind: bool = Field(True, description="Write rasters and polygonise footprints on a worker thread, off the "

@@ -47,7 +47,7 @@ def read_ahead(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: in
 
 class Consumer:
     """Runs ``fn(item)`` on one worker thread for items ``put`` in order; ``put`` blocks while ``depth`` items
-    wait, so a slow consumer holds the producer back instead of growing memory.
+    wait (0: while the worker is busy), so a slow consumer holds the producer back instead of growing memory.
 
     ``close()`` waits for every item and re-raises the worker's error; ``put`` raises it as soon as it is known.
     With ``threaded=False`` ``put`` calls ``fn`` in line (the reference the threaded path must equal).
@@ -57,7 +57,10 @@ class Consumer:
         self.fn, self.threaded = fn, threaded
         self.error: BaseException | None = None
         if threaded:
-            self.q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+            # items alive: ``depth`` waiting and the one in the worker's hands; an item is made only once it has
+            # a place (``put_made``), so a producer that waits holds no extra copy
+            self.slots = threading.Semaphore(max(depth, 0) + 1)
+            self.q: queue.Queue = queue.Queue()
             self.thread = threading.Thread(target=self._run, name=name, daemon=True)
             self.thread.start()
 
@@ -66,27 +69,31 @@ class Consumer:
             item = self.q.get()
             if item is _STOP:
                 return
-            if self.error is None:  # after an error, drain without working so the producer never blocks
-                try:
+            try:
+                if self.error is None:  # after an error, drain without working so the producer never blocks
                     self.fn(item)
-                except BaseException as e:  # noqa: BLE001 - handed to the producer's thread
-                    self.error = e
+            except BaseException as e:  # noqa: BLE001 - handed to the producer's thread
+                self.error = e
+            finally:
+                del item  # its memory goes before the producer may make the next one
+                self.slots.release()
 
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
 
     def put(self, item: Any) -> None:
+        self.put_made(lambda: item)
+
+    def put_made(self, make: Callable[[], Any]) -> None:
+        """Queue ``make()``, called once the item has a place (blocks until then)."""
         if not self.threaded:
-            self.fn(item)
+            self.fn(make())
             return
         self._raise()
-        while True:
-            try:
-                self.q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                self._raise()
+        while not self.slots.acquire(timeout=0.2):
+            self._raise()
+        self.q.put(make())
 
     def close(self) -> None:
         """Wait until every item is done; raise the worker's error if there was one."""
@@ -105,5 +112,6 @@ class Consumer:
                 self.q.get_nowait()
             except queue.Empty:
                 break
+            self.slots.release()
         self.q.put(_STOP)
         self.thread.join()

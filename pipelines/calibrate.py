@@ -20,7 +20,7 @@ from geomoe.bundle import Bundle, save_manifest
 from geomoe.data.datasets import GridDataset, Prepared
 from geomoe.metrics import Scores
 from geomoe.pipelines.evaluate import _channels, min_pixels, route_windows
-from geomoe.pipelines.instances import Separation, instance_labels, separated_mask
+from geomoe.pipelines.instances import Separation, separate
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def validation_f1(bundle: Bundle, prep: Prepared, refs: list, candidates: tuple[
         for j, k in enumerate(i):
             px = min_pixels(prep.readers[refs[k].scene], small)
             for s, c in zip(scores, candidates):
-                cut = separated_mask(instance_labels(probs[j], bundle.threshold, c)) & valid[j]
+                cut = separate(probs[j], bundle.threshold, c) & valid[j]
                 s.update(cut, truth[j], valid[j], min_pixels=px)
     f1 = [s.summary()["building_f1"] for s in scores]
     return [0.0 if np.isnan(f) else float(f) for f in f1]

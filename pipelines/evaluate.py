@@ -89,10 +89,10 @@ class RoutedBatch:
         aux = self._select(self.aux, self.baseline_aux, self.generalist_aux, method, random_ids, oracle_ids, best_ids)
         if aux is None:
             return (p >= threshold).numpy()
-        from geomoe.pipelines.instances import instance_labels, separated_mask
+        from geomoe.pipelines.instances import separate
 
         full = torch.cat([p[:, None], aux], 1).numpy()
-        return np.stack([separated_mask(instance_labels(f, threshold, separation)) for f in full])
+        return np.stack([separate(f, threshold, separation) for f in full])
 
 
 def _channels(model, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

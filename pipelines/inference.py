@@ -5,6 +5,7 @@ Tiles are grouped by expert across a whole tile row, so each expert runs on full
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -169,9 +170,21 @@ class PredictedRow:
     valid: list[np.ndarray]
 
 
-def infer_row(model: TileModel, row: TileRow, t_src: int, cfg: PredictConfig, layer: RoutingLayer,
-              stats: RunStats) -> PredictedRow | None:
-    """Route (unless routed already) and predict one row of tiles, grouped by expert; None when nothing ran."""
+@dataclass
+class RoutedRow:
+    """The tiles of one row that run, each with its experts and their weights (several under soft routing)."""
+
+    iy: int
+    cols: list[int]
+    tiles: torch.Tensor  # uint8 (n, bands, T, T)
+    ids: np.ndarray  # (n, m) expert ids
+    weights: np.ndarray  # (n, m) float32
+    valid: list[np.ndarray]
+
+
+def route_row(model: TileModel, row: TileRow, cfg: PredictConfig, layer: RoutingLayer,
+              stats: RunStats) -> RoutedRow | None:
+    """Route (unless routed already) one row of tiles and decide what runs on each; None when nothing runs."""
     stats.skipped_tiles += row.empty
     stats.tiles += len(row.cols)  # tiles with data, whether predicted or skipped as unfamiliar
     if not row.cols:
@@ -202,16 +215,36 @@ def infer_row(model: TileModel, row: TileRow, t_src: int, cfg: PredictConfig, la
             weights[unf] = 0
             weights[unf, 0] = 1
     layer.ran[iy, keep] = ids[:, 0]
-    T = batch.shape[-1]
-    probs = torch.zeros(len(keep), getattr(model, "channels", 1), T, T)
     for e in np.unique(ids):
-        rows, slots = np.nonzero(ids == e)
+        stats.per_expert[int(e)] = stats.per_expert.get(int(e), 0) + int((ids[:, 0] == e).sum())
+    return RoutedRow(iy, keep, batch, ids, weights, valid)
+
+
+def predict_batches(model: TileModel, routed: RoutedRow, t_src: int,
+                    cfg: PredictConfig) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(positions in the row, weighted probabilities (b, channels, t_src, t_src)) batch by batch, grouped by expert
+    across the row: a tile routed softly comes back once per expert, and its parts add up. Blending each batch as
+    it comes keeps a tile row's outputs out of memory (a row of a wide raster is hundreds of tiles)."""
+    for e in np.unique(routed.ids):
+        rows, slots = np.nonzero(routed.ids == e)
         for s in range(0, len(rows), cfg.batch_size):
             r = rows[s:s + cfg.batch_size]
-            p = model.predict(int(e), batch[r])
+            p = model.predict(int(e), routed.tiles[r])
             p = p[:, None] if p.ndim == 3 else p
-            probs[r] += p * torch.from_numpy(weights[r, slots[s:s + cfg.batch_size]])[:, None, None, None]
-        stats.per_expert[int(e)] = stats.per_expert.get(int(e), 0) + int((ids[:, 0] == e).sum())
-    if t_src != T:
-        probs = F.interpolate(probs, size=(t_src, t_src), mode="bilinear", align_corners=False)
-    return PredictedRow(iy, keep, probs, valid)
+            p = p * torch.from_numpy(routed.weights[r, slots[s:s + cfg.batch_size]])[:, None, None, None]
+            if t_src != p.shape[-1]:
+                p = F.interpolate(p, size=(t_src, t_src), mode="bilinear", align_corners=False)
+            yield r, p
+
+
+def infer_row(model: TileModel, row: TileRow, t_src: int, cfg: PredictConfig, layer: RoutingLayer,
+              stats: RunStats) -> PredictedRow | None:
+    """Route and predict one row of tiles, all of its outputs at once (the model's work without the rest of the
+    pipeline, as the speed bench times it); None when nothing ran."""
+    routed = route_row(model, row, cfg, layer, stats)
+    if routed is None:
+        return None
+    probs = torch.zeros(len(routed.cols), getattr(model, "channels", 1), t_src, t_src)
+    for r, p in predict_batches(model, routed, t_src, cfg):
+        probs[r] += p
+    return PredictedRow(routed.iy, routed.cols, probs, routed.valid)

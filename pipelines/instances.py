@@ -27,12 +27,17 @@ class Separation:
     seed_distance: float = 0.0
 
 
+def building_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """The pixels instances are made of: building, and not in a contact zone."""
+    return (prob[0] >= threshold) & (prob[2] < 0.5)
+
+
 def instance_labels(prob: np.ndarray, threshold: float = 0.5, separation: Separation | None = None,
                     min_seed_pixels: int = 4) -> np.ndarray:
     """Instance labels (H, W) int32 from ``prob`` (3, H, W): building, boundary, contact probabilities."""
     sep = separation or Separation()
     building, boundary, contact = prob[0], prob[1], prob[2]
-    mask = (building >= threshold) & (contact < 0.5)
+    mask = building_mask(prob, threshold)
     seeds = mask & (boundary < sep.seed_threshold) & (contact < sep.seed_threshold * 0.5)
     if sep.seed_distance > 0:
         seeds = ndimage.distance_transform_edt(seeds) >= sep.seed_distance
@@ -61,3 +66,31 @@ def separated_mask(labels: np.ndarray) -> np.ndarray:
         else:
             cut[:, 1:] |= meet
     return m & ~cut
+
+
+def separate(prob: np.ndarray, threshold: float = 0.5, separation: Separation | None = None,
+             chunk: int = 1024) -> np.ndarray:
+    """``separated_mask(instance_labels(prob, ...))`` worked out in column chunks of about ``chunk`` pixels, so a
+    band thousands of pixels wide costs the watershed's memory for ``chunk`` columns only.
+
+    Chunks are cut at columns without any building pixel and each keeps that empty column: no instance, seed,
+    watershed basin or cut crosses such a column, and the nearest background of every seed lies within its chunk,
+    so the mask is exactly the whole band's. Where no empty column comes, a chunk grows until one does.
+    """
+    width = prob.shape[-1]
+    if width <= chunk:
+        return separated_mask(instance_labels(prob, threshold, separation))
+    empty = np.flatnonzero(~building_mask(prob, threshold).any(axis=0))
+    out = np.zeros(prob.shape[1:], bool)
+    a = 0
+    while a < width:
+        b = width  # the last chunk, unless an empty column at least ``chunk`` further on ends this one
+        nxt = empty[np.searchsorted(empty, a + chunk):]
+        if len(nxt):
+            b = int(nxt[0]) + 1  # the empty column stays in this chunk (and starts the next)
+        if b >= width:
+            out[:, a:] = separated_mask(instance_labels(prob[:, :, a:], threshold, separation))
+            break
+        out[:, a:b] = separated_mask(instance_labels(prob[:, :, a:b], threshold, separation))
+        a = b - 1
+    return out

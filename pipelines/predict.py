@@ -30,7 +30,7 @@ from tqdm import tqdm
 from geomoe import interrupt
 from geomoe.config import PredictConfig
 from geomoe.pipelines.background import Consumer
-from geomoe.pipelines.inference import RoutingLayer, TileModel, infer_row, route_scene
+from geomoe.pipelines.inference import RoutingLayer, TileModel, predict_batches, route_row, route_scene
 from geomoe.pipelines.outputs import (InputResult, Outputs, RunStats, expand_inputs, is_complete, output_names,
                                       outputs_for, write_run_summary, write_scene_summary)
 from geomoe.pipelines.footprints import Piece
@@ -126,8 +126,9 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: Predict
     cells = cell_index(grid)
     # the bundle's calibrated separation of touching buildings (a plain TileModel: the defaults)
     band_writer = BandWriter(writers, grid.width, threshold, emit, getattr(model, "separation", None))
-    # one band waiting while one is written: enough to keep the model busy; each band is a tile row x width
-    consumer = Consumer(band_writer, depth=1, threaded=cfg.write_behind)
+    # one band written while the model works on the next tile row: each band is a tile row x width (tens of MB for
+    # a wide raster), and one more waiting would only hold a copy of it whenever the model is the slower
+    consumer = Consumer(band_writer, depth=0, threaded=cfg.write_behind)
     stats, context = RunStats(), RunStats()  # the context row's tiles belong to the strip above
 
     def sink(row0: int, prob: np.ndarray, valid: np.ndarray) -> None:
@@ -138,7 +139,8 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: Predict
         if cfg.unfamiliar == "skip" and (layer.ran == -2).any():  # tiles skipped as unfamiliar: nodata cells
             cx, cy = cells(np.arange(grid.width), np.arange(lo, hi))
             valid &= layer.ran[cy][:, cx] != -2
-        consumer.put(Band(lo - span.y0, prob.copy(), valid))  # copies: the blender reuses its band
+        # copied (the blender reuses its band) only once the writer has room for it
+        consumer.put_made(lambda: Band(lo - span.y0, prob.copy(), valid))
 
     channels = getattr(model, "channels", 1)
     # the watershed must see whole buildings: instance outputs are flushed a tile row at a time, not in strips
@@ -147,13 +149,14 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: Predict
     total = len(grid.xs) * (span.b - span.a)
     bar = tqdm(total=total, desc=desc, unit="tile", disable=not progress)
     try:
-        for row in tiles.rows(readers, cfg.read_ahead, span.first, span.b):
+        for row in tiles.rows(readers, cfg.read_ahead or readers, span.first, span.b):
             interrupt.check()
             blender.start_row(row.iy)
-            done = infer_row(model, row, tiles.t_src, cfg, layer, stats if row.iy >= span.a else context)
-            if done is not None:
-                for j, ix in enumerate(done.cols):
-                    blender.add(ix, done.iy, done.probs[j].numpy(), done.valid[j])
+            routed = route_row(model, row, cfg, layer, stats if row.iy >= span.a else context)
+            if routed is not None:  # each batch blended as it comes: a wide row's outputs are never all held
+                for r, p in predict_batches(model, routed, tiles.t_src, cfg):
+                    for j, k in enumerate(r):
+                        blender.add(routed.cols[k], routed.iy, p[j].numpy(), routed.valid[k])
             if row.iy >= span.a:
                 bar.update(len(row.cols) + row.empty)
         if span.b < len(grid.ys):

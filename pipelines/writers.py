@@ -20,7 +20,7 @@ from geomoe.atomic import atomic_path, tmp_name
 from geomoe.config import PredictConfig
 from geomoe.pipelines.footprints import FootprintCollector, FrameJob, Piece, finish_frame, start_frame
 from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
-from geomoe.pipelines.instances import Separation, instance_labels, separated_mask
+from geomoe.pipelines.instances import Separation, separate
 from geomoe.pipelines.outputs import Outputs
 from geomoe.pipelines.regularise import MIN_CHUNK
 from geomoe.pipelines.tiling import TileGrid
@@ -69,11 +69,15 @@ class SceneWriters:
         """
         building = prob[0]
         win = Window(0, row0, building.shape[1], building.shape[0])
-        p8 = (np.clip(building, 0, 1) * 254 + 0.5).astype(np.uint8)
+        scaled = np.clip(building, 0, 1)  # in place from here on: a band can be tens of thousands of pixels wide
+        scaled *= 254
+        scaled += 0.5
+        p8 = scaled.astype(np.uint8)
+        del scaled
         p8[~valid] = NODATA
         self.prob.write(p8, 1, window=win)
         if len(prob) >= 3:
-            m = separated_mask(instance_labels(prob, threshold, separation)) & valid
+            m = separate(prob, threshold, separation) & valid
         else:
             m = (building >= threshold) & valid
         m8 = m.astype(np.uint8)

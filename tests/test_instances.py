@@ -7,7 +7,7 @@ from rasterio.transform import Affine
 
 from geomoe.experts.targets import building_targets
 from geomoe.pipelines.footprints import FootprintCollector, pieces_to_frame
-from geomoe.pipelines.instances import Separation, instance_labels, separated_mask
+from geomoe.pipelines.instances import Separation, instance_labels, separate, separated_mask
 
 
 def _two_houses_one_pixel_apart() -> np.ndarray:
@@ -73,6 +73,33 @@ def test_a_seed_distance_splits_roofs_joined_by_a_neck_the_boundary_channel_miss
     assert len(np.unique(labels)) - 1 == 2
     assert labels[20, 10] != labels[20, 60] and (labels > 0).sum() == (building >= 0.5).sum()
     assert _polygons(separated_mask(labels), 40) == 2
+
+
+def _wide_band_of_a_town(seed: int = 0) -> np.ndarray:
+    """Three noisy channels over a band 60 rows by 900 columns: rows of touching houses, a block with no gap for
+    300 columns, houses joined by necks, and empty streets."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros((60, 900), np.uint8)
+    x = 5
+    while x < 880:
+        w, h, y = rng.integers(8, 30), rng.integers(8, 25), rng.integers(2, 30)
+        m[y:y + h, x:x + w] = 1
+        x += w + int(rng.choice([0, 1, 3, 9]))  # touching, one pixel apart, or across a street
+    m[35:55, 300:600] = 1  # a block with no empty column for 300 px
+    m[40:50, 300:600:37] = 0
+    t = building_targets(m)
+    noise = rng.normal(0, 0.15, t.shape).astype(np.float32)
+    return np.clip(t * np.array([0.9, 0.7, 0.6], np.float32)[:, None, None] + 0.05 + noise, 0, 1)
+
+
+def test_separation_in_column_chunks_equals_the_whole_band():
+    for seed in (0, 1):
+        prob = _wide_band_of_a_town(seed)
+        for sep in (None, Separation(0.5, 4), Separation(0.3, 8)):
+            whole = separated_mask(instance_labels(prob, 0.5, sep))
+            assert whole.sum() > 5000 and len(np.unique(instance_labels(prob, 0.5, sep))) > 20
+            for chunk in (16, 64, 250):
+                assert np.array_equal(separate(prob, 0.5, sep, chunk=chunk), whole), (seed, sep, chunk)
 
 
 def test_instance_experts_train_and_evaluate_end_to_end(synth_root, tmp_path):

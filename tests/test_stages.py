@@ -163,6 +163,33 @@ def test_consumer_keeps_order_blocks_when_full_and_hands_errors_back():
     c.abort()
 
 
+def test_consumer_makes_an_item_only_once_it_has_a_place():
+    """With depth 0 the producer's copy of a band is made only when the worker is free, so at most one copy is
+    alive beside the producer's own buffer, however slow the worker is."""
+    alive, most = [0], [0]
+    gate = threading.Event()
+
+    def work(i):
+        gate.wait(5)
+        alive[0] -= 1
+
+    def make(i):
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        return i
+
+    c = Consumer(work, depth=0)
+    c.put_made(lambda: make(0))
+    t = threading.Thread(target=lambda: [c.put_made(lambda i=i: make(i)) for i in range(1, 4)])
+    t.start()
+    time.sleep(0.2)
+    assert t.is_alive() and alive[0] == 1  # the second item is not made while the first is worked on
+    gate.set()
+    t.join(5)
+    c.close()
+    assert most[0] == 1 and alive[0] == 0
+
+
 def _same_footprint_sets(a: gpd.GeoDataFrame, c: gpd.GeoDataFrame) -> None:
     """The same footprints whatever their order: same count, and each matched by a topologically equal one with
     the same attributes."""
