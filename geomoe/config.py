@@ -147,7 +147,7 @@ class PredictConfig(_Strict):
     min_area_m2: float = Field(4.0, ge=0)
     regularize: bool = True
     allow_diagonals: bool = False
-    gdal_cache_mb: int = Field(32, ge=8, description="Least GDAL block cache during prediction (MB); raised to what the raster's width needs.")
+    gdal_cache_mb: int = Field(32, ge=8, description="Least GDAL block cache during prediction (MB); raised to what the input's blocks need (a striped raster: a tile row of strips).")
     geoparquet: bool = Field(True, description="Also write the footprints as GeoParquet (NAME_footprints.parquet).")
     readers: int | None = Field(None, ge=0, description="Threads reading tiles ahead of the model (0: read in the "
                                 "model's thread; default: 1 beside a CPU model, enough to feed a GPU).")

@@ -36,7 +36,7 @@ from geomoe.pipelines.outputs import (InputResult, Outputs, RunStats, expand_inp
 from geomoe.pipelines.footprints import Piece
 from geomoe.pipelines.tile_source import TileSource, open_tiles
 from geomoe.pipelines.tiling import BandBlender, TileGrid
-from geomoe.pipelines.writers import Band, BandWriter, SceneWriters, write_routing
+from geomoe.pipelines.writers import OUT_BLOCK, Band, BandWriter, SceneWriters, write_routing
 from geomoe.raster import RasterError, explain, open_raster
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,21 @@ def reader_threads(cfg: PredictConfig, model: TileModel) -> int:
     return min(8, max(2, (os.cpu_count() or 2) - 2)) if _on_cuda(model) else 1
 
 
+def block_cache_bytes(ds, readers: int) -> int:
+    """GDAL block cache streaming needs (GDAL's default, 5% of RAM, just grows RSS on big rasters).
+
+    A reader works across a tile row, so it needs the blocks under two neighbouring tiles, over the rows a tile
+    spans. A tiled input needs no more however wide it is: a block is decoded again when the next tile row reaches
+    it (a few ms, beside a tile row of model work). A striped input's blocks are the raster's whole width, so it
+    needs a tile row of strips. The outputs are written in blocks 64 rows high (``SceneWriters``): whole blocks
+    but for one partial block row each."""
+    block_h, block_w = ds.block_shapes[0]
+    px = sum(np.dtype(d).itemsize for d in ds.dtypes)
+    rows = 512 + block_h  # the rows a tile (up to 512 px) spans, rounded out to whole blocks
+    cols = ds.width if block_w >= ds.width else 2 * max(block_w, 512)
+    return max(1, readers) * rows * cols * px + 2 * OUT_BLOCK[0] * ds.width
+
+
 def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, threshold: float,
                    progress: bool = True, fmt: str = "gpkg", gsd: float | None = None,
                    name: str | None = None) -> tuple[Outputs, RunStats]:
@@ -64,12 +79,8 @@ def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, t
     """
     t0 = time.perf_counter()
     with open_raster(src) as probe:
-        width = probe.width
-    # GDAL's block cache defaults to 5% of RAM and fills up on big rasters. Streaming needs only about
-    # two rows of 512 px blocks of the input and both outputs (width x 3.5 kB), per reader thread beyond the
-    # first (one reader and the writer work on different rows of different files); more just grows RSS.
-    cache_mb = max(cfg.gdal_cache_mb, int(width * 3584 * max(1, reader_threads(cfg, model)) / 2**20) + 16)
-    with rasterio.Env(GDAL_CACHEMAX=cache_mb):
+        need = block_cache_bytes(probe, reader_threads(cfg, model))
+    with rasterio.Env(GDAL_CACHEMAX=max(cfg.gdal_cache_mb, int(need / 2**20) + 16)):
         ds = open_raster(src)
         try:
             return _predict(model, ds, src, out, cfg, threshold, progress, fmt, t0, gsd, name)

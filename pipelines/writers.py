@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from geomoe.pipelines.inference import RoutingLayer
 
 NODATA = 255
+# (rows, columns) of the blocks the probability and mask rasters are written in before their COG copy: low blocks,
+# so a band of rows fills whole blocks that GDAL writes out at once; only a partial block row waits in its cache
+OUT_BLOCK = (64, 512)
 
 
 def footprint_workers(cfg: PredictConfig) -> int:
@@ -43,7 +46,7 @@ class SceneWriters:
 
     def __init__(self, ds, outs: Outputs, gsd: float | None, cfg: PredictConfig, expert_at):
         prof = dict(driver="GTiff", width=ds.width, height=ds.height, count=1, dtype="uint8", crs=ds.crs,
-                    transform=ds.transform, nodata=NODATA, tiled=True, blockxsize=512, blockysize=512,
+                    transform=ds.transform, nodata=NODATA, tiled=True, blockxsize=OUT_BLOCK[1], blockysize=OUT_BLOCK[0],
                     compress="deflate", BIGTIFF="IF_SAFER")
         self.outs, self.cfg, self.gsd, self.expert_at = outs, cfg, gsd, expert_at
         self.crs, self.transform = ds.crs, ds.transform

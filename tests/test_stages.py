@@ -226,3 +226,24 @@ def test_a_scene_in_strips_gives_the_whole_scene_outputs(real_crop, bundle_dir, 
     routing = gpd.read_file(tmp_path / "strips" / "banepa_crop_routing.gpkg")
     assert routing.drop(columns="geometry").equals(whole[3].drop(columns="geometry"))
     assert not (tmp_path / "strips" / ".strips" / "banepa_crop").exists()  # the parts are gone
+
+
+def test_block_cache_of_a_tiled_input_does_not_grow_with_its_width(tmp_path):
+    """A tiled input needs the blocks under two tiles whatever its width; a striped one a tile row of strips."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from geomoe.pipelines.predict import block_cache_bytes
+    from geomoe.pipelines.writers import OUT_BLOCK
+
+    def need(width: int, tiled: bool) -> int:
+        path = tmp_path / f"{width}_{tiled}.tif"
+        opts = dict(tiled=True, blockxsize=512, blockysize=512) if tiled else dict(tiled=False, blocksize=None)
+        with rasterio.open(path, "w", driver="GTiff", width=width, height=64, count=3, dtype="uint8",
+                           crs="EPSG:32633", transform=from_origin(0, 0, 0.5, 0.5), **opts):
+            pass  # nothing written: the layout is all that matters
+        with rasterio.open(path) as ds:
+            return block_cache_bytes(ds, readers=1) - 2 * OUT_BLOCK[0] * width  # the input's part
+
+    assert need(20000, True) == need(5000, True) < 8 * 2**20
+    assert need(20000, False) == 4 * need(5000, False)
