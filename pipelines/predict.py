@@ -55,7 +55,7 @@ def reader_threads(cfg: PredictConfig, model: TileModel) -> int:
     return min(8, max(2, (os.cpu_count() or 2) - 2)) if _on_cuda(model) else 1
 
 
-def block_cache_bytes(ds, readers: int) -> int:
+def block_cache_bytes(ds, tile: int, readers: int) -> int:
     """GDAL block cache streaming needs (GDAL's default, 5% of RAM, just grows RSS on big rasters).
 
     A reader works across a tile row, so it needs the blocks under two neighbouring tiles, over the rows a tile
@@ -65,8 +65,8 @@ def block_cache_bytes(ds, readers: int) -> int:
     but for one partial block row each."""
     block_h, block_w = ds.block_shapes[0]
     px = sum(np.dtype(d).itemsize for d in ds.dtypes)
-    rows = 512 + block_h  # the rows a tile (up to 512 px) spans, rounded out to whole blocks
-    cols = ds.width if block_w >= ds.width else 2 * max(block_w, 512)
+    rows = tile + block_h  # the rows a tile (``tile`` source pixels) spans, rounded out to whole blocks
+    cols = ds.width if block_w >= ds.width else 2 * max(block_w, tile)
     return max(1, readers) * rows * cols * px + 2 * OUT_BLOCK[0] * ds.width
 
 
@@ -78,9 +78,7 @@ def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, t
     ``gsd`` (m/pixel) is used when the raster has no CRS; otherwise a locations.csv above it is asked.
     """
     t0 = time.perf_counter()
-    with open_raster(src) as probe:
-        need = block_cache_bytes(probe, reader_threads(cfg, model))
-    with rasterio.Env(GDAL_CACHEMAX=max(cfg.gdal_cache_mb, int(need / 2**20) + 16)):
+    with rasterio.Env(GDAL_CACHEMAX=cfg.gdal_cache_mb):  # raised to what the input's blocks need once it is open
         ds = open_raster(src)
         try:
             return _predict(model, ds, src, out, cfg, threshold, progress, fmt, t0, gsd, name)
@@ -91,8 +89,10 @@ def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, t
 def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, threshold: float, progress: bool,
              fmt: str, t0: float, given_gsd: float | None, name: str | None) -> tuple[Outputs, RunStats]:
     tiles, gsd, target = open_tiles(model, ds, src, cfg, given_gsd, pin=_on_cuda(model) and torch.cuda.is_available())
+    need = block_cache_bytes(ds, tiles.t_src, reader_threads(cfg, model))
     try:
-        return _run_scene(model, tiles, src, out, cfg, threshold, progress, fmt, t0, gsd, target, name)
+        with rasterio.Env(GDAL_CACHEMAX=max(cfg.gdal_cache_mb, int(need / 2**20) + 16)):
+            return _run_scene(model, tiles, src, out, cfg, threshold, progress, fmt, t0, gsd, target, name)
     finally:
         tiles.close()
 

@@ -243,7 +243,7 @@ def test_block_cache_of_a_tiled_input_does_not_grow_with_its_width(tmp_path):
                            crs="EPSG:32633", transform=from_origin(0, 0, 0.5, 0.5), **opts):
             pass  # nothing written: the layout is all that matters
         with rasterio.open(path) as ds:
-            return block_cache_bytes(ds, readers=1) - 2 * OUT_BLOCK[0] * width  # the input's part
+            return block_cache_bytes(ds, tile=256, readers=1) - 2 * OUT_BLOCK[0] * width  # the input's part
 
     assert need(20000, True) == need(5000, True) < 8 * 2**20
     assert need(20000, False) == 4 * need(5000, False)
