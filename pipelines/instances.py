@@ -83,14 +83,10 @@ def separate(prob: np.ndarray, threshold: float = 0.5, separation: Separation | 
     empty = np.flatnonzero(~building_mask(prob, threshold).any(axis=0))
     out = np.zeros(prob.shape[1:], bool)
     a = 0
-    while a < width:
-        b = width  # the last chunk, unless an empty column at least ``chunk`` further on ends this one
-        nxt = empty[np.searchsorted(empty, a + chunk):]
-        if len(nxt):
-            b = int(nxt[0]) + 1  # the empty column stays in this chunk (and starts the next)
-        if b >= width:
-            out[:, a:] = separated_mask(instance_labels(prob[:, :, a:], threshold, separation))
-            break
+    while True:
+        nxt = empty[np.searchsorted(empty, a + chunk):]  # the first empty column at least ``chunk`` further on
+        b = int(nxt[0]) + 1 if len(nxt) else width  # that column stays in this chunk (and starts the next)
         out[:, a:b] = separated_mask(instance_labels(prob[:, :, a:b], threshold, separation))
+        if b >= width:
+            return out
         a = b - 1
-    return out
