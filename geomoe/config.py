@@ -153,8 +153,9 @@ class PredictConfig(_Strict):
                                 "model's thread; default: 1 beside a CPU model, enough to feed a GPU).")
     read_ahead: int | None = Field(None, ge=1, description="Tile rows read ahead of the model (memory: that many rows "
                                    "of tiles); default one per reader thread, so each reader has a row to read.")
-    footprint_workers: int | None = Field(None, ge=0, description="Processes regularising footprints (0: on the writer "
-                                          "thread; default: none up to 4 cores, then a quarter of them, at most 8).")
+    footprint_workers: int | None = Field(None, ge=0, description="Processes for the footprint stage: each band's "
+                                          "watershed and polygons, and regularisation (0: on the writer thread; "
+                                          "default: none up to 4 cores, then a quarter of them, at most 8).")
     write_behind: bool = Field(True, description="Write rasters and polygonise footprints on a worker thread, off the "
                                                  "model's critical path (False: in line, the reference path).")
 

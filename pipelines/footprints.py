@@ -64,6 +64,36 @@ class _Open:
         return Piece(geom, self.pixels, self.prob_sum)
 
 
+@dataclass
+class BandOutlines:
+    """One band's buildings before they are joined across band borders: the outlines of its 4-connected
+    components (labels 1..n), their pixel counts and probability sums, and the labels of its first and last rows.
+    Worked out on its own for each band (in a worker process when there are cores to spare, :func:`outline_band`);
+    only the join (:meth:`FootprintCollector.add_outlines`) needs the bands in order."""
+
+    row0: int
+    n: int
+    parts: list[tuple[int, shapely.Geometry]]  # (label, outline) in polygonising order; a label may have several
+    counts: np.ndarray  # pixels per label (index 0 unused)
+    sums: np.ndarray  # probability sum per label
+    top: np.ndarray  # labels of the band's first row
+    bottom: np.ndarray  # labels of its last row
+
+
+def outline_band(row0: int, mask: np.ndarray, prob: np.ndarray) -> BandOutlines:
+    """Label ``mask``'s 4-connected components and polygonise them in pixel coordinates (row ``row0`` on);
+    ``prob`` is summed inside each (the mask holds no nodata)."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return BandOutlines(row0, 0, [], np.zeros(1, np.int64), np.zeros(1), labels[0], labels[-1])
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    sums = np.zeros(n + 1)
+    sums[1:] = ndimage.sum_labels(prob, labels, np.arange(1, n + 1))
+    parts = [(int(lab), shape(geom)) for geom, lab in features.shapes(
+        labels.astype(np.int32, copy=False), mask=labels > 0, connectivity=4, transform=Affine.translation(0, row0))]
+    return BandOutlines(row0, n, parts, counts, sums, labels[0].copy(), labels[-1].copy())
+
+
 class FootprintCollector:
     """Feed bands of (mask, probability) rows in order; finished pieces go to ``emit`` in batches."""
 
@@ -75,27 +105,26 @@ class FootprintCollector:
         self.next_id = 0
 
     def add_band(self, row0: int, mask: np.ndarray, prob: np.ndarray) -> None:
-        labels, n = ndimage.label(mask)
+        self.add_outlines(outline_band(row0, mask, prob))
+
+    def add_outlines(self, band: BandOutlines) -> None:
+        """Join the next band's components to the buildings open at its top; those that end in it are done."""
+        n = band.n
         if n == 0:
             self._close(set(self.open))
             self.edge[:] = -1
             return
-        counts = np.bincount(labels.ravel(), minlength=n + 1)
-        sums = np.zeros(n + 1)
-        sums[1:] = ndimage.sum_labels(prob, labels, np.arange(1, n + 1))
         ids = np.arange(n + 1) + self.next_id  # label l -> global id (label 0 unused)
         self.next_id += n + 1
         new: dict[int, _Open] = {}
-        for geom, lab in features.shapes(labels.astype(np.int32, copy=False), mask=labels > 0, connectivity=4,
-                                         transform=Affine.translation(0, row0)):
-            lab = int(lab)
+        for lab, geom in band.parts:
             gid = int(ids[lab])
             if gid in new:  # one label can come back as several rings; keep them together
-                new[gid].parts.append(shape(geom))
+                new[gid].parts.append(geom)
             else:
-                new[gid] = _Open([shape(geom)], int(counts[lab]), float(sums[lab]))
+                new[gid] = _Open([geom], int(band.counts[lab]), float(band.sums[lab]))
         uf = _UnionFind()
-        top = labels[0]
+        top = band.top
         joined = (self.edge >= 0) & (top > 0)
         for a, b in set(zip(self.edge[joined].tolist(), ids[top[joined]].tolist())):
             uf.union(a, b)
@@ -107,7 +136,7 @@ class FootprintCollector:
             parts = [self.open.get(m) or new[m] for m in members]
             merged[root] = parts[0] if len(parts) == 1 else _Open(
                 [g for p in parts for g in p.parts], sum(p.pixels for p in parts), sum(p.prob_sum for p in parts))
-        last = labels[-1]
+        last = band.bottom
         bottom_ids = {uf.find(int(ids[l])) for l in np.unique(last[last > 0])}
         self.open = {}
         for root, p in merged.items():

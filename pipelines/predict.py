@@ -5,7 +5,8 @@ One scene flows through small stages (each its own module):
     tile source (reader threads, a row of tiles ahead)  -> routing and expert inference, grouped by expert over a
     tile row (pipelines.inference)  -> blending into a band of rows (pipelines.tiling)  -> band writer on its own
     thread behind a bounded queue: probability and mask rows, instance separation, polygons, regularisation
-    (pipelines.writers)
+    (pipelines.writers; with ``predict.footprint_workers`` each band's watershed and polygons, and the
+    regularisation, run over worker processes, pipelines.pool)
 
 so the model's thread only routes, predicts and blends. Queues are bounded: memory holds a few tile rows across
 the scene's width, whatever its height.
@@ -179,6 +180,7 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: Predict
         interrupt.check()
     except BaseException:
         consumer.abort()
+        band_writer.cancel()
         raise
     finally:
         bar.close()

@@ -1,22 +1,17 @@
-"""Footprint regularisation (buildingregulariser): in the writer's thread, or spread over a pool of processes.
+"""Footprint regularisation (buildingregulariser): in the writer's thread, or spread over the footprint stage's
+worker processes (pipelines/pool.py).
 
 buildingregulariser costs about 10 ms a building (far more for an outline of thousands of vertices), more than
 polygonising; on a machine whose cores the model leaves idle (a GPU machine) a pool of
 ``predict.footprint_workers`` processes keeps it off the writer's path.
 Each building is regularised on its own (no neighbour alignment), so cutting a batch into chunks gives exactly
-the outlines of one call on the whole batch. The pool is started once per process (spawned, never forked: the
-predicting process has reader, writer and torch threads) and reused by every scene.
+the outlines of one call on the whole batch.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import multiprocessing
-import os
-import signal
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import geopandas as gpd
@@ -24,10 +19,11 @@ import numpy as np
 import pandas as pd
 import shapely
 
+from geomoe.pipelines.pool import drop, worker_pool
+
 log = logging.getLogger(__name__)
 
 MIN_CHUNK = 32  # buildings: smaller chunks cost more in pickling than they save
-_POOLS: dict[int, ProcessPoolExecutor] = {}
 
 
 def regularise_frame(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: float,
@@ -39,32 +35,6 @@ def regularise_frame(work: gpd.GeoDataFrame, parallel_threshold: float, toleranc
         warnings.simplefilter("ignore")
         return regularize_geodataframe(work, parallel_threshold=parallel_threshold, simplify_tolerance=tolerance,
                                        allow_45_degree=diagonals, allow_circles=False, num_cores=1)
-
-
-def auto_workers() -> int:
-    """Processes for regularisation by default: none on small machines, where the model needs every core."""
-    cores = os.cpu_count() or 1
-    return 0 if cores <= 4 else min(8, cores // 4)
-
-
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the predicting process, which stops at a safe point (geomoe/interrupt.py)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _pool(workers: int) -> ProcessPoolExecutor:
-    if workers not in _POOLS:
-        _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                              initializer=_ignore_sigint)
-    return _POOLS[workers]
-
-
-@atexit.register
-def shutdown() -> None:
-    """Stop the pools (also at exit, so no worker outlives the command)."""
-    for p in _POOLS.values():
-        p.shutdown(cancel_futures=True)
-    _POOLS.clear()
 
 
 def balanced_chunks(cost: np.ndarray, n: int) -> list[np.ndarray]:
@@ -100,7 +70,7 @@ class Pending:
         try:
             parts = pd.concat([f.result() for f in self.futures], ignore_index=True)
         except BrokenProcessPool:
-            _POOLS.pop(self.workers, None)  # a worker died (killed, out of memory): the next batch starts a new pool
+            drop(self.workers)  # a worker died (killed, out of memory): the next batch starts a new pool
             raise
         return one_per_building(self.work, parts)
 
@@ -135,7 +105,7 @@ def submit(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: float, 
     tagged = work.assign(_order=np.arange(len(work)))  # each outline's building, whatever the regulariser returns
     if workers <= 0 or len(work) == 0:
         return Pending(work, result=regularise_frame(tagged, parallel_threshold, tolerance, diagonals))
-    pool = _pool(workers)
+    pool = worker_pool(workers)
     # the regulariser's cost grows with an outline's vertices
     cost = shapely.get_num_coordinates(work.geometry.to_numpy()).astype(float)
     futures = [pool.submit(regularise_frame, tagged.iloc[idx], parallel_threshold, tolerance, diagonals)

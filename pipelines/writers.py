@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,10 +19,12 @@ from shapely.geometry import Polygon
 
 from geomoe.atomic import atomic_path, tmp_name
 from geomoe.config import PredictConfig
-from geomoe.pipelines.footprints import FootprintCollector, FrameJob, Piece, finish_frame, start_frame
+from geomoe.pipelines.footprints import (BandOutlines, FootprintCollector, FrameJob, Piece, finish_frame,
+                                         outline_band, start_frame)
 from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
 from geomoe.pipelines.instances import Separation, separate
 from geomoe.pipelines.outputs import Outputs
+from geomoe.pipelines.pool import worker_pool
 from geomoe.pipelines.regularise import MIN_CHUNK
 from geomoe.pipelines.tiling import TileGrid
 
@@ -36,7 +39,7 @@ OUT_BLOCK = (64, 512)
 
 def footprint_workers(cfg: PredictConfig) -> int:
     """``predict.footprint_workers``, or by default a few processes on machines with cores to spare."""
-    from geomoe.pipelines.regularise import auto_workers
+    from geomoe.pipelines.pool import auto_workers
 
     return cfg.footprint_workers if cfg.footprint_workers is not None else auto_workers()
 
@@ -63,30 +66,11 @@ class SceneWriters:
         # batches whose regularisation runs in the pool while bands go on; written in order as they finish
         self.pending: deque[FrameJob] = deque()
 
-    def write_rows(self, row0: int, prob: np.ndarray, valid: np.ndarray, threshold: float,
-                   separation: Separation | None = None) -> np.ndarray:
-        """Write building probability and mask for rows ``prob`` (channels, n, width); return the mask.
-
-        With instance channels the mask is cut between touching buildings (watershed), so each polygon is one
-        building; the cuts never fall on the band's edges, so the collector still joins buildings across bands.
-        """
-        building = prob[0]
-        win = Window(0, row0, building.shape[1], building.shape[0])
-        scaled = np.clip(building, 0, 1)  # in place from here on: a band can be tens of thousands of pixels wide
-        scaled *= 254
-        scaled += 0.5
-        p8 = scaled.astype(np.uint8)
-        del scaled
-        p8[~valid] = NODATA
+    def write_band(self, row0: int, p8: np.ndarray, m8: np.ndarray) -> None:
+        """Write a band's probability and mask rows (uint8, nodata 255) from row ``row0`` on."""
+        win = Window(0, row0, p8.shape[1], p8.shape[0])
         self.prob.write(p8, 1, window=win)
-        if len(prob) >= 3:
-            m = separate(prob, threshold, separation) & valid
-        else:
-            m = (building >= threshold) & valid
-        m8 = m.astype(np.uint8)
-        m8[~valid] = NODATA
         self.mask.write(m8, 1, window=win)
-        return m
 
     def write_pieces(self, pieces: list[Piece]) -> None:
         """Start a batch of finished pieces on its way to the layer; write the batches done so far, in order."""
@@ -186,20 +170,79 @@ class Band:
     valid: np.ndarray
 
 
+@dataclass
+class BandResult:
+    """What a band becomes: its probability and mask rows as written (uint8, nodata 255) and its buildings'
+    outlines, not yet joined to the bands around it."""
+
+    row0: int
+    p8: np.ndarray
+    m8: np.ndarray
+    outlines: BandOutlines
+
+
+def process_band(band: Band, threshold: float, separation: Separation | None) -> BandResult:
+    """Everything one band needs that does not depend on the others: probability to uint8, the building mask
+    (with instance channels cut between touching buildings by the watershed; the cuts never fall on the band's
+    edges, so buildings still join across bands), and the outlines of its components. Pure, so it runs in a worker
+    process as well as in the writer's thread."""
+    prob, valid = band.prob, band.valid
+    scaled = np.clip(prob[0], 0, 1)  # in place from here on: a band can be tens of thousands of pixels wide
+    scaled *= 254
+    scaled += 0.5
+    p8 = scaled.astype(np.uint8)
+    del scaled
+    p8[~valid] = NODATA
+    if len(prob) >= 3:
+        m = separate(prob, threshold, separation) & valid
+    else:
+        m = (prob[0] >= threshold) & valid
+    m8 = m.astype(np.uint8)
+    m8[~valid] = NODATA
+    # probabilities are only summed inside m (no nodata)
+    return BandResult(band.row0, p8, m8, outline_band(band.row0, m, prob[0]))
+
+
 class BandWriter:
     """Writes finished bands in order: probability and mask rows, then their footprints (polygonised, joined across
-    band borders, regularised). Runs beside the model (pipelines.background.Consumer), off its critical path."""
+    band borders, regularised). Runs beside the model (pipelines.background.Consumer), off its critical path.
+
+    With worker processes (``predict.footprint_workers``: a GPU machine's spare cores) each band's own work
+    (:func:`process_band`: watershed, polygonising) runs in the pool, several bands at once, and only the writing
+    and the join across band borders stay here, in band order: the outputs are those of the in-line path. At most
+    ``workers`` bands are under way, so memory stays bounded.
+    """
 
     def __init__(self, writers: SceneWriters, width: int, threshold: float,
                  emit: Callable[[list[Piece]], None] | None = None, separation: Separation | None = None):
         self.writers, self.threshold, self.separation = writers, threshold, separation
         # with a regularisation pool, smaller batches start it sooner (enough for each worker to get a chunk)
-        w = writers.workers
+        w = self.workers = writers.workers
         self.collector = FootprintCollector(width, emit or writers.write_pieces, batch=1000 if w == 0 else max(2 * MIN_CHUNK, MIN_CHUNK * w))
+        self.pending: deque[Future] = deque()
 
     def __call__(self, band: Band) -> None:
-        m = self.writers.write_rows(band.row0, band.prob, band.valid, self.threshold, self.separation)
-        self.collector.add_band(band.row0, m, band.prob[0])  # probabilities are only summed inside m (no nodata)
+        if self.workers <= 0:
+            self._write(process_band(band, self.threshold, self.separation))
+            return
+        self.pending.append(worker_pool(self.workers).submit(process_band, band, self.threshold, self.separation))
+        self._write_done(keep=self.workers)
+
+    def _write_done(self, keep: int) -> None:
+        """Write the oldest bands that are done, waiting for the oldest while more than ``keep`` are under way."""
+        while self.pending and (len(self.pending) > keep or self.pending[0].done()):
+            self._write(self.pending.popleft().result())
+
+    def _write(self, r: BandResult) -> None:
+        self.writers.write_band(r.row0, r.p8, r.m8)
+        self.collector.add_outlines(r.outlines)
 
     def finish(self) -> None:
+        self._write_done(keep=0)
         self.collector.finish()
+
+    def cancel(self) -> None:
+        """Drop the bands still under way (the run is failing)."""
+        for f in self.pending:
+            f.cancel()
+        self.pending.clear()

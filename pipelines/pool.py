@@ -1,0 +1,48 @@
+"""The footprint stage's worker processes: one pool per process, shared by band outlining and regularisation.
+
+Started once (spawned, never forked: the predicting process has reader, writer and torch threads) and reused by
+every scene; stopped at exit so no worker outlives the command. A pool whose worker died (killed, out of memory)
+is dropped, and the next job starts a new one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def auto_workers() -> int:
+    """Worker processes by default: none on small machines, where the model needs every core."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 4 else min(8, cores // 4)
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the predicting process, which stops at a safe point (geomoe/interrupt.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """This process's pool of ``workers`` processes (started on first use)."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=_ignore_sigint)
+    return _POOLS[workers]
+
+
+def drop(workers: int) -> None:
+    """Forget a broken pool (one of its workers died): the next job starts a fresh one."""
+    _POOLS.pop(workers, None)
+
+
+@atexit.register
+def shutdown() -> None:
+    """Stop the pools (also at exit, so no worker outlives the command)."""
+    for p in _POOLS.values():
+        p.shutdown(cancel_futures=True)
+    _POOLS.clear()
