@@ -154,12 +154,15 @@ def main() -> None:
             scenes = tuple(repeated_scene(s, Path(td), a.repeat) for s in scenes)
         for scene in scenes:
             t_model, n, replay = pure_model(model, scene, pcfg)
+            print(f"{scene.stem}: {n} tiles, model alone {t_model:.1f} s", flush=True)  # each part as it ends
             t0 = time.perf_counter()
             _, st = predict_raster(model, scene, Path(td) / "out", pcfg, b.threshold, progress=False)
             t_e2e = time.perf_counter() - t0
+            print(f"{scene.stem}: end to end {t_e2e:.1f} s, {st.footprints} footprints", flush=True)
             t0 = time.perf_counter()
             _, st_r = predict_raster(replay, scene, Path(td) / "replay", pcfg, b.threshold, progress=False)
             t_rest = time.perf_counter() - t0
+            print(f"{scene.stem}: without the model {t_rest:.1f} s", flush=True)
             assert st_r.footprints == st.footprints and not replay.probs, "the replay must answer as the model did"
             del replay
             with rasterio.open(scene) as ds:

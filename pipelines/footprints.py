@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import shapely
 from rasterio import features
 from rasterio.crs import CRS
@@ -22,8 +22,7 @@ from scipy import ndimage
 from shapely.affinity import affine_transform
 from shapely.geometry import shape
 
-if TYPE_CHECKING:
-    from geomoe.pipelines.regularise import Pending
+from geomoe.pipelines.regularise import MIN_CHUNK, balanced_chunks, regularise
 
 log = logging.getLogger(__name__)
 
@@ -162,73 +161,136 @@ class FootprintCollector:
         self.flush()
 
 
-@dataclass
-class FrameJob:
-    """A batch of footprints on its way to the layer: measured and filtered, its regularisation perhaps under way."""
+@dataclass(frozen=True)
+class FrameSpec:
+    """How a scene's pieces become footprints, the same for every batch: georeferencing, where areas are measured,
+    the smallest footprint, regularisation."""
 
-    work: gpd.GeoDataFrame
+    transform: Affine
     crs: CRS | None
-    area_scale: float  # m2 per unit of the work frame's area
-    measured: bool = True  # False without a ground resolution: no areas, no regularisation
-    pending: "Pending | None" = None
-
-    def done(self) -> bool:
-        return self.pending is None or self.pending.done()
-
-    def cancel(self) -> None:
-        if self.pending is not None:
-            self.pending.cancel()
+    gsd: float | None
+    min_area_m2: float
+    regularize: bool
+    diagonals: bool
+    area_crs: CRS | None = None  # areas are measured here (the scene's UTM zone); None without a CRS
 
 
-def start_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
-                min_area_m2: float, regularize: bool, diagonals: bool,
-                expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0) -> FrameJob:
-    """Georeference, measure, filter and clean pieces, and start their regularisation (over ``workers`` processes,
-    which go on while the caller does; :func:`finish_frame` gives the frame)."""
-    pieces = _drop_specks(pieces, gsd, min_area_m2)
-    cent = np.array([[p.geom.centroid.x, p.geom.centroid.y] for p in pieces]).reshape(-1, 2)
-    a = transform
+def scene_area_crs(crs: CRS | None, transform: Affine, width: int, height: int) -> CRS | None:
+    """The UTM zone of a scene's centre, where its footprints' areas are measured (one zone for the whole scene,
+    so every batch and every chunk of it measures alike)."""
+    if crs is None:
+        return None
+    x, y = transform * (width / 2, height / 2)
+    return gpd.GeoSeries([shapely.Point(x, y)], crs=crs).estimate_utm_crs()
+
+
+def footprint_chunk(frame: gpd.GeoDataFrame, spec: FrameSpec) -> gpd.GeoDataFrame:
+    """Pieces (pixel outlines with their attributes) -> footprints in the raster's CRS: georeferenced, measured,
+    those under the smallest area dropped, pinholes filled, regularised, one polygon each. Each footprint on its
+    own, so a batch cut into chunks (worked in worker processes) gives exactly the rows of the whole batch."""
+    a = spec.transform
     # canonical outlines (no collinear vertices, fixed start and orientation) in exact pixel coordinates: a building
     # joined across different band or strip borders then reaches the regulariser as the very same polygon
-    canon = shapely.normalize(shapely.simplify(np.array([p.geom for p in pieces], dtype=object), 0))
+    canon = shapely.normalize(shapely.simplify(frame.geometry.to_numpy(), 0))
     geoms = np.array([affine_transform(g, [a.a, a.b, a.d, a.e, a.c, a.f]) for g in canon], dtype=object)
     # pixel outlines are valid but where two pixels meet at a corner; only those need the (costly) repair
     bad = ~shapely.is_valid(geoms)
     geoms[bad] = shapely.buffer(geoms[bad], 0)
-    geoms = shapely.normalize(geoms)
-    gdf = gpd.GeoDataFrame(
-        {"expert": expert_at(cent[:, 0], cent[:, 1]).astype(np.int32) if len(pieces) else np.zeros(0, np.int32),
-         "mean_prob": np.array([p.prob_sum / max(p.pixels, 1) for p in pieces], np.float32),
-         "pixels": np.array([p.pixels for p in pieces], np.int64)},
-        geometry=geoms, crs=crs)
-    if gsd is None:
+    gdf = gpd.GeoDataFrame(frame.drop(columns=frame.geometry.name), geometry=shapely.normalize(geoms), crs=spec.crs)
+    gsd = spec.gsd
+    if gsd is None:  # no ground resolution: no areas, no regularisation
         gdf["area_m2"] = np.nan
-        return FrameJob(gdf, crs, 1.0, measured=False)
-    if crs is None:  # pixel coordinates with a known resolution (locations.csv or --gsd): measure in pixels
-        work, unit = gdf, 1.0 / gsd
-        work["area_m2"] = work.geometry.area * gsd * gsd
+        return gdf
+    if spec.crs is None:  # pixel coordinates with a known resolution (locations.csv or --gsd): measure in pixels
+        work, unit, scale = gdf, 1.0 / gsd, gsd * gsd
     else:
-        work, unit = (gdf.to_crs(gdf.estimate_utm_crs()) if len(gdf) else gdf), 1.0
-        work["area_m2"] = work.geometry.area
-    scale = gsd * gsd if crs is None else 1.0
-    work = work[work.area_m2 >= min_area_m2]
+        work, unit, scale = (gdf.to_crs(spec.area_crs) if len(gdf) else gdf), 1.0, 1.0
+    work["area_m2"] = work.geometry.area * scale
+    work = work[work.area_m2 >= spec.min_area_m2]
     if len(work):  # pinholes are noise in a roof, not courtyards; they also cost the regulariser most of its time
-        work[work.geometry.name] = fill_holes(work.geometry.to_numpy(), min_area_m2 / scale)
-    job = FrameJob(work, crs, scale)
-    if regularize and len(work):
-        from geomoe.pipelines.regularise import submit
-
+        work[work.geometry.name] = fill_holes(work.geometry.to_numpy(), spec.min_area_m2 / scale)
+    if spec.regularize and len(work):
         try:
-            job.pending = submit(work, 2 * gsd * unit, gsd * unit, diagonals, workers)
+            work = regularise(work, 2 * gsd * unit, gsd * unit, spec.diagonals)
+            work["area_m2"] = work.geometry.area * scale
         except Exception as e:  # keep the raw polygons rather than lose the batch
             log.warning("regularisation failed on a batch (%s); raw polygons kept", e)
-    return job
+    work = _one_polygon_each(work, scale)
+    return work if spec.crs is None or work.crs == spec.crs else work.to_crs(spec.crs)
+
+
+class FrameJob:
+    """A batch of footprints on its way to the layer: worked in this thread, or in chunks of about equal cost over
+    the worker processes while the writer goes on."""
+
+    def __init__(self, chunks: list[gpd.GeoDataFrame], spec: FrameSpec, workers: int = 0):
+        from geomoe.pipelines.pool import worker_pool
+
+        self.chunks, self.spec, self.workers = chunks, spec, workers
+        self.futures = ([worker_pool(workers).submit(footprint_chunk, c, spec) for c in chunks] if workers > 0
+                        else None)
+        self.frames = None if workers > 0 else [footprint_chunk(c, spec) for c in chunks]
+
+    def done(self) -> bool:
+        return self.futures is None or all(f.done() for f in self.futures)
+
+    def cancel(self) -> None:
+        for f in self.futures or []:
+            f.cancel()
+
+    def result(self) -> gpd.GeoDataFrame:
+        """The batch's footprints in piece order (waits for the workers). A chunk whose worker died (killed, out of
+        memory) is worked again here, unregularised, rather than lost; the next batch starts a fresh pool."""
+        frames = self.frames
+        if frames is None:
+            from concurrent.futures.process import BrokenProcessPool
+
+            from geomoe.pipelines.pool import drop
+
+            frames = []
+            for c, f in zip(self.chunks, self.futures):
+                try:
+                    frames.append(f.result())
+                except BrokenProcessPool as e:
+                    drop(self.workers)
+                    log.warning("a footprint worker died (%s); raw polygons kept for %d buildings", e, len(c))
+                    frames.append(footprint_chunk(c, replace(self.spec, regularize=False)))
+        out = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry=frames[0].geometry.name,
+                               crs=self.spec.crs)
+        return out.sort_values("_piece", kind="stable").drop(columns="_piece").reset_index(drop=True)
+
+
+def start_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
+                min_area_m2: float, regularize: bool, diagonals: bool,
+                expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0,
+                area_crs: CRS | None = None) -> FrameJob:
+    """Start turning a batch of pieces into footprints (:func:`footprint_chunk`), over ``workers`` processes in
+    chunks of about equal cost when given (they go on while the caller does; :func:`finish_frame` gives the
+    frame). ``area_crs``: where areas are measured (default: the UTM zone of this batch)."""
+    pieces = _drop_specks(pieces, gsd, min_area_m2)
+    geoms = np.array([p.geom for p in pieces], dtype=object)
+    cent = shapely.get_coordinates(shapely.centroid(geoms)) if len(pieces) else np.zeros((0, 2))
+    frame = gpd.GeoDataFrame(
+        {"expert": expert_at(cent[:, 0], cent[:, 1]).astype(np.int32) if len(pieces) else np.zeros(0, np.int32),
+         "mean_prob": np.array([p.prob_sum / max(p.pixels, 1) for p in pieces], np.float32),
+         "pixels": np.array([p.pixels for p in pieces], np.int64),
+         "_piece": np.arange(len(pieces))}, geometry=geoms)
+    if crs is not None and area_crs is None and len(pieces):
+        x, y = transform * tuple(cent.mean(0))
+        area_crs = gpd.GeoSeries([shapely.Point(x, y)], crs=crs).estimate_utm_crs()
+    spec = FrameSpec(transform, crs, gsd, min_area_m2, regularize, diagonals, area_crs)
+    n = min(workers, len(pieces) // MIN_CHUNK)
+    if n < 2:  # too few buildings to be worth sending out
+        return FrameJob([frame], spec)
+    # the regulariser's cost grows with an outline's vertices; chunks of about equal cost
+    cost = shapely.get_num_coordinates(geoms).astype(float)
+    return FrameJob([frame.iloc[idx] for idx in balanced_chunks(cost, n)], spec, workers)
 
 
 def _drop_specks(pieces: list[Piece], gsd: float | None, min_area_m2: float) -> list[Piece]:
     """``pieces`` without those far below the smallest footprint by their pixel count (most pieces are specks):
     geometry work is then spent on buildings. The margin of four leaves the exact decision, on the measured
-    area, to :func:`start_frame` (the ground resolution is the scene centre's)."""
+    area, to :func:`footprint_chunk` (the ground resolution is the scene centre's)."""
     if gsd is None or min_area_m2 <= 0:
         return pieces
     pixel_m2 = gsd * gsd
@@ -236,27 +298,18 @@ def _drop_specks(pieces: list[Piece], gsd: float | None, min_area_m2: float) -> 
 
 
 def finish_frame(job: FrameJob) -> gpd.GeoDataFrame:
-    """The batch's footprints in the raster's CRS (waits for its regularisation): one polygon per building."""
-    work = job.work
-    if job.pending is not None:
-        try:
-            work = job.pending.result()
-            work["area_m2"] = work.geometry.area * job.area_scale
-        except Exception as e:  # keep the raw polygons rather than lose the batch
-            log.warning("regularisation failed on a batch (%s); raw polygons kept", e)
-    if job.measured:
-        work = _one_polygon_each(work, job.area_scale)
-    if job.crs is None or work.crs == job.crs:
-        return work
-    return work.to_crs(job.crs)
+    """The batch's footprints in the raster's CRS (waits for its workers): one polygon per building."""
+    return job.result()
 
 
 def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
                     min_area_m2: float, regularize: bool, diagonals: bool,
-                    expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0) -> gpd.GeoDataFrame:
+                    expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0,
+                    area_crs: CRS | None = None) -> gpd.GeoDataFrame:
     """Georeference, measure, filter and regularise pieces (over ``workers`` processes when more than one);
-    attributes: area_m2, expert, mean_prob."""
-    return finish_frame(start_frame(pieces, transform, crs, gsd, min_area_m2, regularize, diagonals, expert_at, workers))
+    attributes: area_m2, expert, mean_prob, pixels."""
+    return finish_frame(start_frame(pieces, transform, crs, gsd, min_area_m2, regularize, diagonals, expert_at,
+                                    workers, area_crs))
 
 
 def fill_holes(geoms: np.ndarray, min_area: float) -> np.ndarray:

@@ -1,25 +1,21 @@
-"""Footprint regularisation (buildingregulariser): in the writer's thread, or spread over the footprint stage's
-worker processes (pipelines/pool.py).
+"""Footprint regularisation (buildingregulariser), one building at a time.
 
 buildingregulariser costs about 10 ms a building (far more for an outline of thousands of vertices), more than
-polygonising; on a machine whose cores the model leaves idle (a GPU machine) a pool of
-``predict.footprint_workers`` processes keeps it off the writer's path.
-Each building is regularised on its own (no neighbour alignment), so cutting a batch into chunks gives exactly
-the outlines of one call on the whole batch.
+polygonising; on a machine whose cores the model leaves idle (a GPU machine) batches are cut into chunks of about
+equal cost (:func:`balanced_chunks`) and worked over ``predict.footprint_workers`` processes
+(pipelines/footprints.py, pipelines/pool.py). Each building is regularised on its own (no neighbour alignment), so
+cutting a batch into chunks gives exactly the outlines of one call on the whole batch.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from concurrent.futures.process import BrokenProcessPool
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
-
-from geomoe.pipelines.pool import drop, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -48,33 +44,6 @@ def balanced_chunks(cost: np.ndarray, n: int) -> list[np.ndarray]:
     return [np.sort(np.array(p, dtype=np.int64)) for p in parts if p]
 
 
-class Pending:
-    """A batch's regularisation: under way in the pool (its chunks' futures), or already done in this thread."""
-
-    def __init__(self, work: gpd.GeoDataFrame, futures: list | None = None, result: gpd.GeoDataFrame | None = None,
-                 workers: int = 0):
-        self.work, self.futures, self._result, self.workers = work, futures, result, workers
-
-    def done(self) -> bool:
-        return self.futures is None or all(f.done() for f in self.futures)
-
-    def cancel(self) -> None:
-        for f in self.futures or []:
-            f.cancel()
-
-    def result(self) -> gpd.GeoDataFrame:
-        """``work`` with each building's regularised outline: one row per building, in ``work``'s order (waits for
-        the pool)."""
-        if self.futures is None:
-            return one_per_building(self.work, self._result)
-        try:
-            parts = pd.concat([f.result() for f in self.futures], ignore_index=True)
-        except BrokenProcessPool:
-            drop(self.workers)  # a worker died (killed, out of memory): the next batch starts a new pool
-            raise
-        return one_per_building(self.work, parts)
-
-
 def one_per_building(work: gpd.GeoDataFrame, parts: pd.DataFrame) -> gpd.GeoDataFrame:
     """``work`` with the regulariser's outlines put back row by row (``parts``' ``_order`` column): where it split
     an outline into several rows (a self-touching ring) the largest part is the building, not a footprint each
@@ -98,23 +67,10 @@ def one_per_building(work: gpd.GeoDataFrame, parts: pd.DataFrame) -> gpd.GeoData
     return out
 
 
-def submit(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: float, diagonals: bool,
-           workers: int = 0) -> Pending:
-    """Start regularising every footprint of ``work``: with ``workers``, in chunks of about equal cost over that
-    many processes (the caller goes on meanwhile); without, here and now."""
+def regularise(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: float,
+               diagonals: bool) -> gpd.GeoDataFrame:
+    """Regularise every footprint of ``work`` in this process: one row per building, in ``work``'s order."""
     tagged = work.assign(_order=np.arange(len(work)))  # each outline's building, whatever the regulariser returns
-    if workers <= 0 or len(work) == 0:
-        return Pending(work, result=regularise_frame(tagged, parallel_threshold, tolerance, diagonals))
-    pool = worker_pool(workers)
-    # the regulariser's cost grows with an outline's vertices
-    cost = shapely.get_num_coordinates(work.geometry.to_numpy()).astype(float)
-    futures = [pool.submit(regularise_frame, tagged.iloc[idx], parallel_threshold, tolerance, diagonals)
-               for idx in balanced_chunks(cost, max(1, min(workers, len(work) // MIN_CHUNK)))]
-    return Pending(work, futures, workers=workers)
-
-
-def regularise(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: float, diagonals: bool,
-               workers: int = 0) -> gpd.GeoDataFrame:
-    """Regularise every footprint of ``work`` (over ``workers`` processes when given): one row per building, in
-    ``work``'s order."""
-    return submit(work, parallel_threshold, tolerance, diagonals, workers).result()
+    if len(work) == 0:
+        return work
+    return one_per_building(work, regularise_frame(tagged, parallel_threshold, tolerance, diagonals))

@@ -25,7 +25,7 @@ from shapely.affinity import translate
 from shapely.geometry import box
 
 from geomoe.config import PredictConfig
-from geomoe.pipelines.footprints import Piece, _UnionFind
+from geomoe.pipelines.footprints import Piece, _UnionFind, scene_area_crs
 from geomoe.pipelines.inference import RoutingLayer, TileModel
 from geomoe.pipelines.outputs import InputResult, Outputs, RunStats, outputs_for, write_scene_summary
 from geomoe.pipelines.predict import RowSpan, cell_index, stream_rows
@@ -106,6 +106,7 @@ def predict_strip(model: TileModel, strip: Strip, cfg: PredictConfig, threshold:
                            Path(f"{base}_footprints.gpkg"), None, Path(f"{base}_summary.json"))
             writers = SceneWriters(view, outs, scene_gsd, cfg, expert_at)  # part rasters: the strip's rows only
             writers.transform = ds.transform  # footprints in the scene's pixel grid: the whole run's coordinates
+            writers.area_crs = scene_area_crs(ds.crs, ds.transform, ds.width, ds.height)  # areas as the whole scene's
             held: list[Piece] = []
             top_open, bottom_open = strip.index > 0, strip.index < strip.count - 1
 

@@ -20,7 +20,7 @@ from shapely.geometry import Polygon
 from geomoe.atomic import atomic_path, tmp_name
 from geomoe.config import PredictConfig
 from geomoe.pipelines.footprints import (BandOutlines, FootprintCollector, FrameJob, Piece, finish_frame,
-                                         outline_band, start_frame)
+                                         outline_band, scene_area_crs, start_frame)
 from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
 from geomoe.pipelines.instances import Separation, separate
 from geomoe.pipelines.outputs import Outputs
@@ -63,6 +63,7 @@ class SceneWriters:
                 p.unlink()
         self.count = 0
         self.workers = footprint_workers(cfg)
+        self.area_crs = scene_area_crs(ds.crs, ds.transform, ds.width, ds.height)  # once: a CRS query costs 0.2 s
         # batches whose regularisation runs in the pool while bands go on; written in order as they finish
         self.pending: deque[FrameJob] = deque()
 
@@ -75,7 +76,8 @@ class SceneWriters:
     def write_pieces(self, pieces: list[Piece]) -> None:
         """Start a batch of finished pieces on its way to the layer; write the batches done so far, in order."""
         self.pending.append(start_frame(pieces, self.transform, self.crs, self.gsd, self.cfg.min_area_m2,
-                                        self.cfg.regularize, self.cfg.allow_diagonals, self.expert_at, self.workers))
+                                        self.cfg.regularize, self.cfg.allow_diagonals, self.expert_at, self.workers,
+                                        self.area_crs))
         self._write_done(keep=2 * max(1, self.workers))
 
     def _write_done(self, keep: int) -> None:
@@ -216,9 +218,9 @@ class BandWriter:
     def __init__(self, writers: SceneWriters, width: int, threshold: float,
                  emit: Callable[[list[Piece]], None] | None = None, separation: Separation | None = None):
         self.writers, self.threshold, self.separation = writers, threshold, separation
-        # with a regularisation pool, smaller batches start it sooner (enough for each worker to get a chunk)
+        # batches large enough for every worker to get a few chunks' worth (each batch is one append to the layers)
         w = self.workers = writers.workers
-        self.collector = FootprintCollector(width, emit or writers.write_pieces, batch=1000 if w == 0 else max(2 * MIN_CHUNK, MIN_CHUNK * w))
+        self.collector = FootprintCollector(width, emit or writers.write_pieces, batch=max(1000, 2 * MIN_CHUNK * w))
         self.pending: deque[Future] = deque()
 
     def __call__(self, band: Band) -> None:
