@@ -48,9 +48,12 @@ class SceneWriters:
     """The probability and mask GeoTIFFs (tiled, written window by window) and the footprint layer."""
 
     def __init__(self, ds, outs: Outputs, gsd: float | None, cfg: PredictConfig, expert_at):
+        self.workers = footprint_workers(cfg)
+        # a machine with footprint workers has cores to spare: GDAL compresses the rasters' blocks on that many threads
+        self.gdal_threads = str(max(1, self.workers))
         prof = dict(driver="GTiff", width=ds.width, height=ds.height, count=1, dtype="uint8", crs=ds.crs,
                     transform=ds.transform, nodata=NODATA, tiled=True, blockxsize=OUT_BLOCK[1], blockysize=OUT_BLOCK[0],
-                    compress="deflate", BIGTIFF="IF_SAFER")
+                    compress="deflate", BIGTIFF="IF_SAFER", NUM_THREADS=self.gdal_threads)
         self.outs, self.cfg, self.gsd, self.expert_at = outs, cfg, gsd, expert_at
         self.crs, self.transform = ds.crs, ds.transform
         self.raw_prob, self.raw_mask = tmp_name(outs.prob).with_suffix(".raw.tif"), tmp_name(outs.mask).with_suffix(".raw.tif")
@@ -62,7 +65,6 @@ class SceneWriters:
             if p is not None and p.exists():
                 p.unlink()
         self.count = 0
-        self.workers = footprint_workers(cfg)
         self.area_crs = scene_area_crs(ds.crs, ds.transform, ds.width, ds.height)  # once: a CRS query costs 0.2 s
         # batches whose regularisation runs in the pool while bands go on; written in order as they finish
         self.pending: deque[FrameJob] = deque()
@@ -117,7 +119,7 @@ class SceneWriters:
         for raw, final in ((self.raw_prob, self.outs.prob), (self.raw_mask, self.outs.mask)):
             with atomic_path(final) as tmp:
                 rasterio.shutil.copy(raw, tmp, driver="COG", compress="DEFLATE", overview_resampling="nearest",
-                                     BIGTIFF="IF_SAFER")
+                                     BIGTIFF="IF_SAFER", NUM_THREADS=self.gdal_threads)
             raw.unlink()
         if not self.vec_tmp.exists():  # no building found: empty, valid layers
             empty = gpd.GeoDataFrame({"area_m2": [], "expert": [], "mean_prob": [], "pixels": []}, geometry=[], crs=self.crs)
