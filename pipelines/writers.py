@@ -21,6 +21,7 @@ from geomoe.atomic import atomic_path, tmp_name
 from geomoe.config import PredictConfig
 from geomoe.pipelines.footprints import (BandOutlines, FootprintCollector, FrameJob, Piece, finish_frame,
                                          outline_band, scene_area_crs, start_frame)
+from geomoe.pipelines.geojson import gpkg_to_geojson
 from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
 from geomoe.pipelines.instances import Separation, separate
 from geomoe.pipelines.outputs import Outputs
@@ -60,10 +61,7 @@ class SceneWriters:
         self.prob = rasterio.open(self.raw_prob, "w", **prof)
         self.mask = rasterio.open(self.raw_mask, "w", **prof)
         self.vec_tmp = tmp_name(outs.footprints)
-        self.json_tmp = tmp_name(outs.geojson) if outs.geojson else None
-        for p in (self.vec_tmp, self.json_tmp):
-            if p is not None and p.exists():
-                p.unlink()
+        self.vec_tmp.unlink(missing_ok=True)
         self.count = 0
         self.area_crs = scene_area_crs(ds.crs, ds.transform, ds.width, ds.height)  # once: a CRS query costs 0.2 s
         # batches whose regularisation runs in the pool while bands go on; written in order as they finish
@@ -93,9 +91,6 @@ class SceneWriters:
         if len(gdf):
             gdf = gdf[["area_m2", "expert", "mean_prob", "pixels", "geometry"]]
             gdf.to_file(self.vec_tmp, driver="GPKG", layer="footprints", append=self.vec_tmp.exists(), engine="pyogrio")
-            if self.json_tmp is not None:  # written batch by batch too, so no step holds every footprint
-                gdf.to_crs("EPSG:4326").to_file(self.json_tmp, driver="GeoJSON", append=self.json_tmp.exists(),
-                                                engine="pyogrio")
             self.count += len(gdf)
 
     def copy_rows(self, prob_part: Path, mask_part: Path, row0: int, chunk: int = 512) -> None:
@@ -124,12 +119,11 @@ class SceneWriters:
         if not self.vec_tmp.exists():  # no building found: empty, valid layers
             empty = gpd.GeoDataFrame({"area_m2": [], "expert": [], "mean_prob": [], "pixels": []}, geometry=[], crs=self.crs)
             empty.to_file(self.vec_tmp, driver="GPKG", layer="footprints")
-            if self.json_tmp is not None:
-                empty.to_crs("EPSG:4326").to_file(self.json_tmp, driver="GeoJSON")
-        if self.outs.parquet is not None:  # from the finished layer, in chunks: memory stays flat
+        # from the finished layer, in chunks: memory stays flat and no format is appended to batch by batch
+        if self.outs.parquet is not None:
             gpkg_to_geoparquet(self.vec_tmp, self.outs.parquet)
-        if self.json_tmp is not None:
-            self.json_tmp.replace(self.outs.geojson)
+        if self.outs.geojson is not None:
+            gpkg_to_geojson(self.vec_tmp, self.outs.geojson)
         self.vec_tmp.replace(self.outs.footprints)
 
     def abort(self) -> None:
@@ -137,9 +131,8 @@ class SceneWriters:
             job.cancel()
         self.pending.clear()
         self.close()
-        for p in (self.raw_prob, self.raw_mask, self.vec_tmp, self.json_tmp):
-            if p is not None:
-                p.unlink(missing_ok=True)
+        for p in (self.raw_prob, self.raw_mask, self.vec_tmp):
+            p.unlink(missing_ok=True)
 
 
 def write_routing(path: Path, grid: TileGrid, layer: "RoutingLayer", ds, baseline_id: int | None) -> None:
