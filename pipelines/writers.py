@@ -64,7 +64,7 @@ class SceneWriters:
         self.vec_tmp.unlink(missing_ok=True)
         self.count = 0
         self.area_crs = scene_area_crs(ds.crs, ds.transform, ds.width, ds.height)  # once: a CRS query costs 0.2 s
-        # batches whose regularisation runs in the pool while bands go on; written in order as they finish
+        # batches whose footprint work runs in the pool while bands go on; written in order as they finish
         self.pending: deque[FrameJob] = deque()
 
     def write_band(self, row0: int, p8: np.ndarray, m8: np.ndarray) -> None:
