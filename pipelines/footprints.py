@@ -3,6 +3,10 @@
 Pieces are kept in pixel coordinates, where band borders are exact integer lines. A building that
 touches a band's last row stays open; when the next band arrives, pieces that share pixels across the
 border (4-connectivity, as the labelling) are unioned, so no building is cut in two.
+
+Two steps are pure and run in worker processes where there are cores to spare: outlining a band
+(:func:`outline_band`) and turning a chunk of finished pieces into footprints (:func:`footprint_chunk`). Only the
+join across band borders (:meth:`FootprintCollector.add_outlines`) needs the bands in order.
 """
 
 from __future__ import annotations
