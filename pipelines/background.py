@@ -115,3 +115,25 @@ class Consumer:
             self.slots.release()
         self.q.put(_STOP)
         self.thread.join()
+
+
+class InOrder:
+    """Jobs (futures, or anything with ``done``, ``result`` and ``cancel``) started in order and finished in that
+    order: ``finish(job.result())`` for the oldest ones done, waiting for the oldest while more than ``keep`` are
+    under way, so what is in flight stays bounded and outputs keep the order of the inputs."""
+
+    def __init__(self, finish: Callable[[Any], None]):
+        self.finish, self.jobs = finish, deque()
+
+    def add(self, job: Any, keep: int) -> None:
+        self.jobs.append(job)
+        self.drain(keep)
+
+    def drain(self, keep: int = 0) -> None:
+        while self.jobs and (len(self.jobs) > keep or self.jobs[0].done()):
+            self.finish(self.jobs.popleft().result())
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
+        self.jobs.clear()

@@ -7,29 +7,23 @@ reprojected and streamed to GDAL as Arrow batches: one write, memory flat whatev
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
 from pathlib import Path
 
 import pyarrow as pa
 import pyogrio
 
 from geomoe.atomic import atomic_path
+from geomoe.pipelines.geoparquet import layer_chunks
 
 
 def gpkg_to_geojson(src: Path, dst: Path, layer: str = "footprints", chunk: int = 20_000) -> Path:
     """Copy ``layer`` of ``src`` to the GeoJSON file ``dst`` in EPSG:4326 (under its final name only when complete)."""
-    n = pyogrio.read_info(src, layer=layer)["features"]
-    first = pyogrio.read_dataframe(src, layer=layer, max_features=min(max(n, 1), chunk)).to_crs("EPSG:4326")
-    schema = first.to_arrow(index=False, geometry_encoding="WKB")
-    schema = pa.table(schema).schema
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        for start in range(0, n, chunk):
-            gdf = first if start == 0 else pyogrio.read_dataframe(src, layer=layer, skip_features=start,
-                                                                  max_features=chunk).to_crs("EPSG:4326")
-            yield from pa.table(gdf.to_arrow(index=False, geometry_encoding="WKB")).cast(schema).to_batches()
-
+    chunks = (pa.table(gdf.to_crs("EPSG:4326").to_arrow(index=False, geometry_encoding="WKB"))
+              for gdf in layer_chunks(src, layer, chunk))
+    first = next(chunks)  # the schema; an empty layer still gives one (empty) chunk
+    batches = itertools.chain(first.to_batches(), (b for t in chunks for b in t.cast(first.schema).to_batches()))
     with atomic_path(dst) as tmp:
-        pyogrio.write_arrow(pa.RecordBatchReader.from_batches(schema, batches()), tmp, driver="GeoJSON",
-                            layer=dst.stem, geometry_name=first.geometry.name, geometry_type="Unknown", crs="EPSG:4326")
+        pyogrio.write_arrow(pa.RecordBatchReader.from_batches(first.schema, batches), tmp, driver="GeoJSON",
+                            layer=dst.stem, geometry_name="geometry", geometry_type="Unknown", crs="EPSG:4326")
     return dst

@@ -4,7 +4,10 @@ layer a chunk at a time so memory does not grow with the number of footprints.""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+
+import geopandas as gpd
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,14 +26,20 @@ def _geo_metadata(schema: pa.Schema) -> pa.Schema:
     return schema.with_metadata({**schema.metadata, b"geo": json.dumps(geo).encode()})
 
 
+def layer_chunks(src: Path, layer: str, chunk: int) -> Iterator[gpd.GeoDataFrame]:
+    """``layer`` of ``src`` read ``chunk`` features at a time (at least one frame, empty for an empty layer, so
+    its schema is known)."""
+    n = pyogrio.read_info(src, layer=layer)["features"]
+    for start in range(0, max(n, 1), chunk):
+        yield pyogrio.read_dataframe(src, layer=layer, skip_features=start, max_features=chunk)
+
+
 def gpkg_to_geoparquet(src: Path, dst: Path, layer: str = "footprints", chunk: int = 50_000) -> Path:
     """Copy ``layer`` of ``src`` to the GeoParquet file ``dst`` (under its final name only when complete)."""
-    n = pyogrio.read_info(src, layer=layer)["features"]
     with atomic_path(dst) as tmp:
         writer = None
         try:
-            for start in range(0, max(n, 1), chunk):
-                gdf = pyogrio.read_dataframe(src, layer=layer, skip_features=start, max_features=chunk)
+            for gdf in layer_chunks(src, layer, chunk):
                 table = _geopandas_to_arrow(gdf, index=False)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, _geo_metadata(table.schema), compression="zstd")

@@ -2,7 +2,7 @@
 
 Started once (spawned, never forked: the predicting process has reader, writer and torch threads) and reused by
 every scene; stopped at exit so no worker outlives the command. A pool whose worker died (killed, out of memory)
-is dropped, and the next job starts a new one.
+is replaced when the next job is submitted (:func:`submit`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import atexit
 import multiprocessing
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 _POOLS: dict[int, ProcessPoolExecutor] = {}
 
@@ -27,17 +28,21 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """This process's pool of ``workers`` processes (started on first use)."""
+def _pool(workers: int) -> ProcessPoolExecutor:
     if workers not in _POOLS:
         _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                               initializer=_ignore_sigint)
     return _POOLS[workers]
 
 
-def drop(workers: int) -> None:
-    """Forget a broken pool (one of its workers died): the next job starts a fresh one."""
-    _POOLS.pop(workers, None)
+def submit(workers: int, fn, *args) -> Future:
+    """``fn(*args)`` on this process's pool of ``workers`` processes (started on first use; a pool broken by a
+    dead worker is replaced by a fresh one)."""
+    try:
+        return _pool(workers).submit(fn, *args)
+    except BrokenProcessPool:
+        _POOLS.pop(workers, None)
+        return _pool(workers).submit(fn, *args)
 
 
 @atexit.register

@@ -70,7 +70,7 @@ def one_per_building(work: gpd.GeoDataFrame, parts: pd.DataFrame) -> gpd.GeoData
 def regularise(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: float,
                diagonals: bool) -> gpd.GeoDataFrame:
     """Regularise every footprint of ``work`` in this process: one row per building, in ``work``'s order."""
-    tagged = work.assign(_order=np.arange(len(work)))  # each outline's building, whatever the regulariser returns
     if len(work) == 0:
         return work
+    tagged = work.assign(_order=np.arange(len(work)))  # each outline's building, whatever the regulariser returns
     return one_per_building(work, regularise_frame(tagged, parallel_threshold, tolerance, diagonals))

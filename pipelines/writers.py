@@ -3,9 +3,7 @@ routing layer. Everything is written under a temporary name and moved to its fin
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,13 +17,13 @@ from shapely.geometry import Polygon
 
 from geomoe.atomic import atomic_path, tmp_name
 from geomoe.config import PredictConfig
-from geomoe.pipelines.footprints import (BandOutlines, FootprintCollector, FrameJob, Piece, finish_frame,
-                                         outline_band, scene_area_crs, start_frame)
+from geomoe.pipelines.background import InOrder
+from geomoe.pipelines.footprints import BandOutlines, FootprintCollector, Piece, outline_band, scene_area_crs, start_frame
 from geomoe.pipelines.geojson import gpkg_to_geojson
 from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
 from geomoe.pipelines.instances import Separation, separate
 from geomoe.pipelines.outputs import Outputs
-from geomoe.pipelines.pool import worker_pool
+from geomoe.pipelines.pool import auto_workers, submit
 from geomoe.pipelines.regularise import MIN_CHUNK
 from geomoe.pipelines.tiling import TileGrid
 
@@ -40,8 +38,6 @@ OUT_BLOCK = (64, 512)
 
 def footprint_workers(cfg: PredictConfig) -> int:
     """``predict.footprint_workers``, or by default a few processes on machines with cores to spare."""
-    from geomoe.pipelines.pool import auto_workers
-
     return cfg.footprint_workers if cfg.footprint_workers is not None else auto_workers()
 
 
@@ -65,7 +61,7 @@ class SceneWriters:
         self.count = 0
         self.area_crs = scene_area_crs(ds.crs, ds.transform, ds.width, ds.height)  # once: a CRS query costs 0.2 s
         # batches whose footprint work runs in the pool while bands go on; written in order as they finish
-        self.pending: deque[FrameJob] = deque()
+        self.pending = InOrder(self.write_frame)
 
     def write_band(self, row0: int, p8: np.ndarray, m8: np.ndarray) -> None:
         """Write a band's probability and mask rows (uint8, nodata 255) from row ``row0`` on."""
@@ -75,16 +71,10 @@ class SceneWriters:
 
     def write_pieces(self, pieces: list[Piece]) -> None:
         """Start a batch of finished pieces on its way to the layer; write the batches done so far, in order."""
-        self.pending.append(start_frame(pieces, self.transform, self.crs, self.gsd, self.cfg.min_area_m2,
-                                        self.cfg.regularize, self.cfg.allow_diagonals, self.expert_at, self.workers,
-                                        self.area_crs))
-        self._write_done(keep=2 * max(1, self.workers))
-
-    def _write_done(self, keep: int) -> None:
-        """Write the oldest batches that are done, and wait for the oldest while more than ``keep`` are under way
-        (memory stays bounded, and the layer's order is the order the pieces were finished in)."""
-        while self.pending and (len(self.pending) > keep or self.pending[0].done()):
-            self.write_frame(finish_frame(self.pending.popleft()))
+        # batches written in the order their pieces were finished, at most two per worker under way (memory)
+        self.pending.add(start_frame(pieces, self.transform, self.crs, self.gsd, self.cfg.min_area_m2,
+                                     self.cfg.regularize, self.cfg.allow_diagonals, self.expert_at, self.workers,
+                                     self.area_crs), keep=2 * max(1, self.workers))
 
     def write_frame(self, gdf: gpd.GeoDataFrame) -> None:
         """Append finished footprints (in the raster's CRS) to the layers."""
@@ -104,7 +94,7 @@ class SceneWriters:
 
     def close(self) -> None:
         """Write the footprint batches still under way, and close the rasters."""
-        self._write_done(keep=0)
+        self.pending.drain()
         self.prob.close()
         self.mask.close()
 
@@ -127,9 +117,7 @@ class SceneWriters:
         self.vec_tmp.replace(self.outs.footprints)
 
     def abort(self) -> None:
-        for job in self.pending:
-            job.cancel()
-        self.pending.clear()
+        self.pending.cancel()
         self.close()
         for p in (self.raw_prob, self.raw_mask, self.vec_tmp):
             p.unlink(missing_ok=True)
@@ -216,30 +204,22 @@ class BandWriter:
         # batches large enough for every worker to get a few chunks' worth (each batch is one append to the layers)
         w = self.workers = writers.workers
         self.collector = FootprintCollector(width, emit or writers.write_pieces, batch=max(1000, 2 * MIN_CHUNK * w))
-        self.pending: deque[Future] = deque()
+        self.pending = InOrder(self._write)
 
     def __call__(self, band: Band) -> None:
         if self.workers <= 0:
             self._write(process_band(band, self.threshold, self.separation))
             return
-        self.pending.append(worker_pool(self.workers).submit(process_band, band, self.threshold, self.separation))
-        self._write_done(keep=self.workers)
-
-    def _write_done(self, keep: int) -> None:
-        """Write the oldest bands that are done, waiting for the oldest while more than ``keep`` are under way."""
-        while self.pending and (len(self.pending) > keep or self.pending[0].done()):
-            self._write(self.pending.popleft().result())
+        self.pending.add(submit(self.workers, process_band, band, self.threshold, self.separation), keep=self.workers)
 
     def _write(self, r: BandResult) -> None:
         self.writers.write_band(r.row0, r.p8, r.m8)
         self.collector.add_outlines(r.outlines)
 
     def finish(self) -> None:
-        self._write_done(keep=0)
+        self.pending.drain()
         self.collector.finish()
 
     def cancel(self) -> None:
         """Drop the bands still under way (the run is failing)."""
-        for f in self.pending:
-            f.cancel()
-        self.pending.clear()
+        self.pending.cancel()
