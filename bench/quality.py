@@ -191,7 +191,10 @@ def main() -> None:
         kev = timed(a.out, "evaluate_k5", lambda: cached_evaluation(kb, prep, dev, a.out / "evaluation_k5"))
         tables["k5"] = kev.table
         routing["k5"] = kev.routing
-    pic = dense_picture(load_bundle(base, dev), prep, Path("docs") / f"{a.results}_dense_test_area.png")
+    main_bundle = load_bundle(base, dev)
+    pic = dense_picture(main_bundle, prep, Path("docs") / f"{a.results}_dense_test_area.png")
+    # threshold, separation and smallest footprint as chosen on the validation windows (pipelines/calibrate.py)
+    calib = {w: main_bundle.calibration(w).as_dict() for w in ("experts", "single")}
     times = json.loads((a.out / "times.json").read_text())
     minutes = sum(times.values()) / 60
 
@@ -209,6 +212,9 @@ def main() -> None:
         md.append(f"{name} targets: " + targets_line(targets_of(kp["iou"], kp["building_f1"])))
     for name, r in routing.items():
         md.append(f"**{name}: embedding routing, test tiles per expert**\n\n" + markdown_table(r))
+    md.append("Footprints chosen on the validation windows (never the test split): " + "; ".join(
+        f"{w}: threshold {c['threshold']:g}, seeds {c['separation']['seed_threshold']:g} / "
+        f"{c['separation']['seed_distance']:g} px, smallest {c['min_area_m2']:g} m2" for w, c in calib.items()) + ".")
     md.append(f"Targets (k = {cfg.regions.k}): " + targets_line(targets))
     md.append(f"Wall time {minutes:.1f} min in all ("
               + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + " min). "
@@ -218,7 +224,7 @@ def main() -> None:
     record(f"Quality: honest protocol, `{a.config}`, k = {cfg.regions.k}" + (", k = 5" if "k5" in tables else ""),
            "\n\n".join(md), f"`{a.config}` on {a.root} (test split)")
     write_json(a.results, {
-        "wall_minutes": minutes, "times_s": times, "targets": targets,
+        "wall_minutes": minutes, "times_s": times, "targets": targets, "calibration": calib,
         "table": {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
                       for loc, row in piv[m].iterrows()} for m in METRICS},
         "other_k": {name: {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}

@@ -92,6 +92,8 @@ class Manifest(BaseModel):
     threshold: float
     # instance separation chosen on the validation windows (pipelines/calibrate.py); empty: the defaults
     separation: dict[str, float] = Field(default_factory=dict)
+    # smallest footprint chosen with the threshold and separation on validation; None: the config's
+    min_area_m2: float | None = Field(None, ge=0)
     gsd: float | None = None
     native_gsd: dict[str, float] = Field(default_factory=dict)
     tile_size: int
@@ -185,6 +187,16 @@ class Bundle:
 
         return Separation(**(self.manifest.get("separation") or {}))
 
+    def calibration(self, model: str = "experts"):
+        """How ``model``'s probabilities become footprints (geomoe.pipelines.calibrate.Calibration): "experts" (what
+        prediction uses) or "single" (the single network's own choice on validation, else the experts')."""
+        from geomoe.pipelines.calibrate import Calibration
+
+        own = (self.manifest.get("calibration") or {}).get(model)
+        if own:
+            return Calibration.from_dict(own)
+        return Calibration(self.threshold, self.separation, self.config.predict.min_area_m2)
+
     @property
     def gsd(self) -> float | None:
         return self.manifest.get("gsd")
@@ -247,6 +259,8 @@ def load_bundle(root: str | Path, device: torch.device | str = "cpu", with_basel
                          f"the manifest): a corrupted copy, or a file replaced by hand; copy the bundle again or retrain")
     device = torch.device(device)
     cfg = load_config(root / "config.yaml")
+    if man.min_area_m2 is not None:  # calibrated on validation: what predict and evaluate use unless overridden
+        cfg = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"min_area_m2": man.min_area_m2})})
     emb, _ = load_embedding(root / man.embedding, device)
     centroids = np.load(root / man.centroids)
     router = Router(centroids)  # the centroids are stored once; the FAISS index is built from them

@@ -16,28 +16,37 @@ def _boundary(mask: np.ndarray, width: int) -> np.ndarray:
 
 def match_buildings(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5) -> tuple[int, int, int]:
     """(TP, FP, FN) of building instances (connected components): SpaceNet's rule, one-to-one at IoU >= ``iou``."""
+    return tuple(int(v) for v in match_by_size(pred, ndimage.label(truth), (0,), iou)[0])
+
+
+def match_by_size(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], min_pixels: tuple[int, ...],
+                  iou: float = 0.5) -> np.ndarray:
+    """(TP, FP, FN) rows, one per entry of ``min_pixels``: ``match_buildings(drop_small(pred, px), truth)`` for each
+    ``px`` from one labelling (dropping a component changes no other, and no other pair's IoU)."""
     lp, n_p = ndimage.label(pred)
-    lt, n_t = ndimage.label(truth)
-    if n_p == 0 or n_t == 0:
-        return 0, n_p, n_t
-    pairs = np.stack([lp.ravel(), lt.ravel()], 1)
-    pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
-    inter: dict[tuple[int, int], int] = {}
-    if len(pairs):
-        keys, counts = np.unique(pairs, axis=0, return_counts=True)
-        inter = {(int(a), int(b)): int(c) for (a, b), c in zip(keys, counts)}
+    lt, n_t = truth_labels
+    out = np.zeros((len(min_pixels), 3), np.int64)
     area_p = np.bincount(lp.ravel(), minlength=n_p + 1)
     area_t = np.bincount(lt.ravel(), minlength=n_t + 1)
-    cands = sorted(((c / (area_p[a] + area_t[b] - c), a, b) for (a, b), c in inter.items()), reverse=True)
-    used_p, used_t, tp = set(), set(), 0
-    for v, a, b in cands:
-        if v < iou:
-            break
-        if a not in used_p and b not in used_t:
-            used_p.add(a)
-            used_t.add(b)
-            tp += 1
-    return tp, n_p - tp, n_t - tp
+    cands: list[tuple[float, int, int]] = []
+    if n_p and n_t:
+        pairs = np.stack([lp.ravel(), lt.ravel()], 1)
+        pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
+        if len(pairs):
+            keys, counts = np.unique(pairs, axis=0, return_counts=True)
+            cands = sorted(((c / (area_p[a] + area_t[b] - c), int(a), int(b)) for (a, b), c in zip(keys, counts)),
+                           reverse=True)
+    for row, px in enumerate(min_pixels):
+        used_p, used_t, tp = set(), set(), 0
+        for v, a, b in cands:
+            if v < iou:
+                break
+            if area_p[a] >= px and a not in used_p and b not in used_t:
+                used_p.add(a)
+                used_t.add(b)
+                tp += 1
+        out[row] = tp, int((area_p[1:] >= px).sum()) - tp, n_t - tp
+    return out
 
 
 def drop_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:

@@ -224,6 +224,8 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
     oracle = OracleRouter(bundle.region_of_location) if set(prep.locations) <= known else None
     rand = RandomRouter(bundle.k, seed)
     routes = route_windows(bundle, prep, refs, batch_size, progress)
+    # threshold, separation and smallest footprint as chosen on validation, the single network's its own
+    calib = {"experts": bundle.calibration("experts"), "single": bundle.calibration("single")}
     methods = [m for m in METHODS if not (m == "single" and bundle.baseline is None)
                and not (m == "generalist" and bundle.generalist is None)
                and not (m == "location_oracle" and oracle is None)]
@@ -244,11 +246,12 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
             flagged[li] += int(u)
         truth, valid = b["mask"].numpy() > 0, b["valid"].numpy()
         bids = rb.best_expert(truth, valid, bundle.threshold)
-        small = [min_pixels(prep.readers[refs[k].scene], cfg.predict.min_area_m2) for k in i]
         for m in methods:
-            pred = rb.method_masks(m, bundle.threshold, rids, oids, bids, bundle.separation)
+            c = calib["single" if m == "single" else "experts"]
+            pred = rb.method_masks(m, c.threshold, rids, oids, bids, c.separation)
             for j, loc in enumerate(locs):
-                scores[(m, loc)].update(pred[j], truth[j], valid[j], min_pixels=small[j])
+                small = min_pixels(prep.readers[refs[i[j]].scene], c.min_area_m2)
+                scores[(m, loc)].update(pred[j], truth[j], valid[j], min_pixels=small)
     rows = []
     for m in methods:
         overall = Scores()

@@ -61,6 +61,30 @@ def test_an_image_without_buildings_is_scored_by_bce_alone():
     assert segmentation_loss(logits, t, v, 0.5).item() > 0.5 * (1 - 1 / 65) / 2
 
 
+def test_building_matches_for_several_smallest_sizes_equal_dropping_then_matching():
+    """Calibration scores every smallest footprint from one labelling: the same counts as dropping small
+    components and matching again, including a small piece that would otherwise take a building's match."""
+    from scipy import ndimage
+
+    from geomoe.metrics import drop_small, match_by_size
+
+    truth = np.zeros((30, 30), bool)
+    truth[2:8, 2:8] = truth[15:17, 15:18] = True  # a house and a 6-pixel shed
+    pred = np.zeros_like(truth)
+    pred[2:8, 2:7] = True  # the house, IoU 30/36
+    pred[15:17, 15:17] = True  # the shed, IoU 4/6
+    pred[25:27, 25:27] = pred[20, 5] = True  # two specks
+    sizes = (0, 2, 5, 40)
+    got = match_by_size(pred, ndimage.label(truth), sizes)
+    assert [tuple(r) for r in got] == [(2, 2, 0), (2, 1, 0), (1, 0, 1), (0, 0, 2)]
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        t = ndimage.gaussian_filter(rng.random((64, 64)), 2.5) > 0.52
+        p = (ndimage.shift(t, rng.integers(-2, 3, 2), order=0) | (rng.random((64, 64)) > 0.97)) & ~(rng.random((64, 64)) > 0.95)
+        got = match_by_size(p, ndimage.label(t), sizes)
+        assert [tuple(r) for r in got] == [match_buildings(drop_small(p, s), t) for s in sizes]
+
+
 def test_metrics_cumulative_iou_building_f1_and_boundary():
     truth = np.zeros((20, 20), bool)
     truth[2:6, 2:6] = truth[10:16, 10:16] = True

@@ -112,12 +112,17 @@ def test_instance_experts_train_and_evaluate_end_to_end(synth_root, tmp_path):
     cfg = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"outputs": "instances"})})
     b = load_bundle(train_all(synth_root, cfg, tmp_path / "b", progress=False, figures=False))
     assert b.experts[0].classes == 3 and b.baseline.classes == 3 and b.generalist.classes == 3
-    # the separation was chosen on the validation windows: the best of the candidates tried there
-    from geomoe.pipelines.calibrate import CANDIDATES
+    # threshold, separation and smallest footprint were chosen on the validation windows: the best tried there,
+    # for the experts (what prediction uses) and, on its own outputs, for the single network
+    from geomoe.pipelines.calibrate import candidates
 
-    tried = b.manifest["separation_validation_f1"]
-    assert len(tried) == len(CANDIDATES) and b.separation in CANDIDATES
-    assert tried[f"{b.separation.seed_threshold}/{b.separation.seed_distance}"] == max(tried.values())
+    tried = candidates(cfg.experts.threshold, cfg.predict.min_area_m2)
+    for which in ("experts", "single"):
+        c = b.calibration(which)
+        f1 = b.manifest["calibration"][which]["validation_f1"]
+        assert c in tried and len(f1) == len(tried) and f1[c.key()] == max(f1.values())
+    e = b.calibration("experts")
+    assert (b.threshold, b.separation, b.config.predict.min_area_m2) == (e.threshold, e.separation, e.min_area_m2)
     ev = evaluate(b, synth_root, progress=False)
     overall = ev.table[ev.table.location == "overall"].set_index("method")
     assert overall.loc[["embedding", "single", "soft"], "iou"].notna().all()
