@@ -21,7 +21,7 @@ import torch
 from common import SHARED, record, write_json
 from torch.utils.data import DataLoader
 
-from geomoe.backbone import autocast, pick_device
+from geomoe.backbone import autocast, batch_to, pick_device, to_device
 from geomoe.config import load_config
 from geomoe.data.datasets import RandomPatchDataset, prepare
 from geomoe.data.loaders import PatchDataModule, PatchPlan
@@ -56,13 +56,13 @@ class InMemory(L.LightningDataModule):
 
 def bare_loop(model: torch.nn.Module, batches: list[dict], cfg, device: torch.device) -> float:
     x = cfg.experts
-    model = model.to(device).train()
+    model = to_device(model, device).train()  # channels_last, as the Lightning task puts it
     opt = torch.optim.Adam(model.parameters(), lr=x.lr, weight_decay=x.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(len(batches), x.poly_power))
     t0 = time.perf_counter()
     for b in batches:
         with autocast(device):
-            logits = model(b["image"].to(device))
+            logits = model(batch_to(b["image"], device))
         loss = segmentation_loss(logits, b["mask"].to(device), b["valid"].to(device), x.alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -69,7 +69,7 @@ def load_expert(path: Path, device: torch.device | str = "cpu") -> tuple[Expert,
 @torch.no_grad()
 def predict_logits(model: Expert, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     with autocast(device):
-        return model(batch_to(images, device)).float()
+        return model(batch_to(images, device)).float().contiguous()
 
 
 @torch.no_grad()

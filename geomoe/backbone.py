@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -68,22 +69,37 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+@cache
+def cpu_bf16() -> bool:
+    """True where the processor computes bf16 itself (AVX512-BF16 or AMX). There bf16 autocast runs a U-Net about
+    twice as fast as fp32 (measured on 2 Zen 4 cores: ResNet18 U-Net 113 -> 60 ms a 256 px tile, 43 with
+    channels_last); elsewhere bf16 is emulated and slower than fp32, so it stays off."""
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(bool(f()) for f in checks if f is not None)
+    except Exception:  # a torch without the probes: assume the common case, no native bf16
+        return False
+
+
+def uses_bf16(device: torch.device) -> bool:
+    """bf16 autocast on CUDA, and on processors with native bf16."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_bf16())
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU, where bf16 is slower on most processors."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast where it is fast (:func:`uses_bf16`); plain fp32 elsewhere."""
+    if uses_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
 def to_device(model: nn.Module, device: torch.device) -> nn.Module:
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    """``model`` on ``device`` in channels_last: faster convolutions on CUDA and on CPU (oneDNN) alike."""
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 def batch_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
-    if device.type == "cuda" and x.ndim == 4:
+    if x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x

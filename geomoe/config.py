@@ -118,7 +118,8 @@ class TrainerConfig(_Strict):
     num_nodes: int = Field(1, ge=1, description="Machines; under SLURM or torchrun Lightning reads the rank from the environment.")
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"] = "auto"
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "64-true"] = Field(
-        "auto", description="auto: bf16-mixed on CUDA, 32-true on CPU (where bf16 is slower on most processors); "
+        "auto", description="auto: bf16-mixed on CUDA and on processors with native bf16 (AVX512-BF16, AMX), "
+                            "32-true on other CPUs (where bf16 is emulated and slower); "
                             "64-true for reproducibility checks.")
     sync_batchnorm: bool = True
     gradient_clip_val: float | None = Field(None, gt=0)

@@ -1,4 +1,4 @@
-"""What the two LightningModules share: Adam with the paper's poly schedule, channels_last on CUDA."""
+"""What the two LightningModules share: Adam with the paper's poly schedule, channels_last."""
 
 from __future__ import annotations
 
@@ -36,10 +36,9 @@ class GeomoeTask(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        if self.device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
+        self.model.to(memory_format=torch.channels_last)  # faster convolutions on CUDA and CPU alike
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        if self.device.type == "cuda" and batch["image"].ndim == 4:
+        if batch["image"].ndim == 4:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         return batch

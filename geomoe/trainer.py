@@ -2,7 +2,7 @@
 fine-tuning; the learning-rate finder uses the same factory).
 
 Lightning brings checkpoints (last, and best by the validation metric), resume (``last.ckpt``), loggers,
-progress bars, bf16-mixed on CUDA, gradient clipping, DDP (torchrun and SLURM included) and SyncBatchNorm.
+progress bars, bf16-mixed on CUDA and on processors with native bf16, gradient clipping, DDP (torchrun and SLURM included) and SyncBatchNorm.
 What geomoe adds: checkpoints written atomically, a finished job recognised by its exported model file so a
 rerun never retrains it, and export by rank 0 only.
 """
@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from geomoe.atomic import atomic_path
+from geomoe.backbone import cpu_bf16
 from geomoe.config import TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class FitJob:
 def precision_for(tc: TrainerConfig) -> str:
     if tc.precision != "auto":
         return tc.precision
-    return "bf16-mixed" if tc.accelerator != "cpu" and torch.cuda.is_available() else "32-true"
+    on_cuda = tc.accelerator != "cpu" and torch.cuda.is_available()
+    return "bf16-mixed" if on_cuda or cpu_bf16() else "32-true"  # bf16 where the hardware computes it natively
 
 
 def make_logger(tc: TrainerConfig, run_dir: Path):
