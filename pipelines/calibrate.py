@@ -56,23 +56,31 @@ class Calibration:
         return cls(float(d["threshold"]), Separation(**d["separation"]), float(d["min_area_m2"]))
 
 
-def candidates(threshold: float, min_area_m2: float) -> list[Calibration]:
-    """Every combination tried, the configured one first."""
-    return [Calibration(round(threshold + dt, 3), s, min_area_m2 * a)
-            for dt, s, a in itertools.product(THRESHOLD_STEPS, SEPARATIONS, AREA_FACTORS)]
+def candidates(threshold: float, min_area_m2: float, instances: bool = True) -> list[Calibration]:
+    """Every combination tried, the configured one first (once each: a smallest footprint of 0 has no multiples).
+    Models without boundary and contact channels (``instances`` False) have no watershed to choose."""
+    seps = SEPARATIONS if instances else (Separation(),)
+    out = [Calibration(float(np.clip(round(threshold + dt, 3), 0.05, 0.95)), s, min_area_m2 * a)
+           for dt, s, a in itertools.product(THRESHOLD_STEPS, seps, AREA_FACTORS)]
+    return list(dict.fromkeys(out))
 
 
 def _probs(bundle: Bundle, which: str, images: torch.Tensor, ids: np.ndarray) -> np.ndarray:
-    """(N, 3, H, W) building, boundary and contact probabilities of the routed experts or the single network."""
-    if which == "single":
-        p, aux = _channels(bundle.baseline, images, bundle.device)
-        return torch.cat([p[:, None], aux], 1).numpy()
-    out = np.zeros((len(images), 3, *images.shape[2:]), np.float32)
+    """(N, C, H, W) probabilities of the routed experts or the single network: the building channel, then boundary
+    and contact where the models have them."""
+    models = [bundle.baseline] if which == "single" else bundle.experts
+    ids = np.zeros(len(images), np.int64) if which == "single" else ids
+    out = np.zeros((len(images), 3 if models[0].classes >= 3 else 1, *images.shape[2:]), np.float32)
     for e in np.unique(ids):
         sel = np.flatnonzero(ids == e)
-        p, aux = _channels(bundle.experts[e], images[sel], bundle.device)
-        out[sel] = torch.cat([p[:, None], aux], 1).numpy()
+        p, aux = _channels(models[e], images[sel], bundle.device)
+        out[sel] = (torch.cat([p[:, None], aux], 1) if aux is not None else p[:, None]).numpy()
     return out
+
+
+def _cut(prob: np.ndarray, threshold: float, separation: Separation) -> np.ndarray:
+    """The building mask a model's footprints come from: cut between touching buildings where it can be."""
+    return separate(prob, threshold, separation) if len(prob) >= 3 else prob[0] >= threshold
 
 
 def validation_f1(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibration], which: str = "experts",
@@ -94,7 +102,7 @@ def validation_f1(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibr
             t = ndimage.label(truth[j] & valid[j])
             px = tuple(min_pixels(prep.readers[refs[k].scene], a) for a in areas)
             for th, sep in cuts:  # one watershed and one labelling per threshold and separation; areas filter it
-                counts[rows[(th, sep)]] += match_by_size(separate(probs[j], th, sep) & valid[j], t, px)
+                counts[rows[(th, sep)]] += match_by_size(_cut(probs[j], th, sep) & valid[j], t, px)
     tp, fp, fn = counts.T
     denom = 2 * tp + fp + fn
     return [float(2 * a / d) if d else 0.0 for a, d in zip(tp, denom)]
@@ -103,10 +111,11 @@ def validation_f1(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibr
 def choose(bundle: Bundle, prep: Prepared, refs: list, which: str, progress: bool) -> tuple[Calibration, dict]:
     """The best candidate for ``which`` and every candidate's validation F1."""
     cfg = load_config(BundlePaths(bundle.root).config)  # as trained, not as calibrated before
-    cands = candidates(cfg.experts.threshold, cfg.predict.min_area_m2)
+    model = bundle.baseline if which == "single" else bundle.experts[0]
+    cands = candidates(cfg.experts.threshold, cfg.predict.min_area_m2, instances=model.classes >= 3)
     scores = validation_f1(bundle, prep, refs, cands, which, progress=progress)
     best = cands[int(np.argmax(scores))]  # the first of equals: the configured values stay on a tie
-    log.info("%s: footprints from threshold %.2f, seeds %.2f / %.0f px, smallest %.0f m2: validation building F1 "
+    log.info("%s: footprints from threshold %.2f, seeds %.2f / %.0f px, smallest %g m2: validation building F1 "
              "%.4f (configured values %.4f)", which, best.threshold, best.separation.seed_threshold,
              best.separation.seed_distance, best.min_area_m2, max(scores), scores[0])
     return best, {c.key(): round(f, 4) for c, f in zip(cands, scores)}
@@ -114,10 +123,7 @@ def choose(bundle: Bundle, prep: Prepared, refs: list, which: str, progress: boo
 
 def calibrate(bundle: Bundle, prep: Prepared, progress: bool = True) -> Calibration | None:
     """Choose the experts' (and the single network's) calibration on the validation windows and write it into
-    ``bundle``'s manifest; None (nothing written) when the experts have no boundary and contact channels or there
-    are no validation windows."""
-    if not all(e.classes >= 3 for e in bundle.experts):
-        return None
+    ``bundle``'s manifest; None (nothing written) when there are no validation windows."""
     refs = prep.windows("val")
     if not refs:
         log.warning("no validation windows: threshold, separation and smallest footprint left as configured")
@@ -126,7 +132,7 @@ def calibrate(bundle: Bundle, prep: Prepared, progress: bool = True) -> Calibrat
     m = bundle.manifest
     m.update(threshold=best.threshold, separation=asdict(best.separation), min_area_m2=best.min_area_m2)
     m["calibration"] = {"experts": {**best.as_dict(), "validation_f1": tried}}
-    if bundle.baseline is not None and bundle.baseline.classes >= 3:
+    if bundle.baseline is not None:
         single, tried = choose(bundle, prep, refs, "single", progress)
         m["calibration"]["single"] = {**single.as_dict(), "validation_f1": tried}
     m.pop("separation_validation_f1", None)  # written by earlier versions

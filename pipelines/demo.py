@@ -69,7 +69,7 @@ def run_demo(out: Path, cfg: Config, sample: Path = SAMPLE, progress: bool = Tru
     for img in sorted(p for p in scenes.glob("*.tif") if not p.stem.endswith("_mask")):
         truth = img.with_name(f"{img.stem}_mask.tif")
         truth = truth if truth.exists() else None
-        outs, st = predict_raster(model, img, out / "predictions", cfg.predict, bundle.threshold, progress)
+        outs, st = predict_raster(model, img, out / "predictions", bundle.config.predict, bundle.threshold, progress)
         pic = plot_scene(img, outs, fig / f"scene_{img.stem}.png", truth)
         scene_imgs.append((f"{img.name}: not seen in training", pic))
         scene_rows.append({"scene": img.name, "tiles": st.tiles, "tiles/s": st.tiles / st.seconds,

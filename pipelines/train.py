@@ -210,10 +210,10 @@ def train_all(root: Path, cfg: Config, out: Path, progress: bool = True, baselin
             train_expert(prep, cfg, job, paths.root / "experts", progress)
     if "assemble" in stages and is_rank_zero():
         assemble(prep, emb, centroids, cfg, paths, root, baseline, {n: j.steps for n, j in jobs.items()})
-        if cfg.experts.outputs == "instances":  # how touching buildings are cut apart, chosen on validation
-            from geomoe.pipelines.calibrate import calibrate
+        # threshold, smallest footprint (and, with instance outputs, the watershed's seeds), chosen on validation
+        from geomoe.pipelines.calibrate import calibrate
 
-            calibrate(load_bundle(paths.root, pick_device(cfg.device)), prep, progress=progress)
+        calibrate(load_bundle(paths.root, pick_device(cfg.device)), prep, progress=progress)
     barrier()
     return paths.root
 

@@ -289,3 +289,24 @@ def test_bf16_inference_stays_within_rounding_of_fp32_on_a_real_tile(bundle_dir)
     assert p32.std() > 0.01  # a real answer that varies over the tile, not a constant
     assert diff.max() < 0.1 and diff.mean() < 0.01, (diff.max(), diff.mean())
     assert ((p32[:, 0] >= 0.5) != (p16[:, 0] >= 0.5)).float().mean() < 0.01
+
+
+def test_single_channel_bundle_chooses_threshold_and_smallest_footprint_on_validation(bundle_dir):
+    """Bundles without instance channels are calibrated too (threshold and smallest footprint; no watershed), and
+    prediction then uses the choice."""
+    from geomoe.bundle import BundlePaths
+    from geomoe.pipelines.calibrate import candidates
+    from geomoe.pipelines.instances import Separation
+
+    b = load_bundle(bundle_dir)
+    cfg = load_config(BundlePaths(bundle_dir).config)
+    tried = candidates(cfg.experts.threshold, cfg.predict.min_area_m2, instances=False)
+    thresholds = {c.threshold for c in tried}
+    assert len(thresholds) == 3 and len(tried) == len(thresholds) * len({c.min_area_m2 for c in tried})
+    for which in ("experts", "single"):
+        f1 = b.manifest["calibration"][which]["validation_f1"]
+        c = b.calibration(which)
+        assert set(f1) == {t.key() for t in tried} and f1[c.key()] == max(f1.values())
+        assert c.separation == Separation()
+    c = b.calibration()
+    assert (b.threshold, b.config.predict.min_area_m2) == (c.threshold, c.min_area_m2)
