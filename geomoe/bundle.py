@@ -192,9 +192,10 @@ class Bundle:
         prediction uses) or "single" (the single network's own choice on validation, else the experts')."""
         from geomoe.pipelines.calibrate import Calibration
 
-        own = (self.manifest.get("calibration") or {}).get(model)
+        own = (self.manifest.get("calibration") or {}).get(model) if model == "single" else None
         if own:
             return Calibration.from_dict(own)
+        # the experts' choice is the manifest's threshold and separation and the (calibrated) config's smallest area
         return Calibration(self.threshold, self.separation, self.config.predict.min_area_m2)
 
     @property

@@ -26,7 +26,7 @@ from geomoe.config import load_config
 from geomoe.data.datasets import GridDataset, Prepared
 from geomoe.metrics import match_by_size
 from geomoe.pipelines.evaluate import _channels, min_pixels, route_windows
-from geomoe.pipelines.instances import Separation, separate
+from geomoe.pipelines.instances import Separation, footprint_mask
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,6 @@ def _probs(bundle: Bundle, which: str, images: torch.Tensor, ids: np.ndarray) ->
     return out
 
 
-def _cut(prob: np.ndarray, threshold: float, separation: Separation) -> np.ndarray:
-    """The building mask a model's footprints come from: cut between touching buildings where it can be."""
-    return separate(prob, threshold, separation) if len(prob) >= 3 else prob[0] >= threshold
-
-
 def validation_f1(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibration], which: str = "experts",
                   batch_size: int = 8, progress: bool = True) -> list[float]:
     """Building F1 at IoU 0.5 on ``refs`` of each candidate, scored window by window (no window's outputs are kept,
@@ -102,7 +97,7 @@ def validation_f1(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibr
             t = ndimage.label(truth[j] & valid[j])
             px = tuple(min_pixels(prep.readers[refs[k].scene], a) for a in areas)
             for th, sep in cuts:  # one watershed and one labelling per threshold and separation; areas filter it
-                counts[rows[(th, sep)]] += match_by_size(_cut(probs[j], th, sep) & valid[j], t, px)
+                counts[rows[(th, sep)]] += match_by_size(footprint_mask(probs[j], th, sep) & valid[j], t, px)
     tp, fp, fn = counts.T
     denom = 2 * tp + fp + fn
     return [float(2 * a / d) if d else 0.0 for a, d in zip(tp, denom)]
@@ -131,7 +126,7 @@ def calibrate(bundle: Bundle, prep: Prepared, progress: bool = True) -> Calibrat
     best, tried = choose(bundle, prep, refs, "experts", progress)
     m = bundle.manifest
     m.update(threshold=best.threshold, separation=asdict(best.separation), min_area_m2=best.min_area_m2)
-    m["calibration"] = {"experts": {**best.as_dict(), "validation_f1": tried}}
+    m["calibration"] = {"experts": {"validation_f1": tried}}  # the choice itself is the fields above
     if bundle.baseline is not None:
         single, tried = choose(bundle, prep, refs, "single", progress)
         m["calibration"]["single"] = {**single.as_dict(), "validation_f1": tried}

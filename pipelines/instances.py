@@ -90,3 +90,9 @@ def separate(prob: np.ndarray, threshold: float = 0.5, separation: Separation | 
         if b >= width:
             return out
         a = b - 1
+
+
+def footprint_mask(prob: np.ndarray, threshold: float, separation: Separation | None = None) -> np.ndarray:
+    """The building mask footprints come from, for a model's (C, H, W) probabilities: cut between touching
+    buildings where the model has boundary and contact channels, the thresholded building channel where not."""
+    return separate(prob, threshold, separation) if len(prob) >= 3 else prob[0] >= threshold

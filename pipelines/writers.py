@@ -21,7 +21,7 @@ from geomoe.pipelines.background import InOrder
 from geomoe.pipelines.footprints import BandOutlines, FootprintCollector, Piece, outline_band, scene_area_crs, start_frame
 from geomoe.pipelines.geojson import gpkg_to_geojson
 from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
-from geomoe.pipelines.instances import Separation, separate
+from geomoe.pipelines.instances import Separation, footprint_mask
 from geomoe.pipelines.outputs import Outputs
 from geomoe.pipelines.pool import auto_workers, submit
 from geomoe.pipelines.regularise import MIN_CHUNK
@@ -178,10 +178,7 @@ def process_band(band: Band, threshold: float, separation: Separation | None) ->
     p8 = scaled.astype(np.uint8)
     del scaled
     p8[~valid] = NODATA
-    if len(prob) >= 3:
-        m = separate(prob, threshold, separation) & valid
-    else:
-        m = (prob[0] >= threshold) & valid
+    m = footprint_mask(prob, threshold, separation) & valid
     m8 = m.astype(np.uint8)
     m8[~valid] = NODATA
     # probabilities are only summed inside m (no nodata)
