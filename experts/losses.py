@@ -36,10 +36,10 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.T
 
 def instance_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, alpha: float,
                   aux_weight: float = 0.5) -> torch.Tensor:
-    """Building channel as :func:`segmentation_loss`; boundary and contact channels by per-image BCE."""
+    """Building channel as :func:`segmentation_loss`; boundary and contact channels each by the same
+    alpha * BCE + (1 - alpha) * (1 - soft Jaccard). Contact pixels are a fraction of a percent of an image: by BCE
+    alone the channel learns to stay near 0 everywhere and the watershed gets no cut between touching roofs (the
+    SpaceNet 4 and Open Cities winners put a Dice or Jaccard term on every channel for this reason)."""
     loss = segmentation_loss(logits[:, :1], targets[:, 0], valid, alpha)
-    lg = logits[:, 1:3]
-    lg = lg.to(torch.promote_types(lg.dtype, torch.float32))
-    t, v = targets[:, 1:3].to(lg.dtype), valid[:, None].to(lg.dtype)
-    bce = (F.binary_cross_entropy_with_logits(lg, t, reduction="none") * v).sum((-2, -1)) / v.sum((-2, -1)).clamp(min=1)
-    return loss + aux_weight * bce.sum(1).mean()
+    aux = sum(segmentation_loss(logits[:, c:c + 1], targets[:, c], valid, alpha) for c in (1, 2))
+    return loss + aux_weight * aux

@@ -28,6 +28,27 @@ def test_targets_mark_boundaries_and_the_gap_between_buildings():
     assert building_targets(single)[2].sum() == 0  # one building has no contact zone
 
 
+def test_missing_the_rare_contact_zone_costs_as_much_as_missing_a_building():
+    """The contact zone is a few percent of the image: a model that never fires there must still pay a loss of the
+    order of the Jaccard term, not the BCE of a few pixels, or the watershed gets no cut between roofs."""
+    import torch
+
+    from geomoe.experts.losses import instance_loss
+
+    big = np.zeros((1, 128, 128), np.uint8)
+    big[0, 30:70, 20:60] = 1
+    big[0, 30:70, 61:100] = 1  # two houses one pixel apart in a 128 px tile: contact is about 1 % of it
+    t = torch.from_numpy(np.stack([building_targets(m) for m in big]))
+    assert 0 < t[:, 2].mean() < 0.02
+    valid = torch.ones(1, 128, 128, dtype=torch.bool)
+    right = (t * 2 - 1) * 12  # confident and right on every channel
+    blind = right.clone()
+    blind[:, 2] = -12  # right on building and boundary, never fires on contact
+    good, bad = (float(instance_loss(x, t, valid, alpha=0.5)) for x in (right, blind))
+    assert good < 0.01
+    assert bad - good > 0.5 * 0.5 * 0.9  # aux weight x (1 - alpha) x most of the Jaccard term
+
+
 def _prob_of_touching_houses() -> np.ndarray:
     """What a good 3-channel model says where two roofs touch with no visible gap."""
     m = np.zeros((40, 60), np.float32)
