@@ -148,6 +148,10 @@ class PredictConfig(_Strict):
     min_area_m2: float = Field(4.0, ge=0)
     regularize: bool = True
     allow_diagonals: bool = False
+    regularize_tolerance_m: float = Field(0.5, gt=0, description="buildingregulariser's simplification tolerance "
+                                          "on the ground (m; at least one pixel): larger squares noisier outlines.")
+    regularize_parallel_m: float = Field(1.0, gt=0, description="Distance under which nearly parallel edges of an "
+                                         "outline are joined (m; at least two pixels).")
     gdal_cache_mb: int = Field(32, ge=8, description="Least GDAL block cache during prediction (MB); raised to what the input's blocks need (a striped raster: a tile row of strips).")
     geoparquet: bool = Field(True, description="Also write the footprints as GeoParquet (NAME_footprints.parquet).")
     readers: int | None = Field(None, ge=0, description="Threads reading tiles ahead of the model (0: read in the "

@@ -28,7 +28,7 @@ from shapely.affinity import affine_transform
 from shapely.geometry import shape
 
 from geomoe.pipelines.pool import submit
-from geomoe.pipelines.regularise import MIN_CHUNK, balanced_chunks, regularise
+from geomoe.pipelines.regularise import MIN_CHUNK, Regularisation, balanced_chunks, regularise
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,7 @@ class FrameSpec:
     crs: CRS | None
     gsd: float | None
     min_area_m2: float
-    regularize: bool
-    diagonals: bool
+    regularize: Regularisation | None  # None: outlines as polygonised
     area_crs: CRS | None = None  # areas are measured here (the scene's UTM zone); None without a CRS
 
 
@@ -217,9 +216,9 @@ def footprint_chunk(frame: gpd.GeoDataFrame, spec: FrameSpec) -> gpd.GeoDataFram
     work = work[work.area_m2 >= spec.min_area_m2]
     if len(work):  # pinholes are noise in a roof, not courtyards; they also cost the regulariser most of its time
         work[work.geometry.name] = fill_holes(work.geometry.to_numpy(), spec.min_area_m2 / scale)
-    if spec.regularize and len(work):
+    if spec.regularize is not None and len(work):
         try:
-            work = regularise(work, 2 * gsd * unit, gsd * unit, spec.diagonals)
+            work = regularise(work, *spec.regularize.in_units(gsd, unit), spec.regularize.diagonals)
             work["area_m2"] = work.geometry.area * scale
         except Exception as e:  # keep the raw polygons rather than lose the batch
             log.warning("regularisation failed on a batch (%s); raw polygons kept", e)
@@ -254,14 +253,14 @@ class FrameJob:
                     frames.append(f.result())
                 except BrokenProcessPool as e:
                     log.warning("a footprint worker died (%s); raw polygons kept for %d buildings", e, len(c))
-                    frames.append(footprint_chunk(c, replace(self.spec, regularize=False)))
+                    frames.append(footprint_chunk(c, replace(self.spec, regularize=None)))
         out = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry=frames[0].geometry.name,
                                crs=self.spec.crs)
         return out.sort_values("_piece", kind="stable").drop(columns="_piece").reset_index(drop=True)
 
 
 def start_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
-                min_area_m2: float, regularize: bool, diagonals: bool,
+                min_area_m2: float, regularize: Regularisation | None,
                 expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0,
                 area_crs: CRS | None = None) -> FrameJob:
     """Start turning a batch of pieces into footprints (:func:`footprint_chunk`), over ``workers`` processes in
@@ -277,7 +276,7 @@ def start_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: fl
          "_piece": np.arange(len(pieces))}, geometry=geoms)
     if crs is not None and area_crs is None and len(pieces):
         area_crs = _utm_at(crs, *(transform * tuple(cent.mean(0))))
-    spec = FrameSpec(transform, crs, gsd, min_area_m2, regularize, diagonals, area_crs)
+    spec = FrameSpec(transform, crs, gsd, min_area_m2, regularize, area_crs)
     n = min(workers, len(pieces) // MIN_CHUNK)
     if n < 2:  # too few buildings to be worth sending out
         return FrameJob([frame], spec)
@@ -297,12 +296,12 @@ def _drop_specks(pieces: list[Piece], gsd: float | None, min_area_m2: float) -> 
 
 
 def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
-                    min_area_m2: float, regularize: bool, diagonals: bool,
+                    min_area_m2: float, regularize: Regularisation | None,
                     expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0,
                     area_crs: CRS | None = None) -> gpd.GeoDataFrame:
     """Georeference, measure, filter and regularise pieces (over ``workers`` processes when more than one);
     attributes: area_m2, expert, mean_prob, pixels."""
-    return start_frame(pieces, transform, crs, gsd, min_area_m2, regularize, diagonals, expert_at, workers,
+    return start_frame(pieces, transform, crs, gsd, min_area_m2, regularize, expert_at, workers,
                        area_crs).result()
 
 

@@ -42,17 +42,30 @@ def instance_labels(prob: np.ndarray, threshold: float = 0.5, separation: Separa
     if sep.seed_distance > 0:
         seeds = ndimage.distance_transform_edt(seeds) >= sep.seed_distance
     markers, n = ndimage.label(seeds)
+    comps, _ = ndimage.label(mask)
     if n == 0:
-        return ndimage.label(mask)[0].astype(np.int32)
+        return comps.astype(np.int32)
     sizes = np.bincount(markers.ravel(), minlength=n + 1)
     small = sizes < min_seed_pixels
     small[0] = False
     markers[small[markers]] = 0
-    labels = watershed(-building, markers, mask=mask)
-    # building pixels no seed reached (thin parts, small buildings without a seed) keep their own components
-    rest, _ = ndimage.label(mask & (labels == 0))
-    rest[rest > 0] += labels.max()
-    return np.where(labels > 0, labels, rest).astype(np.int32)
+    # Only a component of the mask holding two seeds or more can be cut; every other one is a building as it is
+    # (its one seed floods all of it; without a seed it stays whole). The watershed runs on those components' boxes
+    # alone, most of a band being roofs with one seed or background: same instances, a fraction of the pixels.
+    labels = comps.astype(np.int32)
+    seeded = np.flatnonzero(markers.ravel())
+    per_comp = np.bincount(comps.ravel()[seeded][np.unique(markers.ravel()[seeded], return_index=True)[1]],
+                           minlength=comps.max() + 1)
+    next_id = int(comps.max()) + 1
+    boxes = ndimage.find_objects(comps)
+    for c in np.flatnonzero(per_comp >= 2):
+        box = boxes[c - 1]
+        inside = comps[box] == c
+        ws = watershed(-building[box], np.where(inside, markers[box], 0), mask=inside)
+        _, ids = np.unique(ws[inside], return_inverse=True)  # its basins, numbered after every label so far
+        labels[box][inside] = ids.ravel() + next_id
+        next_id += int(ids.max()) + 1
+    return labels
 
 
 def separated_mask(labels: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
 from geomoe.pipelines.instances import Separation, footprint_mask
 from geomoe.pipelines.outputs import Outputs
 from geomoe.pipelines.pool import auto_workers, submit
-from geomoe.pipelines.regularise import MIN_CHUNK
+from geomoe.pipelines.regularise import MIN_CHUNK, Regularisation
 from geomoe.pipelines.tiling import TileGrid
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ class SceneWriters:
                     transform=ds.transform, nodata=NODATA, tiled=True, blockxsize=OUT_BLOCK[1], blockysize=OUT_BLOCK[0],
                     compress="deflate", BIGTIFF="IF_SAFER", NUM_THREADS=self.gdal_threads)
         self.outs, self.cfg, self.gsd, self.expert_at = outs, cfg, gsd, expert_at
+        self.regularisation = (Regularisation(cfg.allow_diagonals, cfg.regularize_tolerance_m,
+                                              cfg.regularize_parallel_m) if cfg.regularize else None)
         self.crs, self.transform = ds.crs, ds.transform
         self.raw_prob, self.raw_mask = tmp_name(outs.prob).with_suffix(".raw.tif"), tmp_name(outs.mask).with_suffix(".raw.tif")
         self.prob = rasterio.open(self.raw_prob, "w", **prof)
@@ -73,7 +75,7 @@ class SceneWriters:
         """Start a batch of finished pieces on its way to the layer; write the batches done so far, in order."""
         # batches written in the order their pieces were finished, at most two per worker under way (memory)
         self.pending.add(start_frame(pieces, self.transform, self.crs, self.gsd, self.cfg.min_area_m2,
-                                     self.cfg.regularize, self.cfg.allow_diagonals, self.expert_at, self.workers,
+                                     self.regularisation, self.expert_at, self.workers,
                                      self.area_crs), keep=2 * max(1, self.workers))
 
     def write_frame(self, gdf: gpd.GeoDataFrame) -> None:

@@ -63,7 +63,7 @@ def _polygons(mask: np.ndarray, band: int) -> int:
     for r in range(0, mask.shape[0], band):
         col.add_band(r, mask[r:r + band], mask[r:r + band].astype(np.float32))
     col.finish()
-    gdf = pieces_to_frame(found, Affine.identity(), None, None, 0.0, False, False, lambda c, r: np.zeros(len(c)))
+    gdf = pieces_to_frame(found, Affine.identity(), None, None, 0.0, None, lambda c, r: np.zeros(len(c)))
     return len(gdf)
 
 
@@ -111,6 +111,37 @@ def _wide_band_of_a_town(seed: int = 0) -> np.ndarray:
     t = building_targets(m)
     noise = rng.normal(0, 0.15, t.shape).astype(np.float32)
     return np.clip(t * np.array([0.9, 0.7, 0.6], np.float32)[:, None, None] + 0.05 + noise, 0, 1)
+
+
+def _one_watershed_over_the_band(prob: np.ndarray, threshold: float, sep: Separation | None) -> np.ndarray:
+    """The plain marker-based watershed over the whole band: what :func:`instance_labels` must partition alike."""
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    sep = sep or Separation()
+    mask = (prob[0] >= threshold) & (prob[2] < 0.5)
+    seeds = mask & (prob[1] < sep.seed_threshold) & (prob[2] < sep.seed_threshold * 0.5)
+    if sep.seed_distance > 0:
+        seeds = ndimage.distance_transform_edt(seeds) >= sep.seed_distance
+    markers, n = ndimage.label(seeds)
+    small = np.bincount(markers.ravel(), minlength=n + 1) < 4
+    small[0] = False
+    markers[small[markers]] = 0
+    labels = watershed(-prob[0], markers, mask=mask)
+    rest, _ = ndimage.label(mask & (labels == 0))
+    return np.where(labels > 0, labels, rest + labels.max() * (rest > 0))
+
+
+def test_watershed_on_the_components_with_two_seeds_equals_one_over_the_band():
+    """The watershed runs only on the boxes of mask components holding two seeds or more: the same instances as
+    one watershed over the band (each pair of pixels in one instance in both, or in neither)."""
+    for seed in (0, 1, 2):
+        prob = _wide_band_of_a_town(seed)
+        for sep in (None, Separation(0.5, 4), Separation(0.3, 8)):
+            ours, ref = instance_labels(prob, 0.5, sep), _one_watershed_over_the_band(prob, 0.5, sep)
+            assert np.array_equal(ours > 0, ref > 0)
+            pairs = np.unique(np.stack([ours[ours > 0], ref[ref > 0]]), axis=1)  # one-to-one: same partition
+            assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1] > 20, (seed, sep)
 
 
 def test_separation_in_column_chunks_equals_the_whole_band():

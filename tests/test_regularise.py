@@ -10,7 +10,7 @@ from rasterio.transform import from_origin
 
 from geomoe.config import PredictConfig
 from geomoe.pipelines.footprints import Piece, pieces_to_frame
-from geomoe.pipelines.regularise import balanced_chunks, regularise
+from geomoe.pipelines.regularise import Regularisation, balanced_chunks, regularise
 from geomoe.pipelines.writers import footprint_workers
 
 from conftest import ROOT
@@ -31,14 +31,45 @@ def test_worker_processes_make_real_footprints_exactly_as_the_writer_thread():
     pieces = [Piece(shape(g), int((labels == v).sum()), float((labels == v).sum()))
               for g, v in features.shapes(labels, mask=labels > 0, connectivity=4)]
     assert len(pieces) >= 100
-    args = (t, CRS.from_epsg(3857), 0.15, 2.0, True, False, lambda c, r: np.zeros(len(c)))
+    args = (t, CRS.from_epsg(3857), 0.15, 2.0, Regularisation(), lambda c, r: np.zeros(len(c)))
     one = pieces_to_frame(pieces, *args, workers=0)
     pooled = pieces_to_frame(pieces, *args, workers=2)
     assert len(pooled) == len(one) >= 100 and pooled.crs == one.crs
     assert all(shapely.equals_exact(a, b, 0) for a, b in zip(one.geometry, pooled.geometry))
     assert one.drop(columns="geometry").equals(pooled.drop(columns="geometry"))
-    raw = pieces_to_frame(pieces, *args[:4], False, *args[5:], workers=0)
+    raw = pieces_to_frame(pieces, *args[:4], None, *args[5:], workers=0)
     assert (one.area_m2.to_numpy() - raw.area_m2.to_numpy()).std() > 0.01  # regularising changed the outlines
+
+
+def test_fine_rasters_are_squared_at_half_a_metre_not_at_one_pixel():
+    """Real Banepa outlines rasterised at 0.15 m (what a 0.15 m model's mask gives): squared at the default 0.5 m
+    tolerance a footprint keeps a handful of corners, at one pixel (0.15 m) it keeps the staircase's wobble; on a
+    coarse 1 m raster the floor of one pixel rules, so both settings give the same outlines."""
+    from rasterio import features
+    from shapely.geometry import shape
+
+    gdf = gpd.read_file(ROOT / "sample" / "train" / "banepa" / "labels.geojson").to_crs("EPSG:3857")
+    gdf = gdf[gdf.geom_type == "Polygon"].iloc[:60]
+    x0, y0, x1, y1 = gdf.total_bounds
+
+    def squared(res: float, reg: Regularisation):
+        t = from_origin(x0, y1, res, res)
+        w, h = int((x1 - x0) / res) + 1, int((y1 - y0) / res) + 1
+        labels = features.rasterize(((g, i + 1) for i, g in enumerate(gdf.geometry)), (h, w), transform=t,
+                                    dtype="int32")
+        pieces = [Piece(shape(g), int((labels == v).sum()), 1.0)
+                  for g, v in features.shapes(labels, mask=labels > 0, connectivity=4)]
+        out = pieces_to_frame(pieces, t, CRS.from_epsg(3857), res, 2.0, reg, lambda c, r: np.zeros(len(c)))
+        return out, np.median(shapely.get_num_coordinates(out.geometry.to_numpy()))
+
+    fine, corners = squared(0.15, Regularisation())
+    wobbly, staircase = squared(0.15, Regularisation(tolerance_m=0.15, parallel_m=0.3))
+    assert len(fine) == len(wobbly) >= 40
+    assert corners <= 12 and staircase >= 2 * corners
+    assert abs(fine.area_m2.sum() / wobbly.area_m2.sum() - 1) < 0.03  # squarer, not smaller
+    coarse, _ = squared(1.0, Regularisation())
+    floor, _ = squared(1.0, Regularisation(tolerance_m=0.1, parallel_m=0.2))
+    assert all(shapely.equals_exact(a, b, 0) for a, b in zip(coarse.geometry, floor.geometry))
 
 
 def test_pieces_to_frame_with_workers_equals_in_line():
@@ -49,7 +80,7 @@ def test_pieces_to_frame_with_workers_equals_in_line():
         w, h = rng.integers(8, 20, 2)
         ring = [(x, y), (x + w, y), (x + w, y + h // 2), (x + w - 1, y + h // 2), (x + w - 1, y + h), (x, y + h)]
         pieces.append(Piece(shapely.Polygon(ring), int(w * h), float(w * h) * 0.9))
-    args = (from_origin(500000, 4000000, 0.5, 0.5), CRS.from_epsg(32633), 0.5, 1.0, True, False,
+    args = (from_origin(500000, 4000000, 0.5, 0.5), CRS.from_epsg(32633), 0.5, 1.0, Regularisation(),
             lambda c, r: np.zeros(len(c)))
     a = pieces_to_frame(pieces, *args, workers=0)
     b = pieces_to_frame(pieces, *args, workers=2)
@@ -79,7 +110,7 @@ def test_pinholes_in_a_roof_are_filled_and_a_courtyard_stays():
     # pixel coordinates at 0.5 m: a 20 x 20 m roof (40 px) with a 1 m2 pinhole and a 6 x 6 m courtyard
     roof = shapely.Polygon([(0, 0), (40, 0), (40, 40), (0, 40)],
                            [[(4, 4), (6, 4), (6, 6), (4, 6)], [(20, 20), (32, 20), (32, 32), (20, 32)]])
-    args = (from_origin(500000, 4000000, 0.5, 0.5), CRS.from_epsg(32633), 0.5, 4.0, False, False,
+    args = (from_origin(500000, 4000000, 0.5, 0.5), CRS.from_epsg(32633), 0.5, 4.0, None,
             lambda c, r: np.zeros(len(c)))
     gdf = pieces_to_frame([Piece(roof, 1600 - 4 - 144, 1000.0)], *args)
     g = gdf.to_crs(32633).geometry.iloc[0]
