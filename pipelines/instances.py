@@ -42,7 +42,7 @@ def instance_labels(prob: np.ndarray, threshold: float = 0.5, separation: Separa
     if sep.seed_distance > 0:
         seeds = ndimage.distance_transform_edt(seeds) >= sep.seed_distance
     markers, n = ndimage.label(seeds)
-    comps, _ = ndimage.label(mask)
+    comps, n_comps = ndimage.label(mask)
     if n == 0:
         return comps.astype(np.int32)
     sizes = np.bincount(markers.ravel(), minlength=n + 1)
@@ -55,8 +55,8 @@ def instance_labels(prob: np.ndarray, threshold: float = 0.5, separation: Separa
     labels = comps.astype(np.int32)
     seeded = np.flatnonzero(markers.ravel())
     per_comp = np.bincount(comps.ravel()[seeded][np.unique(markers.ravel()[seeded], return_index=True)[1]],
-                           minlength=comps.max() + 1)
-    next_id = int(comps.max()) + 1
+                           minlength=n_comps + 1)
+    next_id = n_comps + 1
     boxes = ndimage.find_objects(comps)
     for c in np.flatnonzero(per_comp >= 2):
         box = boxes[c - 1]

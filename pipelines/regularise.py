@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import shapely
 
+from geomoe.config import PredictConfig
+
 log = logging.getLogger(__name__)
 
 MIN_CHUNK = 32  # buildings: smaller chunks cost more in pickling than they save
@@ -26,13 +28,18 @@ MIN_CHUNK = 32  # buildings: smaller chunks cost more in pickling than they save
 @dataclass(frozen=True)
 class Regularisation:
     """How outlines are squared: buildingregulariser's simplification tolerance and parallel-edge threshold in
-    metres on the ground (its own defaults, 0.5 and 1.0 m), never under one and two pixels. In pixels alone a
+    metres on the ground (configured in ``predict``; by default its own, 0.5 and 1.0 m), never under one and two pixels. In pixels alone a
     0.15 m raster would be simplified at 15 cm: a roof's outline keeps every wobble of the mask (about 120
     vertices a building against 21, and three times the cost)."""
 
-    diagonals: bool = False
-    tolerance_m: float = 0.5
-    parallel_m: float = 1.0
+    diagonals: bool
+    tolerance_m: float
+    parallel_m: float
+
+    @classmethod
+    def of(cls, cfg: PredictConfig) -> Regularisation | None:
+        """The configured regularisation (``predict.regularize_*``), None where it is off."""
+        return cls(cfg.allow_diagonals, cfg.regularize_tolerance_m, cfg.regularize_parallel_m) if cfg.regularize else None
 
     def in_units(self, gsd: float, unit: float) -> tuple[float, float]:
         """(parallel threshold, tolerance) in the units of the outlines (``unit`` of them a metre)."""

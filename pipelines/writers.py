@@ -52,8 +52,7 @@ class SceneWriters:
                     transform=ds.transform, nodata=NODATA, tiled=True, blockxsize=OUT_BLOCK[1], blockysize=OUT_BLOCK[0],
                     compress="deflate", BIGTIFF="IF_SAFER", NUM_THREADS=self.gdal_threads)
         self.outs, self.cfg, self.gsd, self.expert_at = outs, cfg, gsd, expert_at
-        self.regularisation = (Regularisation(cfg.allow_diagonals, cfg.regularize_tolerance_m,
-                                              cfg.regularize_parallel_m) if cfg.regularize else None)
+        self.regularisation = Regularisation.of(cfg)
         self.crs, self.transform = ds.crs, ds.transform
         self.raw_prob, self.raw_mask = tmp_name(outs.prob).with_suffix(".raw.tif"), tmp_name(outs.mask).with_suffix(".raw.tif")
         self.prob = rasterio.open(self.raw_prob, "w", **prof)

@@ -31,7 +31,7 @@ def test_worker_processes_make_real_footprints_exactly_as_the_writer_thread():
     pieces = [Piece(shape(g), int((labels == v).sum()), float((labels == v).sum()))
               for g, v in features.shapes(labels, mask=labels > 0, connectivity=4)]
     assert len(pieces) >= 100
-    args = (t, CRS.from_epsg(3857), 0.15, 2.0, Regularisation(), lambda c, r: np.zeros(len(c)))
+    args = (t, CRS.from_epsg(3857), 0.15, 2.0, Regularisation.of(PredictConfig()), lambda c, r: np.zeros(len(c)))
     one = pieces_to_frame(pieces, *args, workers=0)
     pooled = pieces_to_frame(pieces, *args, workers=2)
     assert len(pooled) == len(one) >= 100 and pooled.crs == one.crs
@@ -62,13 +62,13 @@ def test_fine_rasters_are_squared_at_half_a_metre_not_at_one_pixel():
         out = pieces_to_frame(pieces, t, CRS.from_epsg(3857), res, 2.0, reg, lambda c, r: np.zeros(len(c)))
         return out, np.median(shapely.get_num_coordinates(out.geometry.to_numpy()))
 
-    fine, corners = squared(0.15, Regularisation())
-    wobbly, staircase = squared(0.15, Regularisation(tolerance_m=0.15, parallel_m=0.3))
+    fine, corners = squared(0.15, Regularisation.of(PredictConfig()))
+    wobbly, staircase = squared(0.15, Regularisation(False, tolerance_m=0.15, parallel_m=0.3))
     assert len(fine) == len(wobbly) >= 40
     assert corners <= 12 and staircase >= 2 * corners
     assert abs(fine.area_m2.sum() / wobbly.area_m2.sum() - 1) < 0.03  # squarer, not smaller
-    coarse, _ = squared(1.0, Regularisation())
-    floor, _ = squared(1.0, Regularisation(tolerance_m=0.1, parallel_m=0.2))
+    coarse, _ = squared(1.0, Regularisation.of(PredictConfig()))
+    floor, _ = squared(1.0, Regularisation(False, tolerance_m=0.1, parallel_m=0.2))
     assert all(shapely.equals_exact(a, b, 0) for a, b in zip(coarse.geometry, floor.geometry))
 
 
@@ -80,7 +80,7 @@ def test_pieces_to_frame_with_workers_equals_in_line():
         w, h = rng.integers(8, 20, 2)
         ring = [(x, y), (x + w, y), (x + w, y + h // 2), (x + w - 1, y + h // 2), (x + w - 1, y + h), (x, y + h)]
         pieces.append(Piece(shapely.Polygon(ring), int(w * h), float(w * h) * 0.9))
-    args = (from_origin(500000, 4000000, 0.5, 0.5), CRS.from_epsg(32633), 0.5, 1.0, Regularisation(),
+    args = (from_origin(500000, 4000000, 0.5, 0.5), CRS.from_epsg(32633), 0.5, 1.0, Regularisation.of(PredictConfig()),
             lambda c, r: np.zeros(len(c)))
     a = pieces_to_frame(pieces, *args, workers=0)
     b = pieces_to_frame(pieces, *args, workers=2)
