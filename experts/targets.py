@@ -20,14 +20,22 @@ def contact_zone(labels: np.ndarray, reach: int) -> np.ndarray:
     return (mx > 0) & (mn < BIG) & (mx != mn)
 
 
-def building_targets(mask: np.ndarray, boundary_width: int = 2, contact_reach: int = 3) -> np.ndarray:
+def building_targets(mask: np.ndarray, boundary_width: int = 2, contact_reach: int = 3,
+                     instances: np.ndarray | None = None) -> np.ndarray:
     """(3, H, W) float32: building, inner boundary band of each building, contact zone between buildings.
 
-    Instances are the 4-connected components of ``mask`` (what a raster label can tell apart).
+    Buildings are ``instances`` (one id each, from the location's outlines), so row houses that share a wall get
+    a boundary and a contact zone along it; without them, the 4-connected components of ``mask`` (all a 0/255
+    raster can tell apart).
     """
     m = mask > 0
-    labels, _ = ndimage.label(m)
+    labels = ndimage.label(m)[0] if instances is None else np.where(m, instances, 0).astype(np.int32)
     eroded = ndimage.binary_erosion(m, iterations=boundary_width, border_value=1)
     boundary = m & ~eroded
+    if instances is not None:  # a shared wall is boundary of both buildings, though inside the mask
+        reach = ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), boundary_width)
+        hi = ndimage.grey_dilation(labels, footprint=reach, mode="nearest")
+        lo = ndimage.grey_erosion(np.where(labels > 0, labels, BIG).astype(np.int32), footprint=reach, mode="nearest")
+        boundary |= m & ((hi > labels) | (lo < labels))
     contact = contact_zone(labels, contact_reach)
     return np.stack([m, boundary, contact]).astype(np.float32)

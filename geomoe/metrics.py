@@ -14,9 +14,29 @@ def _boundary(mask: np.ndarray, width: int) -> np.ndarray:
     return mask & ~eroded
 
 
-def match_buildings(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5) -> tuple[int, int, int]:
-    """(TP, FP, FN) of building instances (connected components): SpaceNet's rule, one-to-one at IoU >= ``iou``."""
-    return tuple(int(v) for v in match_by_size(pred, ndimage.label(truth), (0,), iou)[0])
+def truth_instances(truth: np.ndarray, instances: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """(labels 1..n, n): the true buildings of ``truth``. ``instances`` (one id per building, from the outlines) keeps
+    touching buildings apart; without it they are the mask's connected components, as a 0/255 raster tells them.
+    Building pixels no outline covers become buildings of their own (their connected components)."""
+    truth = truth.astype(bool)
+    if instances is None:
+        return ndimage.label(truth)
+    ids = np.where(truth, instances, 0).astype(np.int64)
+    rest, n_rest = ndimage.label(truth & (ids == 0))
+    if n_rest:
+        ids = np.where(rest > 0, rest + ids.max(), ids)
+    uniq, inv = np.unique(ids, return_inverse=True)
+    inv = inv.reshape(ids.shape).astype(np.int32)
+    if len(uniq) and uniq[0] != 0:  # every pixel a building: no 0 to take the first slot
+        inv += 1
+    return inv, int((uniq != 0).sum())
+
+
+def match_buildings(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5,
+                    instances: np.ndarray | None = None) -> tuple[int, int, int]:
+    """(TP, FP, FN) of building instances: SpaceNet's rule, one-to-one at IoU >= ``iou``. Predicted buildings are
+    connected components; true ones as :func:`truth_instances` tells them."""
+    return tuple(int(v) for v in match_by_size(pred, truth_instances(truth, instances), (0,), iou)[0])
 
 
 def match_by_size(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], min_pixels: tuple[int, ...],
@@ -77,8 +97,9 @@ class Scores:
     patches: int = 0
 
     def update(self, pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None, boundary_px: int = 2,
-               instances: bool = True, min_pixels: int = 0) -> None:
+               instances: bool = True, min_pixels: int = 0, truth_ids: np.ndarray | None = None) -> None:
         """Add one patch; ``instances=False`` counts pixels only (cheap enough for every training epoch).
+        ``truth_ids``: one id per true building (see :func:`truth_instances`).
 
         Pixel figures score the mask as predicted; building F1 and boundary IoU score the footprints a user gets,
         so predicted buildings under ``min_pixels`` (prediction's ``min_area_m2``) are dropped for them first.
@@ -94,7 +115,7 @@ class Scores:
         if not instances:
             return
         p = drop_small(p, min_pixels)
-        a, b, c = match_buildings(p, t)
+        a, b, c = match_buildings(p, t, instances=truth_ids)
         self.b_tp, self.b_fp, self.b_fn = self.b_tp + a, self.b_fp + b, self.b_fn + c
         bp, bt = _boundary(p, boundary_px), _boundary(t, boundary_px)
         self.bd_inter += int((bp & bt).sum())

@@ -17,14 +17,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from geomoe.bundle import Bundle, BundlePaths, save_manifest
 from geomoe.config import load_config
 from geomoe.data.datasets import GridDataset, Prepared
-from geomoe.metrics import match_by_size
+from geomoe.metrics import match_by_size, truth_instances
 from geomoe.pipelines.evaluate import _channels, min_pixels, route_windows
 from geomoe.pipelines.instances import Separation, footprint_mask
 
@@ -92,9 +91,9 @@ def validation_f1(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibr
                   desc=f"calibrating footprints ({which})"):
         i = b["index"].numpy()
         probs = _probs(bundle, which, b["image"], routes.ids[i] if routes is not None else i)
-        truth, valid = b["mask"].numpy() > 0, b["valid"].numpy().astype(bool)
+        truth, valid, ids = b["mask"].numpy() > 0, b["valid"].numpy().astype(bool), b["instances"].numpy()
         for j, k in enumerate(i):
-            t = ndimage.label(truth[j] & valid[j])
+            t = truth_instances(truth[j] & valid[j], ids[j])
             px = tuple(min_pixels(prep.readers[refs[k].scene], a) for a in areas)
             for th, sep in cuts:  # one watershed and one labelling per threshold and separation; areas filter it
                 counts[rows[(th, sep)]] += match_by_size(footprint_mask(probs[j], th, sep) & valid[j], t, px)

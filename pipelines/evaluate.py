@@ -244,14 +244,14 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
         for li, e, u in zip(b["location"].tolist(), rb.embedding, unf):
             routing[li, e] += 1
             flagged[li] += int(u)
-        truth, valid = b["mask"].numpy() > 0, b["valid"].numpy()
+        truth, valid, ids = b["mask"].numpy() > 0, b["valid"].numpy(), b["instances"].numpy()
         bids = rb.best_expert(truth, valid, bundle.threshold)
         for m in methods:
             c = calib["single" if m == "single" else "experts"]
             pred = rb.method_masks(m, c.threshold, rids, oids, bids, c.separation)
             for j, loc in enumerate(locs):
                 small = min_pixels(prep.readers[refs[i[j]].scene], c.min_area_m2)
-                scores[(m, loc)].update(pred[j], truth[j], valid[j], min_pixels=small)
+                scores[(m, loc)].update(pred[j], truth[j], valid[j], min_pixels=small, truth_ids=ids[j])
     rows = []
     for m in methods:
         overall = Scores()

@@ -246,7 +246,7 @@ def test_augment_moves_image_mask_and_valid_together():
     img[:, 0, 1] = 255
     mask = (img[0] > 0).astype(np.uint8)
     for _ in range(8):
-        a, m, v = augment(img, mask, mask.astype(bool), rng)
+        a, m, v = augment(rng, img, mask, mask.astype(bool))
         assert np.array_equal(a[0] > 0, m.astype(bool)) and np.array_equal(m.astype(bool), v)
 
 
@@ -300,3 +300,39 @@ def test_bundle_input_gsd_clamps_to_the_trained_range():
     b.gsd_range = Bundle.gsd_range.fget(b)
     assert Bundle.input_gsd(b, 0.3) == 0.3 and Bundle.input_gsd(b, 0.05) == 0.15 and Bundle.input_gsd(b, 2.0) == 0.5
     assert Bundle.input_gsd(b, None) is None
+
+
+def test_outlines_beside_masks_tell_touching_buildings_apart_on_real_tiles():
+    """Banepa's masks merge row houses that share a wall; its OSM outlines (labels.geojson beside the masks) keep
+    them apart: more buildings than the mask's components, each a part of the mask, the mask still the pixel truth."""
+    from scipy import ndimage
+
+    cat = discover(SAMPLE)
+    banepa = [s for s in cat.scenes if s.location == "banepa"]
+    assert banepa and all(s.label_kind == "mask" and s.outlines.name == "labels.geojson" for s in banepa)
+    assert all(s.outlines is None for s in cat.scenes if s.location == "austin")  # no outlines there: components
+    comps = ids = 0
+    for s in banepa:
+        p = SceneReader(s).read(0, 0, 512)
+        with rasterio.open(s.label) as ds:
+            assert np.array_equal(p.mask.astype(bool), ds.read(1) > 0)  # the mask, not the outlines, is the truth
+        assert np.array_equal(p.instances > 0, p.mask.astype(bool))
+        n = int(p.instances.max())
+        assert set(np.unique(p.instances)) == set(range(n + 1))  # ids 1..n, no gaps
+        comps, ids = comps + ndimage.label(p.mask)[1], ids + n
+    assert ids > 1.15 * comps  # tens of walls shared between houses in the sample's Banepa tiles
+
+
+def test_unreadable_outlines_leave_the_masks_usable(tmp_path):
+    loc = tmp_path / "banepa"
+    (loc / "images").mkdir(parents=True)
+    (loc / "masks").mkdir()
+    tile = sorted((SAMPLE / "banepa" / "images").glob("*.tif"))[0]
+    shutil.copy(tile, loc / "images" / tile.name)
+    shutil.copy(SAMPLE / "banepa" / "masks" / tile.name, loc / "masks" / tile.name)
+    (loc / "labels.geojson").write_text("{not json")
+    prep = prepare(tmp_path, DataConfig(patch_size=128, val_fraction=0.0, test_fraction=0.0))
+    bad = [p for p in prep.catalog.problems if p.path.name == "labels.geojson"]
+    assert len(bad) == 1 and not bad[0].fatal and "mask alone" in bad[0].message
+    p = prep.readers[0].read(0, 0, 512)
+    assert p.mask.any() and int(p.instances.max()) == __import__("scipy").ndimage.label(p.mask)[1]

@@ -224,3 +224,36 @@ def test_streaming_prediction_separates_touching_buildings_and_joins_across_band
         counts[channels] = len(gpd.read_file(outs.footprints))
         assert st.footprints == counts[channels]
     assert counts == {3: 3, 1: 2}
+
+
+def _row_houses() -> tuple[np.ndarray, np.ndarray]:
+    """Three houses in a row, sharing walls: one blob in the 0/255 mask, three ids in the outlines."""
+    ids = np.zeros((40, 60), np.int32)
+    ids[10:30, 8:28] = 7
+    ids[10:30, 28:46] = 9
+    ids[10:30, 46:58] = 11
+    return (ids > 0).astype(np.uint8), ids
+
+
+def test_outline_ids_give_a_shared_wall_its_boundary_and_contact_targets():
+    mask, ids = _row_houses()
+    blob, apart = building_targets(mask), building_targets(mask, instances=ids)
+    assert blob[2].sum() == 0 and blob[1, 20, 27] == 0  # from the mask alone the wall is the middle of one roof
+    assert apart[2, 20, 27] == 1 and apart[2, 20, 28] == 1 and apart[2, 20, 15] == 0
+    assert apart[1, 20, 26:30].all() and apart[1, 20, 15] == 0  # the wall is both houses' boundary
+    assert np.array_equal(apart[0], blob[0]) and (apart[1] >= blob[1]).all()
+
+
+def test_building_f1_counts_row_houses_as_the_outlines_do():
+    from geomoe.metrics import match_buildings, truth_instances
+
+    mask, ids = _row_houses()
+    split = ids > 0
+    split[:, [28, 46]] = False  # a prediction with one-pixel cuts between the houses
+    assert match_buildings(mask, mask, instances=ids) == (0, 1, 3)  # one blob matches no house
+    assert match_buildings(split, mask, instances=ids) == (3, 0, 0)
+    assert match_buildings(mask, mask) == (1, 0, 0)  # by the mask's components the blob was "right"
+    extra = mask.copy()
+    extra[35:38, 2:5] = 1  # a building in the mask that no outline covers stays a building of its own
+    lab, n = truth_instances(extra, ids)
+    assert n == 4 and set(np.unique(lab)) == {0, 1, 2, 3, 4}

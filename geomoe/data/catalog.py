@@ -25,6 +25,9 @@ class Scene:
     label_kind: Literal["mask", "vector"] | None = None
     split: Split | None = None  # fixed by the layout (Inria); None means the spatial block split decides
     gsd_hint: float | None = None  # metres per pixel from locations.csv, used only when the raster has no CRS
+    # building outlines beside a mask (the location's labels.geojson): they tell touching buildings apart, which a
+    # 0/255 mask cannot; the mask stays the pixel truth
+    outlines: Path | None = None
 
     @property
     def name(self) -> str:
@@ -167,9 +170,9 @@ def _discover_folder(loc_dir: Path, cat: Catalog) -> None:
     for img in images:
         mask = _find_mask(loc_dir / "masks", img)
         if mask is not None:
-            cat.scenes.append(Scene(loc_dir.name, img, mask, "mask"))
+            cat.scenes.append(Scene(loc_dir.name, img, mask, "mask", outlines=vector))
         elif vector is not None:
-            cat.scenes.append(Scene(loc_dir.name, img, vector, "vector"))
+            cat.scenes.append(Scene(loc_dir.name, img, vector, "vector", outlines=vector))
         else:
             cat.scenes.append(Scene(loc_dir.name, img))
 

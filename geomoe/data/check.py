@@ -9,7 +9,7 @@ from rasterio.errors import RasterioError
 from tqdm import tqdm
 
 from geomoe.data.catalog import Catalog, Problem, Scene
-from geomoe.data.reader import SceneReader
+from geomoe.data.reader import SceneReader, vector_labels
 from geomoe.raster import RasterError, ground_sampling_distance, grid_of, open_raster
 
 
@@ -100,6 +100,13 @@ def check_scene(scene: Scene, problems: list[Problem], full: bool = True) -> Sce
             if stats is None:
                 return rep
             rep.building_pixels, rep.labelled_pixels = stats
+            if scene.outlines is not None and grid.crs is not None:
+                try:
+                    vector_labels(str(scene.outlines), grid.crs.to_wkt())
+                except RasterError as e:  # the mask is still a label: train on it, buildings apart as it tells them
+                    problems.append(Problem(scene.outlines, f"{e} (buildings told apart by the mask alone)".split(": ", 1)[-1],
+                                            fatal=False))
+                    scene.outlines = None
         elif scene.label_kind == "vector" and full:
             r, step = SceneReader(scene), 1024
             for row in range(0, r.height, step):

@@ -15,12 +15,15 @@ from geomoe.data.reader import SceneReader
 from geomoe.data.sampling import BalancedSampler, Block, PatchRef, WindowSampler, grid_windows, split_blocks
 
 
-def augment(image: np.ndarray, mask: np.ndarray, valid: np.ndarray, rng: np.random.Generator):
-    """Random flips and 90-degree rotations, the same for image, mask and valid mask."""
+def augment(rng: np.random.Generator, *planes: np.ndarray) -> list[np.ndarray]:
+    """Random flips and 90-degree rotations, the same for every plane (image, mask, valid mask, building ids)."""
     k = int(rng.integers(4))
     flip = bool(rng.integers(2))
     out = []
-    for a in (image, mask, valid):
+    for a in planes:
+        if a is None:  # an unlabelled patch has no building ids
+            out.append(a)
+            continue
         a = np.rot90(a, k, axes=(-2, -1))
         if flip:
             a = a[..., ::-1]
@@ -28,11 +31,14 @@ def augment(image: np.ndarray, mask: np.ndarray, valid: np.ndarray, rng: np.rand
     return out
 
 
-def to_sample(image: np.ndarray, mask: np.ndarray | None, valid: np.ndarray, location: int, index: int) -> dict:
+def to_sample(image: np.ndarray, mask: np.ndarray | None, valid: np.ndarray, location: int, index: int,
+              instances: np.ndarray | None = None) -> dict:
     return {
         "image": torch.from_numpy(image),  # uint8; models normalise with their stored statistics
         "mask": torch.from_numpy(mask if mask is not None else np.zeros(valid.shape, np.uint8)).float(),
         "valid": torch.from_numpy(valid),
+        # one id per true building (touching ones apart where the location has outlines), 0 elsewhere
+        "instances": torch.from_numpy(instances if instances is not None else np.zeros(valid.shape, np.int32)),
         "location": location,
         "index": index,
     }
@@ -127,7 +133,7 @@ class GridDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         ref = self.refs[i]
         p = self.prep.readers[ref.scene].read(ref.col, ref.row, ref.size)
-        return to_sample(p.image, p.mask, p.valid, self.prep.locations.index(self.prep.location_of(ref)), i)
+        return to_sample(p.image, p.mask, p.valid, self.prep.locations.index(self.prep.location_of(ref)), i, p.instances)
 
 
 class RandomPatchDataset(Dataset):
@@ -157,14 +163,14 @@ class RandomPatchDataset(Dataset):
             p = self.prep.readers[ref.scene].read(ref.col, ref.row, ref.size)
             if p.valid.mean() >= self.min_valid:
                 break
-        image, mask, valid = p.image, p.mask, p.valid
+        image, mask, valid, ids = p.image, p.mask, p.valid, p.instances
         if self.aug:
-            image, mask, valid = augment(image, mask, valid, rng)
-        sample = to_sample(image, mask, valid, self.prep.locations.index(self.prep.location_of(ref)), i)
+            image, mask, valid, ids = augment(rng, image, mask, valid, ids)
+        sample = to_sample(image, mask, valid, self.prep.locations.index(self.prep.location_of(ref)), i, ids)
         if self.instance_targets:
             from geomoe.experts.targets import building_targets
 
-            sample["targets"] = torch.from_numpy(building_targets(sample["mask"].numpy()))
+            sample["targets"] = torch.from_numpy(building_targets(mask, instances=ids))
         return sample
 
 

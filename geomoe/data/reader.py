@@ -18,6 +18,7 @@ from rasterio.windows import transform as window_transform
 from shapely.geometry import box
 
 from geomoe.data.catalog import Scene
+from geomoe.metrics import truth_instances
 from geomoe.raster import (
     Grid,
     RasterError,
@@ -41,10 +42,11 @@ class Patch:
     image: np.ndarray  # uint8 (3, H, W)
     mask: np.ndarray | None  # uint8 (H, W) in {0, 1}, None for unlabelled scenes
     valid: np.ndarray  # bool (H, W): real, labelled data (False on nodata, transparent or padded pixels)
+    instances: np.ndarray | None = None  # int32 (H, W): one id (1..n) per building, 0 elsewhere; None unlabelled
 
 
 @lru_cache(maxsize=8)
-def _vector_labels(path: str, crs_wkt: str) -> gpd.GeoDataFrame:
+def vector_labels(path: str, crs_wkt: str) -> gpd.GeoDataFrame:
     """Building polygons reprojected to one image CRS; cached since many tiles share a file."""
     try:
         gdf = gpd.read_file(path)
@@ -75,6 +77,10 @@ class SceneReader:
         self.gsd = ground_sampling_distance(self.grid) if self.grid.crs is not None else scene.gsd_hint
         self.scale = scale_for(self.gsd, target_gsd)
         self.height, self.width = target_shape(self.grid, self.scale)
+        # vector labels are the outlines; beside a mask they only tell buildings apart, so a raster with no CRS
+        # (where they cannot be placed) keeps the mask's connected components
+        self.outlines = scene.label if scene.label_kind == "vector" else (
+            scene.outlines if self.grid.crs is not None else None)
 
     def __getstate__(self) -> dict:
         d = self.__dict__.copy()
@@ -116,31 +122,34 @@ class SceneReader:
         image = to_uint8(read_window(self.img, self.bands, win, hw, Resampling.bilinear if self.scale != 1 else Resampling.nearest),
                          self.top)
         valid = valid_window_mask(self.img, win, hw, self.alpha, self.use_alpha)
-        mask = None
+        mask = instances = None
+        outline_ids = self._outline_ids(win, hw) if self.outlines is not None else None
         if self.scene.label_kind == "mask":
             raw = read_window(self.lbl, [1], win, hw, Resampling.nearest, fill=0)[0]
             lvalid = valid_window_mask(self.lbl, win, hw, None, False)
             valid &= lvalid
             mask = (raw > (127 if raw.max(initial=0) > 1 else 0)).astype(np.uint8)
         elif self.scene.label_kind == "vector":
-            mask = self._rasterize(win, hw)
+            mask = (outline_ids > 0).astype(np.uint8)
         if mask is not None:
             mask[~valid] = 0
-        return Patch(fill_invalid(image, valid), mask, valid)
+            instances = truth_instances(mask, outline_ids)[0].astype(np.int32)
+        return Patch(fill_invalid(image, valid), mask, valid, instances)
 
-    def _rasterize(self, win: Window, hw: tuple[int, int]) -> np.ndarray:
+    def _outline_ids(self, win: Window, hw: tuple[int, int]) -> np.ndarray:
+        """int32 (H, W): the building outlines rasterised onto the window, each with its own id (0: none)."""
         if self.grid.crs is None:
             raise RasterError(f"{self.scene.image}: has no CRS, so vector labels cannot be placed on it")
-        gdf = _vector_labels(str(self.scene.label), self.grid.crs.to_wkt())
+        gdf = vector_labels(str(self.outlines), self.grid.crs.to_wkt())
         t = window_transform(win, self.grid.transform) @ rasterio.Affine.scale(win.width / hw[1], win.height / hw[0])
         x0, y0 = t @ (0, 0)
         x1, y1 = t @ (hw[1], hw[0])
         idx = gdf.sindex.query(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
         if len(idx) == 0:
-            return np.zeros(hw, np.uint8)
+            return np.zeros(hw, np.int32)
         return features.rasterize(
-            ((g, 1) for g in gdf.geometry.iloc[idx]), out_shape=hw, transform=t, fill=0, dtype="uint8"
-        )
+            ((g, int(i) + 1) for i, g in zip(idx, gdf.geometry.iloc[idx])), out_shape=hw, transform=t, fill=0,
+            dtype="int32")
 
 
 def open_readers(scenes: list[Scene], target_gsd: float | None) -> list[SceneReader]:
