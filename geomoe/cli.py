@@ -65,14 +65,15 @@ def data_check(root: Path, full: bool = typer.Option(True, help="Read every bloc
         _fail(str(e))
     _, sums = check_catalog(cat)
     t = Table(title=f"{root} ({cat.layout} layout)")
-    for col in ("location", "images", "labelled", "usable", "building %", "GSD (m)", "CRS", "size", "problems"):
-        t.add_column(col, justify="right" if col not in ("location", "CRS") else "left")
+    for col in ("location", "images", "labelled", "usable", "building %", "buildings apart by", "GSD (m)", "CRS", "size",
+                "problems"):
+        t.add_column(col, justify="right" if col not in ("location", "CRS", "buildings apart by") else "left")
     for s in sums:
         gsd = f"{min(s.gsd):.3f}" + (f"-{max(s.gsd):.3f}" if s.gsd and max(s.gsd) - min(s.gsd) > 1e-3 else "") if s.gsd else "?"
         bf = "?" if math.isnan(s.building_fraction) else f"{100 * s.building_fraction:.1f}"
         sizes = ", ".join(sorted(s.sizes)[:2]) + (" ..." if len(s.sizes) > 2 else "")
-        t.add_row(s.location, str(s.images), str(s.labelled), str(s.usable), bf, gsd, ", ".join(sorted(s.crs)) or "none",
-                  sizes, str(s.problems))
+        t.add_row(s.location, str(s.images), str(s.labelled), str(s.usable), bf, "outlines" if s.outlines else "mask",
+                  gsd, ", ".join(sorted(s.crs)) or "none", sizes, str(s.problems))
     console.print(t)
     meta = cat.locations_meta
     if meta:

@@ -321,6 +321,8 @@ def test_outlines_beside_masks_tell_touching_buildings_apart_on_real_tiles():
         assert set(np.unique(p.instances)) == set(range(n + 1))  # ids 1..n, no gaps
         comps, ids = comps + ndimage.label(p.mask)[1], ids + n
     assert ids > 1.15 * comps  # tens of walls shared between houses in the sample's Banepa tiles
+    _, sums = check_catalog(discover(SAMPLE), progress=False)  # `geomoe data check` says which locations have them
+    assert {s.location: s.outlines for s in sums} == {"austin": False, "banepa": True, "kampala": False}
 
 
 def test_unreadable_outlines_leave_the_masks_usable(tmp_path):

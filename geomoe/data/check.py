@@ -36,6 +36,7 @@ class LocationSummary:
     crs: set[str] = field(default_factory=set)
     sizes: set[str] = field(default_factory=set)
     problems: int = 0
+    outlines: bool = False  # buildings told apart by outlines (labels.geojson), not only by the mask's components
 
 
 def _mask_stats(scene: Scene, problems: list[Problem], full: bool = True) -> tuple[int, int] | None:
@@ -138,6 +139,7 @@ def check_catalog(cat: Catalog, progress: bool = True) -> tuple[list[SceneReport
         s.gsd = [r.gsd for r in reps if r.gsd is not None]
         s.crs = {r.crs for r in reps if r.crs}
         s.sizes = {f"{r.width}x{r.height}" for r in reps if r.width}
+        s.outlines = any(r.scene.outlines is not None or r.scene.label_kind == "vector" for r in good)
         paths = {r.scene.image for r in reps} | {r.scene.label for r in reps if r.scene.label_kind == "mask"}
         s.problems = sum(1 for p in cat.problems if p.path in paths)
         if s.usable == 0:
