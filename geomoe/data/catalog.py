@@ -172,7 +172,7 @@ def _discover_folder(loc_dir: Path, cat: Catalog) -> None:
         if mask is not None:
             cat.scenes.append(Scene(loc_dir.name, img, mask, "mask", outlines=vector))
         elif vector is not None:
-            cat.scenes.append(Scene(loc_dir.name, img, vector, "vector", outlines=vector))
+            cat.scenes.append(Scene(loc_dir.name, img, vector, "vector"))
         else:
             cat.scenes.append(Scene(loc_dir.name, img))
 

@@ -105,8 +105,8 @@ def check_scene(scene: Scene, problems: list[Problem], full: bool = True) -> Sce
                 try:
                     vector_labels(str(scene.outlines), grid.crs.to_wkt())
                 except RasterError as e:  # the mask is still a label: train on it, buildings apart as it tells them
-                    problems.append(Problem(scene.outlines, f"{e} (buildings told apart by the mask alone)".split(": ", 1)[-1],
-                                            fatal=False))
+                    problems.append(Problem(scene.outlines, f"unreadable building outlines ({e.__cause__ or e}); "
+                                            "buildings told apart by the mask alone", fatal=False))
                     scene.outlines = None
         elif scene.label_kind == "vector" and full:
             r, step = SceneReader(scene), 1024
