@@ -100,10 +100,10 @@ def main() -> None:
     warm, batches = batches[:2], batches[2:2 + a.steps]
 
     L.seed_everything(0, verbose=False)
-    init = build_expert(cfg.experts.encoder, cfg.experts.decoder).state_dict()
+    init = build_expert(cfg.experts.encoder, cfg.experts.decoder, decoder_channels=cfg.experts.decoder_channels).state_dict()
 
     def fresh():
-        m = build_expert(cfg.experts.encoder, cfg.experts.decoder)
+        m = build_expert(cfg.experts.encoder, cfg.experts.decoder, decoder_channels=cfg.experts.decoder_channels)
         m.load_state_dict(init)
         return m
 

@@ -39,12 +39,15 @@ def epochs_for(steps: int, steps_per_epoch: int) -> tuple[int, int]:
 def new_expert(prep: Prepared, cfg: Config, init_from: Path | None = None) -> Expert:
     x = cfg.experts
     if init_from is None:
-        model = build_expert(x.encoder, x.decoder, 3 if x.outputs == "instances" else 1, x.pretrained)
+        model = build_expert(x.encoder, x.decoder, 3 if x.outputs == "instances" else 1, x.pretrained, x.decoder_channels)
         model.norm.set(*compute_stats(prep, seed=cfg.seed))  # deterministic: the same on every DDP process
         return model
     src, meta = load_expert(init_from)
-    if (meta["encoder"], meta["decoder"], meta.get("classes", 1)) != (x.encoder, x.decoder, 3 if x.outputs == "instances" else 1):
-        raise ValueError(f"{init_from}: a {meta['decoder']} on {meta['encoder']} cannot start a {x.decoder} on {x.encoder}")
+    have = (meta["encoder"], meta["decoder"], meta.get("classes", 1), meta.get("decoder_channels"))
+    if have != (x.encoder, x.decoder, 3 if x.outputs == "instances" else 1, x.decoder_channels):
+        raise ValueError(f"{init_from}: a {meta['decoder']} on {meta['encoder']} (decoder widths "
+                         f"{meta.get('decoder_channels') or 'default'}) cannot start a {x.decoder} on {x.encoder} "
+                         f"(decoder widths {x.decoder_channels or 'default'})")
     return src.train()
 
 

@@ -70,6 +70,9 @@ class ExpertConfig(_Strict):
     encoder: Encoder = "resnet101"
     decoder: Decoder = "Unet"
     pretrained: Path | None = Field(None, description="Local encoder weights (torchvision or timm state dict).")
+    decoder_channels: list[int] | None = Field(
+        None, min_length=5, max_length=5, description="Unet / UnetPlusPlus decoder widths, deepest first (default "
+                                                      "smp's 256, 128, 64, 32, 16).")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of BCE against (1 - soft Jaccard).")
     lr: float = 1e-4
     weight_decay: float = 5e-4
@@ -107,6 +110,8 @@ class ExpertConfig(_Strict):
     def _pair_exists(self) -> "ExpertConfig":
         if (self.decoder, self.encoder) in UNSUPPORTED:
             raise ValueError(f"decoder {self.decoder} cannot be built on encoder {self.encoder}; choose Unet, FPN or DeepLabV3Plus")
+        if self.decoder_channels is not None and self.decoder not in ("Unet", "UnetPlusPlus"):
+            raise ValueError(f"decoder_channels sets a Unet or UnetPlusPlus decoder's widths; {self.decoder} has its own")
         return self
 
 

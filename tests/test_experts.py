@@ -32,6 +32,26 @@ def test_unet_output_matches_any_input_size(encoder):
     assert y.shape == (2, 1, 70, 90)
 
 
+def test_decoder_widths_travel_with_the_model_file_and_a_mismatched_start_is_refused(tmp_path):
+    from geomoe.config import Config, ExpertConfig
+    from geomoe.experts.model import load_expert, save_expert
+    from geomoe.experts.train import new_expert
+
+    slim = Expert("resnet18", classes=3, decoder_channels=[64, 32, 16, 16, 8])
+    wide = Expert("resnet18", classes=3)
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in wide.parameters()) - 2_000_000
+    x = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8)
+    back, meta = load_expert(save_expert(slim.eval(), tmp_path / "slim.pt"))
+    assert meta["decoder_channels"] == [64, 32, 16, 16, 8]
+    with torch.no_grad():
+        assert torch.allclose(back(x), slim(x), atol=1e-4)  # channels_last on load: same weights, other summation order
+    cfg = Config(experts=ExpertConfig(encoder="resnet18", outputs="instances"))  # smp's default widths
+    with pytest.raises(ValueError, match="decoder widths"):
+        new_expert(None, cfg, tmp_path / "slim.pt")
+    with pytest.raises(ValueError, match="decoder_channels"):
+        ExpertConfig(decoder="FPN", decoder_channels=[64, 32, 16, 16, 8])
+
+
 def test_loss_ignores_invalid_pixels_and_rewards_overlap():
     t = torch.zeros(1, 8, 8)
     t[:, :4] = 1

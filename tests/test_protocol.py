@@ -50,6 +50,27 @@ def test_windows_of_different_splits_stay_a_patch_apart(root):
     assert _gaps(prep, drawn, win["val"]) >= 128 - 0.01
 
 
+@pytest.mark.parametrize("root", [SAMPLE, SHARED])
+def test_an_experts_shifted_windows_stay_in_their_split_and_near_their_window(root):
+    """A region's windows are drawn shifted (random crops, as the single network gets) but never nearer than a
+    patch to another split's windows, and each keeps at least half its window in each direction."""
+    if not root.exists():
+        pytest.skip(f"{root} is not here (../shared is beside the checkout only on the development machines)")
+    prep = prepare(root, DataConfig(patch_size=128, block_size=256, full_check=False))
+    refs = prep.windows("train")
+    ds = RandomPatchDataset(prep, 10, augment=False, refs=refs)
+    rng = np.random.default_rng(0)
+    drawn = [ds.sampler.draw(rng) for _ in range(600)]
+    assert _gaps(prep, drawn, prep.windows("test")) >= 128 - 0.01
+    assert _gaps(prep, drawn, prep.windows("val")) >= 128 - 0.01
+    moved = [d for d in drawn if (d.scene, d.col, d.row) not in {(r.scene, r.col, r.row) for r in refs}]
+    assert len(moved) > len(drawn) / 2
+    for d in moved:  # within half a window of one of the region's own windows
+        assert any(r.scene == d.scene and abs(r.col - d.col) <= 64 and abs(r.row - d.row) <= 64 for r in refs)
+        rd = prep.readers[d.scene]
+        assert 0 <= d.col <= rd.width - 128 and 0 <= d.row <= rd.height - 128
+
+
 def test_without_the_gap_splits_touch():
     """The check above can fail: with no gap, neighbouring blocks of different splits share an edge."""
     prep = prepare(SAMPLE, DataConfig(patch_size=128, block_size=256, split_gap=0, full_check=False))

@@ -148,8 +148,8 @@ class RandomPatchDataset(Dataset):
                  refs: list[PatchRef] | None = None, cycle_locations: bool = False, instance_targets: bool = False):
         self.prep, self.length, self.seed, self.aug, self.min_valid = prep, length, seed, augment, min_valid
         self.instance_targets = instance_targets  # add building / boundary / contact channels ("targets")
-        # Given windows (a region's share) are drawn as they are; otherwise anywhere in the train blocks.
-        self.sampler = WindowSampler(prep.readers, refs) if refs is not None else BalancedSampler(prep.readers, prep.blocks, prep.patch_size)
+        # Given windows (a region's share) are drawn shifted inside their blocks; otherwise anywhere in the train blocks.
+        self.sampler = WindowSampler(prep.readers, refs, prep.blocks) if refs is not None else BalancedSampler(prep.readers, prep.blocks, prep.patch_size)
         self.cycle = cycle_locations  # item i comes from location i mod n: every batch holds every location
 
     def __len__(self) -> int:

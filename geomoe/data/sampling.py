@@ -205,22 +205,44 @@ class BalancedSampler:
 
 
 class WindowSampler:
-    """Draws from a fixed list of windows (a region's share), each window equally often.
+    """Draws from a fixed list of windows (a region's share), each window equally often, each shifted at random
+    by up to half a window inside the block that holds it.
 
     Not each location equally often: a region holds most of some locations' windows and a few strays of
     others (3 of one town's windows among 400 of a village's), and balancing by location would draw those few
-    strays a third of the time each, so the expert would learn them instead of its region.
+    strays a third of the time each, so the expert would learn them instead of its region. The shift gives an
+    expert the random crops the generalist and the single network get from :class:`BalancedSampler`: without
+    it a region of 128 windows is seen as the same 128 crops a dozen times over. Half a window keeps most of
+    each crop on the window the embedding assigned to the region, and the block keeps it inside its split.
     """
 
-    def __init__(self, readers: list[SceneReader], refs: list[PatchRef]):
+    def __init__(self, readers: list[SceneReader], refs: list[PatchRef], blocks: list[Block] | None = None):
         if not refs:
             raise ValueError("no windows to sample from")
         self.refs = list(refs)
-        self.by_loc: dict[str, list[PatchRef]] = {}
-        for r in refs:
-            self.by_loc.setdefault(readers[r.scene].scene.location, []).append(r)
+        self.by_loc: dict[str, list[int]] = {}
+        for j, r in enumerate(self.refs):
+            self.by_loc.setdefault(readers[r.scene].scene.location, []).append(j)
         self.locations = sorted(self.by_loc)
+        self.room = [_room(r, blocks) for r in self.refs] if blocks else None
 
     def draw(self, rng: np.random.Generator, location: str | None = None) -> PatchRef:
-        refs = self.by_loc[location] if location in self.by_loc else self.refs
-        return refs[int(rng.integers(len(refs)))]
+        idx = self.by_loc.get(location) if location is not None else None
+        j = idx[int(rng.integers(len(idx)))] if idx else int(rng.integers(len(self.refs)))
+        ref = self.refs[j]
+        if self.room is None:
+            return ref
+        (c0, c1), (r0, r1) = self.room[j]
+        return PatchRef(ref.scene, int(rng.integers(c0, c1 + 1)), int(rng.integers(r0, r1 + 1)), ref.size)
+
+
+def _room(ref: PatchRef, blocks: list[Block]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((col_min, col_max), (row_min, row_max)) of the window's corner: within half a window of ``ref`` and
+    inside the block holding ``ref``; no room (the window itself) when no block holds it whole."""
+    half = ref.size // 2
+    for b in blocks:
+        if (b.scene == ref.scene and b.col <= ref.col and b.row <= ref.row
+                and ref.col + ref.size <= b.col + b.width and ref.row + ref.size <= b.row + b.height):
+            return ((max(b.col, ref.col - half), min(b.col + b.width - ref.size, ref.col + half)),
+                    (max(b.row, ref.row - half), min(b.row + b.height - ref.size, ref.row + half)))
+    return (ref.col, ref.col), (ref.row, ref.row)
