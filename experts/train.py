@@ -28,6 +28,7 @@ class ExpertJob:
     val_refs: list[PatchRef]
     steps: int  # optimisation steps in all
     init_from: Path | None = None  # start from this expert file (fine-tuning)
+    weights: list[float] | None = None  # how often each training window is drawn (None: each equally often)
 
 
 def epochs_for(steps: int, steps_per_epoch: int) -> tuple[int, int]:
@@ -63,7 +64,8 @@ def train_expert(prep: Prepared, cfg: Config, job: ExpertJob, out: Path, progres
         task.lr = x.lr * x.finetune_lr_scale
         task.warmup_steps = round(x.finetune_warmup * epochs * per_epoch)
     plan = PatchPlan(job.train_refs, job.val_refs, x.batch_size, per_epoch, epochs,
-                     instance_targets=x.outputs == "instances")
+                     instance_targets=x.outputs == "instances", train_weights=job.weights,
+                     replay=x.replay if job.train_refs is not None and job.init_from is not None else 0.0)
     data = PatchDataModule(prep, plan, cfg.seed, cfg.data.min_valid, cfg.data.workers)
     fj = FitJob(job.name, out / "runs" / job.name, out / f"{job.name}.pt", epochs,
                 monitor="val_iou" if job.val_refs else None,

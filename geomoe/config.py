@@ -102,6 +102,16 @@ class ExpertConfig(_Strict):
     optimizer: Literal["adam", "adamw"] = Field(
         "adam", description="adam: the paper's Adam with weight decay as an L2 term (normalised by Adam, so weights "
                             "with small gradients shrink by about lr per step); adamw: decoupled weight decay.")
+    allocation: Literal["windows", "locations"] = Field(
+        "windows", description="How the experts share their steps and draw their patches. windows: in proportion to "
+                               "each region's training windows, each window equally often. locations: as the "
+                               "generalist and the single network draw them, each location equally often; a region "
+                               "gets each location's share of its windows (a town whose 12 windows all fall in a "
+                               "village's region of 400 is still a fifth of the draws of 5 locations, not 3 %).")
+    replay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="An expert fine-tuned from the generalist draws this share of its patches "
+                                         "from every location's training windows (as the generalist did): it "
+                                         "specialises on its region without forgetting what the generalist knew.")
     keep_start: bool = Field(
         True, description="A job that starts from a trained network also scores that start on its validation windows "
                           "and keeps it when no fine-tuned checkpoint beats it (choice on validation, never test).")

@@ -100,8 +100,19 @@ def regions_stage(emb: Embeddings, cfg: Config, paths: BundlePaths, figures: boo
     return centroids
 
 
-def expert_steps(counts: list[int], total: int, floor: int, unit: int = 1) -> list[int]:
-    """Split ``total`` steps over experts in proportion to their training windows, none below ``floor``.
+def location_weights(prep: Prepared, refs: list[list[PatchRef]]) -> list[list[float]]:
+    """Per region, each training window's share of the draws when every location is drawn equally often (as the
+    generalist and the single network draw them): 1 / (locations x the location's windows in all regions)."""
+    per_loc: dict[str, int] = {}
+    for region in refs:
+        for r in region:
+            per_loc[prep.location_of(r)] = per_loc.get(prep.location_of(r), 0) + 1
+    return [[1.0 / (len(per_loc) * per_loc[prep.location_of(r)]) for r in region] for region in refs]
+
+
+def expert_steps(counts: list[float], total: int, floor: int, unit: int = 1) -> list[int]:
+    """Split ``total`` steps over experts in proportion to ``counts`` (their training windows, or their share of
+    the draws), none below ``floor``.
 
     Each share is a whole number of ``unit``-step epochs, so the steps trained are exactly the steps counted.
     """
@@ -128,14 +139,17 @@ def expert_jobs(prep: Prepared, emb: Embeddings, centroids: np.ndarray, cfg: Con
         if not tr:
             raise ValueError(f"region {i} holds no training patch; lower regions.k (now {cfg.regions.k})")
     unit = x.steps_per_epoch
-    steps = expert_steps([len(r) for r in refs], x.expert_steps_total or per * k, x.min_expert_steps or max(1, per // 4), unit)
+    weights = location_weights(prep, refs) if x.allocation == "locations" else [None] * k
+    shares = [sum(w) for w in weights] if x.allocation == "locations" else [len(r) for r in refs]
+    steps = expert_steps(shares, x.expert_steps_total or per * k, x.min_expert_steps or max(1, per // 4), unit)
     gen = paths.expert("generalist") if x.init == "generalist" else None
     jobs = {}
     if gen is not None:
         jobs["generalist"] = ExpertJob("generalist", None, prep.windows("val"),
                                        unit * -(-(x.generalist_steps or per * k) // unit))
     for i in range(k):
-        jobs[f"expert:{i}"] = ExpertJob(f"region_{i}", refs[i], refs_of(prep, emb, val & (regions == i)), steps[i], gen)
+        jobs[f"expert:{i}"] = ExpertJob(f"region_{i}", refs[i], refs_of(prep, emb, val & (regions == i)), steps[i], gen,
+                                        weights[i])
     jobs["baseline"] = ExpertJob("baseline", None, prep.windows("val"), sum(steps), gen)
     return jobs
 

@@ -71,6 +71,46 @@ def test_an_experts_shifted_windows_stay_in_their_split_and_near_their_window(ro
         assert 0 <= d.col <= rd.width - 128 and 0 <= d.row <= rd.height - 128
 
 
+def test_an_expert_replays_its_share_of_patches_from_every_location():
+    """``experts.replay``: that share of a region's patches comes from every location's train blocks (so it
+    keeps what the generalist knew), the rest from the region's own windows."""
+    prep = prepare(SAMPLE, DataConfig(patch_size=64, block_size=256, full_check=False))
+    own = [r for r in prep.windows("train") if prep.location_of(r) == "banepa"]
+    banepa = prep.locations.index("banepa")
+    other = {}
+    for replay in (0.0, 0.5):
+        ds = RandomPatchDataset(prep, 300, augment=False, refs=own, replay=replay)
+        other[replay] = sum(ds[i]["location"] != banepa for i in range(300)) / 300
+    assert other[0.0] == 0
+    # half replayed, and a replayed patch is Banepa's a third of the time (three locations, each equally often)
+    assert other[0.5] == pytest.approx(0.5 * 2 / 3, abs=0.08)
+
+
+def test_location_allocation_gives_each_location_its_share_of_the_single_networks_draws():
+    """``experts.allocation: locations``: a town whose few windows fall in a village's region is drawn as often
+    by that expert as by the single network (a fifth of 5 locations), and the regions' shares add up to one."""
+    from types import SimpleNamespace
+
+    from geomoe.data.sampling import PatchRef, WindowSampler
+    from geomoe.pipelines.train import expert_steps, location_weights
+
+    names = ["village", "town", "city"]
+    prep = SimpleNamespace(location_of=lambda r: names[r.scene])
+    village = [PatchRef(0, 256 * i, 0, 256) for i in range(400)]
+    town = [PatchRef(1, 256 * i, 0, 256) for i in range(12)]
+    city = [PatchRef(2, 256 * i, 0, 256) for i in range(300)]
+    refs = [village + town, city]
+    w = location_weights(prep, refs)
+    shares = [sum(x) for x in w]
+    assert shares == pytest.approx([2 / 3, 1 / 3])
+    assert expert_steps(shares, 900, 50) == [600, 300]
+    readers = [SimpleNamespace(scene=SimpleNamespace(location=n)) for n in names]
+    s = WindowSampler(readers, refs[0], weights=w[0])
+    rng = np.random.default_rng(0)
+    town_share = sum(s.draw(rng).scene == 1 for _ in range(3000)) / 3000
+    assert town_share == pytest.approx(0.5, abs=0.03)  # by windows it would be 12 / 412
+
+
 def test_without_the_gap_splits_touch():
     """The check above can fail: with no gap, neighbouring blocks of different splits share an edge."""
     prep = prepare(SAMPLE, DataConfig(patch_size=128, block_size=256, split_gap=0, full_check=False))

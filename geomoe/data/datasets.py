@@ -145,11 +145,15 @@ class RandomPatchDataset(Dataset):
     """
 
     def __init__(self, prep: Prepared, length: int, seed: int = 0, augment: bool = True, min_valid: float = 0.5,
-                 refs: list[PatchRef] | None = None, cycle_locations: bool = False, instance_targets: bool = False):
+                 refs: list[PatchRef] | None = None, cycle_locations: bool = False, instance_targets: bool = False,
+                 replay: float = 0.0, weights: list[float] | None = None):
         self.prep, self.length, self.seed, self.aug, self.min_valid = prep, length, seed, augment, min_valid
         self.instance_targets = instance_targets  # add building / boundary / contact channels ("targets")
         # Given windows (a region's share) are drawn shifted inside their blocks; otherwise anywhere in the train blocks.
-        self.sampler = WindowSampler(prep.readers, refs, prep.blocks) if refs is not None else BalancedSampler(prep.readers, prep.blocks, prep.patch_size)
+        balanced = BalancedSampler(prep.readers, prep.blocks, prep.patch_size) if refs is None or replay > 0 else None
+        self.sampler = WindowSampler(prep.readers, refs, prep.blocks, weights) if refs is not None else balanced
+        # an expert's share of patches from every location, as the generalist it started from saw them
+        self.replay, self.everywhere = (replay, balanced) if refs is not None and replay > 0 else (0.0, None)
         self.cycle = cycle_locations  # item i comes from location i mod n: every batch holds every location
 
     def __len__(self) -> int:
@@ -159,7 +163,8 @@ class RandomPatchDataset(Dataset):
         rng = np.random.default_rng([self.seed, i])
         for _ in range(10):
             loc = self.sampler.locations[i % len(self.sampler.locations)] if self.cycle else None
-            ref = self.sampler.draw(rng, loc)
+            everywhere = self.everywhere is not None and rng.random() < self.replay
+            ref = (self.everywhere if everywhere else self.sampler).draw(rng, loc)
             p = self.prep.readers[ref.scene].read(ref.col, ref.row, ref.size)
             if p.valid.mean() >= self.min_valid:
                 break

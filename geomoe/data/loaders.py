@@ -58,6 +58,8 @@ class PatchPlan:
     epochs: int
     cycle_locations: bool = False  # the embedding wants every location in every batch
     instance_targets: bool = False  # experts with building / boundary / contact outputs
+    replay: float = 0.0  # with train_refs: the share of patches drawn from every location's train blocks instead
+    train_weights: list[float] | None = None  # with train_refs: how often each is drawn (None: equally often)
 
 
 class PatchDataModule(L.LightningDataModule):
@@ -90,7 +92,7 @@ class PatchDataModule(L.LightningDataModule):
         per_epoch = p.steps_per_epoch * p.batch_size
         ds = RandomPatchDataset(self.prep, per_epoch * p.epochs, seed=self.seed, refs=p.train_refs,
                                 min_valid=self.min_valid, cycle_locations=p.cycle_locations,
-                                instance_targets=p.instance_targets)
+                                instance_targets=p.instance_targets, replay=p.replay, weights=p.train_weights)
         return self._loader(ds, EpochSampler(per_epoch, rank, world), self.per_device_batch())
 
     def val_dataloader(self) -> DataLoader | list:

@@ -216,10 +216,13 @@ class WindowSampler:
     each crop on the window the embedding assigned to the region, and the block keeps it inside its split.
     """
 
-    def __init__(self, readers: list[SceneReader], refs: list[PatchRef], blocks: list[Block] | None = None):
+    def __init__(self, readers: list[SceneReader], refs: list[PatchRef], blocks: list[Block] | None = None,
+                 weights: list[float] | None = None):
         if not refs:
             raise ValueError("no windows to sample from")
         self.refs = list(refs)
+        # how often each window is drawn (``experts.allocation: locations``); None: each equally often
+        self.p = None if weights is None else np.asarray(weights, float) / float(np.sum(weights))
         self.by_loc: dict[str, list[int]] = {}
         for j, r in enumerate(self.refs):
             self.by_loc.setdefault(readers[r.scene].scene.location, []).append(j)
@@ -228,7 +231,10 @@ class WindowSampler:
 
     def draw(self, rng: np.random.Generator, location: str | None = None) -> PatchRef:
         idx = self.by_loc.get(location) if location is not None else None
-        j = idx[int(rng.integers(len(idx)))] if idx else int(rng.integers(len(self.refs)))
+        if idx:
+            j = idx[int(rng.integers(len(idx)))]
+        else:
+            j = int(rng.integers(len(self.refs))) if self.p is None else int(rng.choice(len(self.refs), p=self.p))
         ref = self.refs[j]
         if self.room is None:
             return ref
