@@ -30,9 +30,9 @@ from geomoe.pipelines.instances import Separation, footprint_mask
 log = logging.getLogger(__name__)
 
 # the defaults first: on a tie they stay
-# The grid reaches past every choice it has made: with seeds 0.3 / 0..8 px and areas 1..4 x, every medium bundle of
-# sessions 10 to 14 chose the largest distance, the largest area and the lower seed threshold (validation F1 still
-# rising at the edge), so the grid goes on to 16 px, 8 x and 0.2.
+# The grid reaches past the choices it used to make: on seeds 0.3 / 0..8 px and areas 1..4 x, every medium bundle
+# chose the largest distance, the largest area and the lower seed threshold (validation F1 still rising at the
+# edge), so the grid goes on to 0.2, 16 px and 8 x.
 SEPARATIONS = tuple(Separation(s, d) for s in (0.5, 0.3, 0.2) for d in (0.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0))
 THRESHOLD_STEPS = (0.0, -0.1, 0.1)  # around the configured threshold
 AREA_FACTORS = (1.0, 2.0, 4.0, 8.0)  # times the configured smallest footprint (4 m2 -> 8, 16, 32 m2: sheds, not specks)

@@ -227,7 +227,13 @@ class WindowSampler:
         for j, r in enumerate(self.refs):
             self.by_loc.setdefault(readers[r.scene].scene.location, []).append(j)
         self.locations = sorted(self.by_loc)
-        self.room = [_room(r, blocks) for r in self.refs] if blocks else None
+        if blocks:
+            by_scene: dict[int, list[Block]] = {}
+            for b in blocks:
+                by_scene.setdefault(b.scene, []).append(b)
+            self.room = [_room(r, by_scene.get(r.scene, [])) for r in self.refs]
+        else:
+            self.room = None
 
     def draw(self, rng: np.random.Generator, location: str | None = None) -> PatchRef:
         idx = self.by_loc.get(location) if location is not None else None
@@ -244,7 +250,7 @@ class WindowSampler:
 
 def _room(ref: PatchRef, blocks: list[Block]) -> tuple[tuple[int, int], tuple[int, int]]:
     """((col_min, col_max), (row_min, row_max)) of the window's corner: within half a window of ``ref`` and
-    inside the block holding ``ref``; no room (the window itself) when no block holds it whole."""
+    inside the block of ``blocks`` (its scene's) holding ``ref``; no room (the window itself) when none holds it."""
     half = ref.size // 2
     for b in blocks:
         if (b.scene == ref.scene and b.col <= ref.col and b.row <= ref.row
