@@ -8,7 +8,9 @@ from pathlib import Path
 
 import lightning as L
 
-from geomoe.config import Config
+from lightning.pytorch.callbacks import Callback
+
+from geomoe.config import Config, ExpertConfig
 from geomoe.data.datasets import Prepared, compute_stats
 from geomoe.data.loaders import PatchDataModule, PatchPlan
 from geomoe.data.sampling import PatchRef
@@ -52,6 +54,16 @@ def new_expert(prep: Prepared, cfg: Config, init_from: Path | None = None) -> Ex
     return src.train()
 
 
+def weight_averaging(x: ExpertConfig) -> list[Callback]:
+    """Lightning's exponential moving average of the weights when ``experts.ema_decay`` is set: validation, the
+    checkpoints (and so the best one, which is exported) and a resumed run all use the average."""
+    if x.ema_decay is None:
+        return []
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    return [EMAWeightAveraging(decay=x.ema_decay)]
+
+
 def train_expert(prep: Prepared, cfg: Config, job: ExpertJob, out: Path, progress: bool = True) -> Path:
     """Train ``job`` into ``out/<name>.pt`` (best by validation IoU); ``out/runs/<name>/`` holds checkpoints and logs."""
     x = cfg.experts
@@ -69,5 +81,5 @@ def train_expert(prep: Prepared, cfg: Config, job: ExpertJob, out: Path, progres
     data = PatchDataModule(prep, plan, cfg.seed, cfg.data.min_valid, cfg.data.workers)
     fj = FitJob(job.name, out / "runs" / job.name, out / f"{job.name}.pt", epochs,
                 monitor="val_iou" if job.val_refs else None,
-                keep_start=job.init_from is not None and x.keep_start)
+                keep_start=job.init_from is not None and x.keep_start, callbacks=weight_averaging(x))
     return fit(task, data, cfg.trainer, fj, progress)

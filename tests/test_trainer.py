@@ -271,3 +271,24 @@ def test_a_fine_tuning_job_keeps_its_start_when_no_checkpoint_beats_it(start, pu
     assert json.loads(job.start_score.read_text())["score"] == -abs(start - 1)
     if not kept:
         assert abs(w - 1) < abs(start - 1)  # the fine-tuned weights were better on validation and were kept
+
+
+def test_weight_averaging_exports_and_checkpoints_the_moving_average(tmp_path):
+    """``experts.ema_decay``: validation scores the exponential moving average of the weights, the best checkpoint
+    (exported) holds it, and every checkpoint keeps the raw weights beside it for a resumed run to go on from."""
+    from geomoe.config import ExpertConfig
+    from geomoe.experts.train import weight_averaging
+
+    assert weight_averaging(ExpertConfig()) == []
+    job = FitJob("knob", tmp_path / "run", tmp_path / "knob.pt", epochs=2, monitor="val_score",
+                 callbacks=weight_averaging(ExpertConfig(ema_decay=0.5)))
+    fit(_KnobTask(0.0, 1.0), _KnobData(), TrainerConfig(accelerator="cpu"), job, progress=False)
+    ema = []
+    for w in range(1, 9):  # SGD at rate 1 raises w by 1 a step; the average starts at the first step's w
+        ema.append(float(w) if not ema else 0.5 * ema[-1] + 0.5 * w)
+    # validation after each epoch of 4 steps scores the average (-|w - 1|): the first epoch's is the best
+    assert torch.load(job.export)["w"] == pytest.approx(ema[3])  # 3.125, where the raw weight was 4
+    ck = torch.load(job.run_dir / "checkpoints" / "best.ckpt", weights_only=False)
+    assert float(ck["state_dict"]["model.w"]) == pytest.approx(ema[3])
+    assert float(ck["current_model_state"]["model.w"]) == pytest.approx(4.0)
+    assert int(ck["averaging_state"]["n_averaged"]) == 4
