@@ -412,6 +412,8 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         _fail(f"--gsd {gsd}: must be a positive number of metres per pixel")
     if soft and routing not in (None, "tile"):
         _fail(f"--soft blends experts per tile; it cannot be combined with --routing {routing}")
+    if soft:
+        routing = "tile"  # whatever the bundle's default: soft routing weighs each tile's own nearest experts
     upd = {k: v for k, v in {"overlap": overlap, "batch_size": batch_size, "tta": tta or None, "routing": routing, "unfamiliar": unfamiliar,
                              "min_area_m2": min_area, "regularize": False if no_regularize else None}.items() if v is not None}
     try:

@@ -146,12 +146,15 @@ def route_tiles(model: TileModel, tiles: torch.Tensor, batch: int) -> tuple[np.n
 
 
 def route_scene(model: TileModel, src: TileSource, how: str, cfg: PredictConfig, readers: int = 0,
-                progress: bool = False, name: str = "") -> RoutingLayer:
-    """A first, embedding-only pass over the scene; then each tile takes its neighbourhood's (or the scene's)
-    majority expert. The experts run in the second pass on these routes."""
+                progress: bool = False, name: str = "", start: int = 0, stop: int | None = None) -> RoutingLayer:
+    """A first, embedding-only pass over the scene (or its tile rows ``start`` to ``stop``; the rest stay unrouted,
+    -1); then each tile takes its neighbourhood's (or the scene's) majority expert. The experts run in the second
+    pass on these routes."""
     layer = RoutingLayer.empty(len(src.grid.ys), len(src.grid.xs), fixed=True)
-    with tqdm(total=len(src.grid), desc=f"{name} routing", unit="tile", disable=not progress, leave=False) as bar:
-        for row in src.rows(readers):
+    stop = len(src.grid.ys) if stop is None else stop
+    with tqdm(total=len(src.grid.xs) * (stop - start), desc=f"{name} routing", unit="tile", disable=not progress,
+              leave=False) as bar:
+        for row in src.rows(readers, start=start, stop=stop):
             if row.cols:
                 ids, _, dist = route_tiles(model, row.tiles, 4 * cfg.batch_size)
                 layer.flag(model, row.iy, row.cols, ids[:, 0], dist)

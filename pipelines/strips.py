@@ -5,8 +5,9 @@ A strip answers for tile rows [a, b) and finishes output rows [ys[a], ys[b]); it
 overlap it needs, so every output pixel is blended from exactly the tiles the whole-scene run blends (the same
 rasters, byte for byte). Its footprints are made where it runs, except those touching its first or last output row:
 those go back to the merge, which joins the pieces that meet across a strip border (4-connectivity, as within a
-scene) before cleaning and regularising them. Strips need tile-by-tile routing (smoothed and per-scene routing look
-at the whole scene first).
+scene) before cleaning and regularising them. Smoothed routing is local (a tile's 3 x 3 neighbourhood): a strip
+routes its tile rows, the two above (its context row and that row's neighbours) and the one below, and so smooths
+its rows exactly as the whole scene would. Per-scene routing looks at the whole scene first: such a scene runs whole.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from shapely.geometry import box
 
 from geomoe.config import PredictConfig
 from geomoe.pipelines.footprints import Piece, _UnionFind, scene_area_crs
-from geomoe.pipelines.inference import RoutingLayer, TileModel
+from geomoe.pipelines.inference import RoutingLayer, TileModel, route_scene
 from geomoe.pipelines.outputs import InputResult, Outputs, RunStats, outputs_for, write_scene_summary
-from geomoe.pipelines.predict import RowSpan, cell_index, stream_rows
+from geomoe.pipelines.predict import RowSpan, cell_index, reader_threads, stream_rows
 from geomoe.pipelines.tile_source import open_tiles
 from geomoe.pipelines.tiling import TileGrid
 from geomoe.pipelines.writers import SceneWriters, write_routing
@@ -69,12 +70,12 @@ class StripPlan:
 def plan_strips(model: TileModel, src: Path, name: str, out: Path, cfg: PredictConfig, rows_per_strip: int,
                 gsd: float | None = None) -> StripPlan:
     """Strips of ``rows_per_strip`` tile rows; none when the scene has no more rows than that or its routing looks
-    at the whole scene."""
+    at the whole scene (per-scene routing)."""
     with open_raster(src) as ds:
         tiles, _, _ = open_tiles(model, ds, src, cfg, gsd, warn=False)
     grid = tiles.grid
     n = len(grid.ys)
-    if n <= rows_per_strip or cfg.routing != "tile":
+    if n <= rows_per_strip or cfg.routing == "scene":
         return StripPlan()
     cuts = list(range(0, n, rows_per_strip)) + [n]
     work = out / ".strips" / name
@@ -92,7 +93,11 @@ def predict_strip(model: TileModel, strip: Strip, cfg: PredictConfig, threshold:
         tiles, scene_gsd, target = open_tiles(model, ds, strip.src, cfg, gsd, warn=False)
         try:
             grid = tiles.grid
-            layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
+            if cfg.routing == "smoothed":  # every route this strip runs (its context row's too) as the whole scene's
+                layer = route_scene(model, tiles, "smoothed", cfg, reader_threads(cfg, model), start=max(span.a - 2, 0),
+                                    stop=min(span.b + 1, len(grid.ys)))
+            else:
+                layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
             cells = cell_index(grid)
             h = span.y1 - span.y0
             view = SimpleNamespace(width=ds.width, height=h, crs=ds.crs,

@@ -214,6 +214,7 @@ def test_interrupted_run_leaves_no_output_and_resume_skips_complete(tmp_path):
 
 def test_cli_predict_with_a_trained_bundle(tmp_path, synth_root, bundle_dir):
     from geomoe.cli import app
+    from geomoe.config import load_config
 
     bundle = bundle_dir
     scene = next(synth_root.glob("loc1/images/*.tif"))
@@ -224,6 +225,8 @@ def test_cli_predict_with_a_trained_bundle(tmp_path, synth_root, bundle_dir):
     assert r.exit_code == 1 and "1 done, 1 failed" in r.output, r.output
     summary = json.loads((tmp_path / "pred" / "scene_summary.json").read_text())
     assert summary["tiles"] > 0 and sum(summary["tiles_per_expert"].values()) == summary["tiles"]
+    # the bundle routes smoothed by default; --soft weighs each tile's own nearest experts
+    assert load_config("tiny").predict.routing == "smoothed" and summary["routing"] == "tile"
     with rasterio.open(tmp_path / "pred" / "scene_mask.tif") as ds:
         assert ds.crs.to_epsg() == 32633 and set(np.unique(ds.read(1))) <= {0, 1}
     # one summary for the whole run, failures with their reason
