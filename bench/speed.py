@@ -15,6 +15,7 @@ import argparse
 import tempfile
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import rasterio
@@ -26,7 +27,7 @@ from geomoe.bundle import load_bundle
 from geomoe.config import load_config
 from geomoe.embedding.model import LocationAutoencoder
 from geomoe.experts.model import Expert
-from geomoe.pipelines.inference import BundleModel, RoutingLayer, infer_row
+from geomoe.pipelines.inference import BundleModel, RoutingLayer, infer_row, route_scene
 from geomoe.pipelines.outputs import RunStats
 from geomoe.pipelines.predict import predict_raster, reader_threads
 from geomoe.pipelines.tile_source import open_tiles
@@ -115,17 +116,35 @@ class Replay:
         return self.probs.popleft()
 
 
+@dataclass
+class InMemoryTiles:
+    """A scene's tile rows held in memory, read as a TileSource is (for the routing pass of smoothed routing)."""
+
+    grid: object
+    held: list
+
+    def rows(self, readers: int = 0, depth: int = 2, start: int = 0, stop: int | None = None):
+        return iter(self.held[start:stop])
+
+
 def pure_model(model: BundleModel, scene: Path, cfg) -> tuple[float, int, Replay]:
     """Seconds of routing and experts alone over the scene's tiles (read into memory first), the tiles, and a
-    replay of the model's answers."""
+    replay of the model's answers. Routed as prediction routes (``predict.routing``): under smoothed routing a first
+    embedding pass over the rows, then the experts on the smoothed routes."""
     with open_raster(scene) as ds:
         tiles, _, _ = open_tiles(model, ds, scene, cfg, warn=False)
         rows = [tiles.read_row(iy) for iy in range(len(tiles.grid.ys))]
-    layer = RoutingLayer.empty(len(tiles.grid.ys), len(tiles.grid.xs))
     stats = RunStats()
     model.predict(0, rows[0].tiles[:cfg.batch_size])  # warm-up
     replay = Replay(model)  # records in the timed pass: keeping a reference to each answer costs nothing
-    t = timed(lambda: [infer_row(replay, r, tiles.t_src, cfg, layer, stats) for r in rows])
+
+    def run() -> None:
+        layer = (RoutingLayer.empty(len(tiles.grid.ys), len(tiles.grid.xs)) if cfg.routing == "tile"
+                 else route_scene(replay, InMemoryTiles(tiles.grid, rows), cfg.routing, cfg))
+        for r in rows:
+            infer_row(replay, r, tiles.t_src, cfg, layer, stats)
+
+    t = timed(run)
     replay.recording = False
     return t, sum(len(r.cols) for r in rows), replay
 
@@ -137,12 +156,14 @@ def main() -> None:
     ap.add_argument("--xiamen-tiles", type=int, default=8, help="side of the block of Xiamen tiles mosaicked")
     ap.add_argument("--config", default="small", help="the configuration of the routing-cost part")
     ap.add_argument("--results", default="speed", help="name of the JSON under bench/results/ (speed_gpu for a GPU run)")
+    ap.add_argument("--routing", choices=("tile", "smoothed", "scene"), default=None,
+                    help="override the bundle's predict.routing")
     ap.add_argument("--repeat", type=int, default=1, help="lay each scene out n x n times (a GPU needs large scenes)")
     a = ap.parse_args()
     b = load_bundle(a.bundle, pick_device("auto"))
     model = BundleModel(b)
-    pcfg = b.config.predict
-    figures: dict = {"bundle": str(a.bundle), "repeat": a.repeat, "tile_size": pcfg.tile_size, "batch_size": pcfg.batch_size,
+    pcfg = b.config.predict.model_copy(update={"routing": a.routing} if a.routing else {})
+    figures: dict = {"bundle": str(a.bundle), "routing": pcfg.routing, "repeat": a.repeat, "tile_size": pcfg.tile_size, "batch_size": pcfg.batch_size,
                      "readers": reader_threads(pcfg, model), "device": str(b.device), "scenes": {}}
     lines = ["### Prediction end to end against the model alone (real bundle, real scenes)", "",
              "| scene | size | tiles | model alone tiles/s | end to end tiles/s | end to end / model | "
@@ -209,8 +230,8 @@ def main() -> None:
                      "px (random weights). Target: < 15% of a resnet101 expert."]
     write_json(a.results, figures, {"bundle": str(a.bundle), "predict": pcfg.model_dump(), "routing_config": a.config})
     record("Speed: prediction end to end against the model, routing cost", "\n".join(lines),
-           f"bundle `{a.bundle}` (tile {pcfg.tile_size}, batch {pcfg.batch_size}, {figures['readers']} reader thread(s), "
-           f"write-behind {pcfg.write_behind}), device {b.device}")
+           f"bundle `{a.bundle}` (tile {pcfg.tile_size}, batch {pcfg.batch_size}, {pcfg.routing} routing, "
+           f"{figures['readers']} reader thread(s), write-behind {pcfg.write_behind}), device {b.device}")
 
 
 if __name__ == "__main__":

@@ -164,8 +164,8 @@ class PredictConfig(_Strict):
     # against 0.486 tile by tile, building F1 0.269 against 0.263), and a town keeps one expert instead of flipping
     routing: Literal["tile", "smoothed", "scene"] = Field(
         "smoothed", description="tile: each tile to its nearest region's expert; smoothed: the majority over each tile "
-                                "and its 8 neighbours (a first routing pass over the scene); scene: one expert per "
-                                "scene.")
+                                "and its 8 neighbours (settled in the same pass once the row below is routed); scene: "
+                                "one expert per scene (a first routing pass over it).")
     overlap: int = Field(128, ge=0)
     batch_size: int = Field(8, ge=1)
     tta: bool = False

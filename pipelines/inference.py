@@ -146,21 +146,41 @@ def route_tiles(model: TileModel, tiles: torch.Tensor, batch: int) -> tuple[np.n
 
 
 def route_scene(model: TileModel, src: TileSource, how: str, cfg: PredictConfig, readers: int = 0,
-                progress: bool = False, name: str = "", start: int = 0, stop: int | None = None) -> RoutingLayer:
-    """A first, embedding-only pass over the scene (or its tile rows ``start`` to ``stop``; the rest stay unrouted,
-    -1); then each tile takes its neighbourhood's (or the scene's) majority expert. The experts run in the second
-    pass on these routes."""
+                progress: bool = False, name: str = "") -> RoutingLayer:
+    """A first, embedding-only pass over the scene; then each tile takes its neighbourhood's (or the scene's)
+    majority expert. The experts run in the second pass on these routes. (Prediction smooths in its one pass,
+    :class:`InlineSmoothing`; this pass is for per-scene routing, and the speed bench's model-alone figure.)"""
     layer = RoutingLayer.empty(len(src.grid.ys), len(src.grid.xs), fixed=True)
-    stop = len(src.grid.ys) if stop is None else stop
-    with tqdm(total=len(src.grid.xs) * (stop - start), desc=f"{name} routing", unit="tile", disable=not progress,
-              leave=False) as bar:
-        for row in src.rows(readers, start=start, stop=stop):
+    with tqdm(total=len(src.grid), desc=f"{name} routing", unit="tile", disable=not progress, leave=False) as bar:
+        for row in src.rows(readers):
             if row.cols:
                 ids, _, dist = route_tiles(model, row.tiles, 4 * cfg.batch_size)
                 layer.flag(model, row.iy, row.cols, ids[:, 0], dist)
             bar.update(len(row.cols) + row.empty)
     layer.experts = (smooth_grid(layer.experts) if how == "smoothed" else scene_majority(layer.experts)).astype(np.int16)
     return layer
+
+
+class InlineSmoothing:
+    """Smoothed routing within the prediction pass: each tile row is routed as it is read, and its routes are settled
+    (the majority of each tile's 3 x 3 neighbourhood, as :func:`smooth_grid` over the whole scene gives) once the
+    row below it is routed. The scene is read once, and one row of tiles waits for the next."""
+
+    def __init__(self, layer: RoutingLayer):
+        layer.fixed = True  # route_row takes the settled routes as given
+        self.layer, self.raw = layer, np.full_like(layer.experts, -1)
+
+    def route(self, model: TileModel, row: TileRow, batch: int) -> None:
+        """The nearest regions of ``row``'s tiles (and their distances and unfamiliar flags), not yet smoothed."""
+        if row.cols:
+            ids, _, dist = route_tiles(model, row.tiles, batch)
+            self.layer.flag(model, row.iy, row.cols, ids[:, 0], dist)
+            self.raw[row.iy, row.cols] = ids[:, 0]
+
+    def settle(self, iy: int) -> None:
+        """Row ``iy``'s smoothed routes; the rows above and below it must be routed (or be beyond the scene)."""
+        lo, hi = max(iy - 1, 0), min(iy + 2, len(self.raw))
+        self.layer.experts[iy] = smooth_grid(self.raw[lo:hi])[iy - lo]
 
 
 @dataclass

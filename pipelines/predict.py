@@ -31,11 +31,12 @@ from tqdm import tqdm
 from geomoe import interrupt
 from geomoe.config import PredictConfig
 from geomoe.pipelines.background import Consumer
-from geomoe.pipelines.inference import RoutingLayer, TileModel, predict_batches, route_row, route_scene
+from geomoe.pipelines.inference import (InlineSmoothing, RoutingLayer, TileModel, predict_batches, route_row,
+                                        route_scene)
 from geomoe.pipelines.outputs import (InputResult, Outputs, RunStats, expand_inputs, is_complete, output_names,
                                       outputs_for, write_run_summary, write_scene_summary)
 from geomoe.pipelines.footprints import Piece
-from geomoe.pipelines.tile_source import TileSource, open_tiles
+from geomoe.pipelines.tile_source import TileRow, TileSource, open_tiles
 from geomoe.pipelines.tiling import BandBlender, TileGrid
 from geomoe.pipelines.writers import OUT_BLOCK, Band, BandWriter, SceneWriters, write_routing
 from geomoe.raster import RasterError, explain, open_raster
@@ -160,17 +161,37 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: Predict
                           top=int(grid.ys[span.first]))
     total = len(grid.xs) * (span.b - span.a)
     bar = tqdm(total=total, desc=desc, unit="tile", disable=not progress)
+    # smoothed routing settles a row once the row below is routed; a strip also routes (only) the row above its
+    # context row and the row below its last, so its routes are the whole scene's
+    smoothing = InlineSmoothing(layer) if cfg.routing == "smoothed" else None
+    n = len(grid.ys)
+    start, stop = (max(span.first - 1, 0), min(span.b + 1, n)) if smoothing else (span.first, span.b)
+
+    def run(row: TileRow) -> None:
+        blender.start_row(row.iy)
+        routed = route_row(model, row, cfg, layer, stats if row.iy >= span.a else context)
+        if routed is not None:  # each batch blended as it comes: a wide row's outputs are never all held
+            for r, p in predict_batches(model, routed, tiles.t_src, cfg):
+                for j, k in enumerate(r):
+                    blender.add(routed.cols[k], routed.iy, p[j].numpy(), routed.valid[k])
+        if row.iy >= span.a:
+            bar.update(len(row.cols) + row.empty)
+
     try:
-        for row in tiles.rows(readers, cfg.read_ahead or readers, span.first, span.b):
+        pending: TileRow | None = None
+        for row in tiles.rows(readers, cfg.read_ahead or readers, start, stop):
             interrupt.check()
-            blender.start_row(row.iy)
-            routed = route_row(model, row, cfg, layer, stats if row.iy >= span.a else context)
-            if routed is not None:  # each batch blended as it comes: a wide row's outputs are never all held
-                for r, p in predict_batches(model, routed, tiles.t_src, cfg):
-                    for j, k in enumerate(r):
-                        blender.add(routed.cols[k], routed.iy, p[j].numpy(), routed.valid[k])
-            if row.iy >= span.a:
-                bar.update(len(row.cols) + row.empty)
+            if smoothing is None:
+                run(row)
+                continue
+            smoothing.route(model, row, 4 * cfg.batch_size)
+            if pending is not None:
+                smoothing.settle(pending.iy)
+                run(pending)
+            pending = row if span.first <= row.iy < span.b else None
+        if pending is not None:
+            smoothing.settle(pending.iy)
+            run(pending)
         if span.b < len(grid.ys):
             blender.start_row(span.b)  # rows above the next strip's first tile row are final
         else:
@@ -193,10 +214,10 @@ def _run_scene(model: TileModel, tiles: TileSource, src: Path, out: Path, cfg: P
     ds, grid = tiles.ds, tiles.grid
     out.mkdir(parents=True, exist_ok=True)
     outs = outputs_for(src, out, fmt, geojson=ds.crs is not None, name=name, parquet=cfg.geoparquet)
-    if cfg.routing == "tile":
-        layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
-    else:
+    if cfg.routing == "scene":  # one expert for the scene: every tile routed first
         layer = route_scene(model, tiles, cfg.routing, cfg, reader_threads(cfg, model), progress, src.name)
+    else:  # tile by tile, or smoothed within the one pass (stream_rows)
+        layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
     cells = cell_index(grid)
 
     def expert_at(cols: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -6,8 +6,9 @@ overlap it needs, so every output pixel is blended from exactly the tiles the wh
 rasters, byte for byte). Its footprints are made where it runs, except those touching its first or last output row:
 those go back to the merge, which joins the pieces that meet across a strip border (4-connectivity, as within a
 scene) before cleaning and regularising them. Smoothed routing is local (a tile's 3 x 3 neighbourhood): a strip
-routes its tile rows, the two above (its context row and that row's neighbours) and the one below, and so smooths
-its rows exactly as the whole scene would. Per-scene routing looks at the whole scene first: such a scene runs whole.
+also routes the row above its context row and the row below its last (pipelines/predict.stream_rows), and so
+smooths its rows exactly as the whole scene does. Per-scene routing looks at the whole scene first: such a scene
+runs whole.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from shapely.geometry import box
 
 from geomoe.config import PredictConfig
 from geomoe.pipelines.footprints import Piece, _UnionFind, scene_area_crs
-from geomoe.pipelines.inference import RoutingLayer, TileModel, route_scene
+from geomoe.pipelines.inference import RoutingLayer, TileModel
 from geomoe.pipelines.outputs import InputResult, Outputs, RunStats, outputs_for, write_scene_summary
-from geomoe.pipelines.predict import RowSpan, cell_index, reader_threads, stream_rows
+from geomoe.pipelines.predict import RowSpan, cell_index, stream_rows
 from geomoe.pipelines.tile_source import open_tiles
 from geomoe.pipelines.tiling import TileGrid
 from geomoe.pipelines.writers import SceneWriters, write_routing
@@ -93,11 +94,7 @@ def predict_strip(model: TileModel, strip: Strip, cfg: PredictConfig, threshold:
         tiles, scene_gsd, target = open_tiles(model, ds, strip.src, cfg, gsd, warn=False)
         try:
             grid = tiles.grid
-            if cfg.routing == "smoothed":  # every route this strip runs (its context row's too) as the whole scene's
-                layer = route_scene(model, tiles, "smoothed", cfg, reader_threads(cfg, model), start=max(span.a - 2, 0),
-                                    stop=min(span.b + 1, len(grid.ys)))
-            else:
-                layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
+            layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
             cells = cell_index(grid)
             h = span.y1 - span.y0
             view = SimpleNamespace(width=ds.width, height=h, crs=ds.crs,

@@ -211,6 +211,28 @@ def _by_content(routed, tiles, k: int):
     return alt[:, None].astype(ids.dtype), w, dist
 
 
+def test_smoothed_routing_in_one_pass_is_the_whole_scene_majority(real_crop, bundle_dir, tmp_path):
+    """Prediction settles a tile row's smoothed routes as soon as the row below it is routed (the scene is read
+    once): each tile's route is the majority over its 3 x 3 neighbourhood of the tile-by-tile routes, as smoothing
+    the whole scene's grid gives."""
+    from geomoe.router.smoothing import smooth_grid
+
+    b = load_bundle(bundle_dir)
+    model = BundleModel(b)
+    route = model.route
+    model.route = lambda tiles: _by_content(route(tiles), tiles, b.k)
+    grids = {}
+    for how in ("tile", "smoothed"):
+        cfg = b.config.predict.model_copy(update={"min_area_m2": 0.0, "routing": how})
+        routing = _outputs(model, real_crop, tmp_path / how, cfg, b.threshold)[3]
+        g = np.full((routing.tile_row.max() + 1, routing.tile_col.max() + 1), -1)
+        g[routing.tile_row, routing.tile_col] = routing.expert
+        grids[how] = g
+    want = smooth_grid(grids["tile"])
+    assert not np.array_equal(want, grids["tile"])  # smoothing changes some routes here
+    assert np.array_equal(grids["smoothed"], want)
+
+
 @pytest.mark.parametrize("routing", ["tile", "smoothed"])
 def test_a_scene_in_strips_gives_the_whole_scene_outputs(routing, real_crop, bundle_dir, tmp_path):
     """Strips of one tile row (each reading the row above for its overlap), their boundary pieces joined at the merge:
