@@ -15,7 +15,6 @@ import argparse
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import rasterio
@@ -27,7 +26,7 @@ from geomoe.bundle import load_bundle
 from geomoe.config import load_config
 from geomoe.embedding.model import LocationAutoencoder
 from geomoe.experts.model import Expert
-from geomoe.pipelines.inference import BundleModel, RoutingLayer, infer_row, route_scene
+from geomoe.pipelines.inference import BundleModel, InlineSmoothing, RoutingLayer, infer_row
 from geomoe.pipelines.outputs import RunStats
 from geomoe.pipelines.predict import predict_raster, reader_threads
 from geomoe.pipelines.tile_source import open_tiles
@@ -116,21 +115,10 @@ class Replay:
         return self.probs.popleft()
 
 
-@dataclass
-class InMemoryTiles:
-    """A scene's tile rows held in memory, read as a TileSource is (for the routing pass of smoothed routing)."""
-
-    grid: object
-    held: list
-
-    def rows(self, readers: int = 0, depth: int = 2, start: int = 0, stop: int | None = None):
-        return iter(self.held[start:stop])
-
-
 def pure_model(model: BundleModel, scene: Path, cfg) -> tuple[float, int, Replay]:
     """Seconds of routing and experts alone over the scene's tiles (read into memory first), the tiles, and a
-    replay of the model's answers. Routed as prediction routes (``predict.routing``): under smoothed routing a first
-    embedding pass over the rows, then the experts on the smoothed routes."""
+    replay of the model's answers. Routed as prediction routes (``predict.routing``): under smoothed routing each
+    row's experts run once the row below is routed."""
     with open_raster(scene) as ds:
         tiles, _, _ = open_tiles(model, ds, scene, cfg, warn=False)
         rows = [tiles.read_row(iy) for iy in range(len(tiles.grid.ys))]
@@ -139,9 +127,10 @@ def pure_model(model: BundleModel, scene: Path, cfg) -> tuple[float, int, Replay
     replay = Replay(model)  # records in the timed pass: keeping a reference to each answer costs nothing
 
     def run() -> None:
-        layer = (RoutingLayer.empty(len(tiles.grid.ys), len(tiles.grid.xs)) if cfg.routing == "tile"
-                 else route_scene(replay, InMemoryTiles(tiles.grid, rows), cfg.routing, cfg))
-        for r in rows:
+        layer = RoutingLayer.empty(len(tiles.grid.ys), len(tiles.grid.xs))
+        order = (InlineSmoothing(layer).in_order(replay, rows, 4 * cfg.batch_size, 0, len(rows))
+                 if cfg.routing == "smoothed" else rows)
+        for r in order:
             infer_row(replay, r, tiles.t_src, cfg, layer, stats)
 
     t = timed(run)
@@ -156,13 +145,15 @@ def main() -> None:
     ap.add_argument("--xiamen-tiles", type=int, default=8, help="side of the block of Xiamen tiles mosaicked")
     ap.add_argument("--config", default="small", help="the configuration of the routing-cost part")
     ap.add_argument("--results", default="speed", help="name of the JSON under bench/results/ (speed_gpu for a GPU run)")
-    ap.add_argument("--routing", choices=("tile", "smoothed", "scene"), default=None,
-                    help="override the bundle's predict.routing")
+    ap.add_argument("--routing", choices=("tile", "smoothed"), default=None,
+                    help="override the bundle's predict.routing (per-scene routing is not measured)")
     ap.add_argument("--repeat", type=int, default=1, help="lay each scene out n x n times (a GPU needs large scenes)")
     a = ap.parse_args()
     b = load_bundle(a.bundle, pick_device("auto"))
     model = BundleModel(b)
     pcfg = b.config.predict.model_copy(update={"routing": a.routing} if a.routing else {})
+    if pcfg.routing == "scene":
+        raise SystemExit(f"{a.bundle}: per-scene routing is not measured here; pass --routing tile or smoothed")
     figures: dict = {"bundle": str(a.bundle), "routing": pcfg.routing, "repeat": a.repeat, "tile_size": pcfg.tile_size, "batch_size": pcfg.batch_size,
                      "readers": reader_threads(pcfg, model), "device": str(b.device), "scenes": {}}
     lines = ["### Prediction end to end against the model alone (real bundle, real scenes)", "",

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 
 from geomoe.config import Config, ExpertConfig
 from geomoe.data.datasets import Prepared, compute_stats
@@ -57,11 +56,7 @@ def new_expert(prep: Prepared, cfg: Config, init_from: Path | None = None) -> Ex
 def weight_averaging(x: ExpertConfig) -> list[Callback]:
     """Lightning's exponential moving average of the weights when ``experts.ema_decay`` is set: validation, the
     checkpoints (and so the best one, which is exported) and a resumed run all use the average."""
-    if x.ema_decay is None:
-        return []
-    from lightning.pytorch.callbacks import EMAWeightAveraging
-
-    return [EMAWeightAveraging(decay=x.ema_decay)]
+    return [] if x.ema_decay is None else [EMAWeightAveraging(decay=x.ema_decay)]
 
 
 def train_expert(prep: Prepared, cfg: Config, job: ExpertJob, out: Path, progress: bool = True) -> Path:

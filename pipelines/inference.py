@@ -5,7 +5,7 @@ Tiles are grouped by expert across a whole tile row, so each expert runs on full
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -181,6 +181,21 @@ class InlineSmoothing:
         """Row ``iy``'s smoothed routes; the rows above and below it must be routed (or be beyond the scene)."""
         lo, hi = max(iy - 1, 0), min(iy + 2, len(self.raw))
         self.layer.experts[iy] = smooth_grid(self.raw[lo:hi])[iy - lo]
+
+    def in_order(self, model: TileModel, rows: Iterable[TileRow], batch: int, first: int,
+                 stop: int) -> Iterator[TileRow]:
+        """``rows`` routed as they come; each of rows [first, stop) given back, in order, once its routes are
+        settled (a row later). Rows outside that range are only routed: a strip's neighbours."""
+        pending: TileRow | None = None
+        for row in rows:
+            self.route(model, row, batch)
+            if pending is not None:
+                self.settle(pending.iy)
+                yield pending
+            pending = row if first <= row.iy < stop else None
+        if pending is not None:
+            self.settle(pending.iy)
+            yield pending
 
 
 @dataclass

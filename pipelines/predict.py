@@ -36,7 +36,7 @@ from geomoe.pipelines.inference import (InlineSmoothing, RoutingLayer, TileModel
 from geomoe.pipelines.outputs import (InputResult, Outputs, RunStats, expand_inputs, is_complete, output_names,
                                       outputs_for, write_run_summary, write_scene_summary)
 from geomoe.pipelines.footprints import Piece
-from geomoe.pipelines.tile_source import TileRow, TileSource, open_tiles
+from geomoe.pipelines.tile_source import TileSource, open_tiles
 from geomoe.pipelines.tiling import BandBlender, TileGrid
 from geomoe.pipelines.writers import OUT_BLOCK, Band, BandWriter, SceneWriters, write_routing
 from geomoe.raster import RasterError, explain, open_raster
@@ -166,32 +166,20 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: Predict
     smoothing = InlineSmoothing(layer) if cfg.routing == "smoothed" else None
     n = len(grid.ys)
     start, stop = (max(span.first - 1, 0), min(span.b + 1, n)) if smoothing else (span.first, span.b)
-
-    def run(row: TileRow) -> None:
-        blender.start_row(row.iy)
-        routed = route_row(model, row, cfg, layer, stats if row.iy >= span.a else context)
-        if routed is not None:  # each batch blended as it comes: a wide row's outputs are never all held
-            for r, p in predict_batches(model, routed, tiles.t_src, cfg):
-                for j, k in enumerate(r):
-                    blender.add(routed.cols[k], routed.iy, p[j].numpy(), routed.valid[k])
-        if row.iy >= span.a:
-            bar.update(len(row.cols) + row.empty)
-
     try:
-        pending: TileRow | None = None
-        for row in tiles.rows(readers, cfg.read_ahead or readers, start, stop):
+        rows = tiles.rows(readers, cfg.read_ahead or readers, start, stop)
+        if smoothing is not None:
+            rows = smoothing.in_order(model, rows, 4 * cfg.batch_size, span.first, span.b)
+        for row in rows:
             interrupt.check()
-            if smoothing is None:
-                run(row)
-                continue
-            smoothing.route(model, row, 4 * cfg.batch_size)
-            if pending is not None:
-                smoothing.settle(pending.iy)
-                run(pending)
-            pending = row if span.first <= row.iy < span.b else None
-        if pending is not None:
-            smoothing.settle(pending.iy)
-            run(pending)
+            blender.start_row(row.iy)
+            routed = route_row(model, row, cfg, layer, stats if row.iy >= span.a else context)
+            if routed is not None:  # each batch blended as it comes: a wide row's outputs are never all held
+                for r, p in predict_batches(model, routed, tiles.t_src, cfg):
+                    for j, k in enumerate(r):
+                        blender.add(routed.cols[k], routed.iy, p[j].numpy(), routed.valid[k])
+            if row.iy >= span.a:
+                bar.update(len(row.cols) + row.empty)
         if span.b < len(grid.ys):
             blender.start_row(span.b)  # rows above the next strip's first tile row are final
         else:
