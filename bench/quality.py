@@ -33,7 +33,7 @@ from geomoe.bundle import BundlePaths, load_bundle, sha256
 from geomoe.config import load_config
 from geomoe.data.datasets import GridDataset, prepare
 from geomoe.embedding.extract import Embeddings
-from geomoe.metrics import drop_small
+from geomoe.metrics import ERRORS, drop_small
 from geomoe.pipelines.evaluate import Evaluation, evaluate, markdown_table, min_pixels, route_batch, route_windows
 from geomoe.pipelines.train import expert_jobs, train_all
 
@@ -233,6 +233,12 @@ def main() -> None:
         md.append(f"**{name}: IoU and building F1, test split**\n\n" + markdown_table(kp["iou"]) + "\n\n"
                   + markdown_table(kp["building_f1"]))
         md.append(f"{name} targets: " + targets_line(targets_of(kp["iou"], kp["building_f1"], routed_by)))
+    errors = ev.table[ev.table.method.isin(["single", routed_by])] if "buildings" in ev.table else None
+    if errors is not None:  # why building F1 is what it is: merged blobs, missed or shifted buildings
+        md.append("**What became of the test split's true buildings** (matched at IoU >= 0.5; missed: under 20 % "
+                  "covered; merged: one footprint over several; split; partial: under half covered; outline: covered, "
+                  "outline too far off; false: footprints on no building)\n\n"
+                  + markdown_table(errors[["method", "location", "buildings", *ERRORS]].set_index(["method", "location"])))
     for name, r in routing.items():
         md.append(f"**{name}: embedding routing, test tiles per expert**\n\n" + markdown_table(r))
     md.append("Footprints chosen on the validation windows (never the test split): " + "; ".join(
@@ -251,6 +257,9 @@ def main() -> None:
     write_json(a.results, {
         "wall_minutes": minutes, "times_s": times, "targets": targets, "targets_tile_routing": tile_targets,
         "calibration": calib,
+        "footprint_errors": None if errors is None else {
+            f"{r.method}/{r.location}": {k: int(getattr(r, k)) for k in ("buildings", *ERRORS)}
+            for r in errors.itertuples()},
         "table": {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
                       for loc, row in piv[m].iterrows()} for m in METRICS},
         "other_k": {name: {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}

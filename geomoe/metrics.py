@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -39,6 +39,20 @@ def match_buildings(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5,
     return tuple(int(v) for v in match_by_size(pred, truth_instances(truth, instances), (0,), iou)[0])
 
 
+def _overlaps(lp: np.ndarray, n_p: int, lt: np.ndarray, n_t: int):
+    """(areas of the predicted buildings, areas of the true ones, (pred, truth) pairs that overlap, their shared
+    pixels), label 0 (background) counted in the areas but in no pair."""
+    area_p = np.bincount(lp.ravel(), minlength=n_p + 1)
+    area_t = np.bincount(lt.ravel(), minlength=n_t + 1)
+    keys, counts = np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+    if n_p and n_t:
+        pairs = np.stack([lp.ravel(), lt.ravel()], 1)
+        pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
+        if len(pairs):
+            keys, counts = np.unique(pairs, axis=0, return_counts=True)
+    return area_p, area_t, keys, counts
+
+
 def match_by_size(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], min_pixels: tuple[int, ...],
                   iou: float = 0.5) -> np.ndarray:
     """(TP, FP, FN) rows, one per entry of ``min_pixels``: ``match_buildings(drop_small(pred, px), truth)`` for each
@@ -46,16 +60,9 @@ def match_by_size(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], min_pi
     lp, n_p = ndimage.label(pred)
     lt, n_t = truth_labels
     out = np.zeros((len(min_pixels), 3), np.int64)
-    area_p = np.bincount(lp.ravel(), minlength=n_p + 1)
-    area_t = np.bincount(lt.ravel(), minlength=n_t + 1)
-    cands: list[tuple[float, int, int]] = []
-    if n_p and n_t:
-        pairs = np.stack([lp.ravel(), lt.ravel()], 1)
-        pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
-        if len(pairs):
-            keys, counts = np.unique(pairs, axis=0, return_counts=True)
-            cands = sorted(((c / (area_p[a] + area_t[b] - c), int(a), int(b)) for (a, b), c in zip(keys, counts)),
-                           reverse=True)
+    area_p, area_t, keys, counts = _overlaps(lp, n_p, lt, n_t)
+    cands = sorted(((c / (area_p[a] + area_t[b] - c), int(a), int(b)) for (a, b), c in zip(keys, counts)),
+                   reverse=True)
     for row, px in enumerate(min_pixels):
         used_p, used_t, tp = set(), set(), 0
         for v, a, b in cands:
@@ -67,6 +74,52 @@ def match_by_size(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], min_pi
                 tp += 1
         out[row] = tp, int((area_p[1:] >= px).sum()) - tp, n_t - tp
     return out
+
+
+# Why a true building fails to match at IoU 0.5, and footprints that touch no building (:func:`footprint_errors`)
+ERRORS = ("matched", "missed", "merged", "split", "partial", "outline", "false")
+
+
+def footprint_errors(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], iou: float = 0.5) -> np.ndarray:
+    """Counts in :data:`ERRORS` order: each true building once, as the first that holds of
+
+    - matched: one footprint overlaps it at IoU >= ``iou`` (building F1's true positives);
+    - missed: footprints cover under 20 % of it;
+    - split: two footprints or more each cover at least 20 % of it;
+    - merged: its main footprint also covers other true buildings, at least 30 % as many of their pixels as of its;
+    - partial: its main footprint covers under half of it (shifted, or too small);
+    - outline: covered, but the outline is too far off (too large, wrong shape);
+
+    and false: predicted footprints that touch no true building. What a mapper needs to know of a low building F1:
+    blobs over dense blocks (merged) ask for better separation, missed buildings for recall, partial ones often
+    for labels that are offset from the roofs.
+    """
+    lp, n_p = ndimage.label(pred)
+    lt, n_t = truth_labels
+    area_p, area_t, keys, counts = _overlaps(lp, n_p, lt, n_t)
+    out = dict.fromkeys(ERRORS, 0)
+    p_on_truth = np.bincount(keys[:, 0], weights=counts, minlength=n_p + 1) if len(keys) else np.zeros(n_p + 1)
+    out["false"] = int((p_on_truth[1:] == 0).sum())
+    by_truth: dict[int, list[tuple[int, int]]] = {}
+    for (a, b), c in zip(keys.tolist(), counts.tolist()):
+        by_truth.setdefault(b, []).append((a, c))
+    for b in range(1, n_t + 1):
+        over = by_truth.get(b, [])
+        covered = sum(c for _, c in over)
+        a, c = max(over, key=lambda x: x[1]) if over else (0, 0)
+        if over and c / (area_p[a] + area_t[b] - c) >= iou:
+            out["matched"] += 1
+        elif covered < 0.2 * area_t[b]:
+            out["missed"] += 1
+        elif sum(1 for _, x in over if x >= 0.2 * area_t[b]) >= 2:
+            out["split"] += 1
+        elif p_on_truth[a] - c >= 0.3 * c:
+            out["merged"] += 1
+        elif c < 0.5 * area_t[b]:
+            out["partial"] += 1
+        else:
+            out["outline"] += 1
+    return np.array([out[k] for k in ERRORS], np.int64)
 
 
 def drop_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
@@ -95,6 +148,7 @@ class Scores:
     bd_inter: int = 0
     bd_union: int = 0
     patches: int = 0
+    errors: np.ndarray = field(default_factory=lambda: np.zeros(len(ERRORS), np.int64))  # footprint_errors, summed
 
     def update(self, pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None, boundary_px: int = 2,
                instances: bool = True, min_pixels: int = 0, truth_ids: np.ndarray | None = None) -> None:
@@ -115,14 +169,16 @@ class Scores:
         if not instances:
             return
         p = drop_small(p, min_pixels)
-        a, b, c = match_buildings(p, t, instances=truth_ids)
-        self.b_tp, self.b_fp, self.b_fn = self.b_tp + a, self.b_fp + b, self.b_fn + c
+        truth_labels = truth_instances(t, truth_ids)
+        (a, b, c), = match_by_size(p, truth_labels, (0,))
+        self.b_tp, self.b_fp, self.b_fn = self.b_tp + int(a), self.b_fp + int(b), self.b_fn + int(c)
+        self.errors = self.errors + footprint_errors(p, truth_labels)
         bp, bt = _boundary(p, boundary_px), _boundary(t, boundary_px)
         self.bd_inter += int((bp & bt).sum())
         self.bd_union += int((bp | bt).sum())
 
     def __iadd__(self, o: "Scores") -> "Scores":
-        for k in ("tp", "fp", "fn", "tn", "b_tp", "b_fp", "b_fn", "bd_inter", "bd_union", "patches"):
+        for k in ("tp", "fp", "fn", "tn", "b_tp", "b_fp", "b_fn", "bd_inter", "bd_union", "patches", "errors"):
             setattr(self, k, getattr(self, k) + getattr(o, k))
         return self
 
@@ -143,3 +199,8 @@ class Scores:
             "building_f1": self._div(2 * self.b_tp, 2 * self.b_tp + self.b_fp + self.b_fn),
             "boundary_iou": self._div(self.bd_inter, self.bd_union),
         }
+
+    def error_counts(self) -> dict[str, int]:
+        """True buildings by what became of them, and false footprints (:func:`footprint_errors`), with the
+        number of true buildings as ``buildings``."""
+        return {"buildings": int(self.errors[:-1].sum()), **{k: int(v) for k, v in zip(ERRORS, self.errors)}}

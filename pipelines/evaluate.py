@@ -17,7 +17,7 @@ from geomoe.bundle import Bundle
 from geomoe.data.datasets import GridDataset, Prepared, prepare
 from geomoe.embedding.model import embed_batches
 from geomoe.experts.model import predict_logits
-from geomoe.metrics import Scores
+from geomoe.metrics import ERRORS, Scores
 from geomoe.data.sampling import space_of, world_box
 from geomoe.router.routing import OracleRouter, RandomRouter
 from geomoe.router.smoothing import smooth_routes
@@ -164,6 +164,13 @@ class Evaluation:
             parts.append(f"**{title}**\n\n" + markdown_table(p))
         full = self.table[["method", "location", *METRICS, "patches"]]
         parts.append("**All figures**\n\n" + markdown_table(full.set_index(["method", "location"])))
+        if "buildings" in self.table:  # evaluations written before the error counts have none
+            parts.append("**What became of the true buildings** (footprints as a user gets them; matched: IoU >= 0.5; "
+                         "missed: under 20 % covered; merged: one footprint over several buildings; split: several "
+                         "footprints over one; partial: under half covered; outline: covered, outline too far off; "
+                         "false: footprints on no building)\n\n"
+                         + markdown_table(self.table[["method", "location", "buildings", *ERRORS]]
+                                          .set_index(["method", "location"])))
         parts.append("**Embedding routing: tiles per expert, and the share flagged unfamiliar**\n\n"
                      + markdown_table(self.routing))
         return "\n\n".join(parts)
@@ -257,8 +264,10 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
         overall = Scores()
         for loc in prep.locations:
             overall += scores[(m, loc)]
-            rows.append({"method": m, "location": loc, **scores[(m, loc)].summary(), "patches": scores[(m, loc)].patches})
-        rows.append({"method": m, "location": "overall", **overall.summary(), "patches": overall.patches})
+            sc = scores[(m, loc)]
+            rows.append({"method": m, "location": loc, **sc.summary(), "patches": sc.patches, **sc.error_counts()})
+        rows.append({"method": m, "location": "overall", **overall.summary(), "patches": overall.patches,
+                     **overall.error_counts()})
     table = pd.DataFrame(rows)
     rt = pd.DataFrame(routing, index=pd.Index(prep.locations, name="location"), columns=[f"expert {i}" for i in range(bundle.k)])
     # the share of each location's tiles the router flags as unlike its training data (router/familiarity.py)

@@ -129,6 +129,38 @@ def test_metrics_cumulative_iou_building_f1_and_boundary():
     assert small.summary()["iou"] == pytest.approx(12 / (12 + 4 + 4 + 36))
 
 
+def test_footprint_errors_tell_merged_split_missed_partial_outline_and_false():
+    from scipy import ndimage
+
+    from geomoe.metrics import ERRORS, footprint_errors
+
+    ids = np.zeros((40, 60), np.int32)
+    ids[2:10, 2:10], ids[2:10, 10:18] = 1, 2  # two row houses, wall to wall
+    ids[20:28, 2:10] = 3  # cut in two by the prediction
+    ids[20:28, 20:28] = 4  # no footprint on it
+    ids[30:38, 30:38] = 5  # a footprint shifted by 5 px: 3/8 of it covered
+    ids[2:8, 30:36] = 6  # inside a footprint 3 x its size
+    ids[20:28, 40:48] = 7  # predicted as it is
+    truth = ids > 0
+    pred = np.zeros_like(truth)
+    pred[2:10, 2:20] = True  # one blob over houses 1 and 2 (and a little beside)
+    pred[20:28, 2:5] = pred[20:28, 7:10] = True  # house 3 in two pieces
+    pred[30:38, 35:43] = True
+    pred[1:11, 28:38] = True  # 100 px around house 6's 36
+    pred[20:28, 40:48] = True
+    pred[35:39, 50:54] = True  # on no building
+    got = dict(zip(ERRORS, footprint_errors(pred, (ids, 7)).tolist()))
+    assert got == {"matched": 1, "missed": 1, "merged": 2, "split": 1, "partial": 1, "outline": 1, "false": 1}
+    s = Scores()
+    s.update(pred, truth, truth_ids=ids)
+    s.update(pred, truth, truth_ids=ids)
+    counts = s.error_counts()
+    assert counts["buildings"] == 14 and counts["merged"] == 4 and counts["false"] == 2
+    assert counts["matched"] == s.b_tp  # matched is building F1's true positives
+    # the same blob over two buildings the truth cannot tell apart (no outlines) is one building, matched
+    assert dict(zip(ERRORS, footprint_errors(pred, ndimage.label(truth))))["merged"] == 0
+
+
 def test_poly_schedule_warms_up_then_decays():
     f = poly_lambda(100, 0.9, warmup_steps=10)
     assert f(0) == pytest.approx(0.1 * 1.0) and f(4) == pytest.approx(0.5 * (1 - 4 / 100) ** 0.9)
@@ -241,8 +273,18 @@ def test_evaluation_table_has_every_method(bundle_dir, synth_root, tmp_path):
     experts = ev.routing[[c for c in ev.routing if c.startswith("expert ")]]
     assert experts.values.sum() == ev.table[(ev.table.method == "embedding") & (ev.table.location == "overall")].patches.item()
     assert ((ev.routing.unfamiliar >= 0) & (ev.routing.unfamiliar <= 1)).all()
+    # every true building is counted once, in one kind; the same buildings for every method
+    kinds = ["matched", "missed", "merged", "split", "partial", "outline"]
+    assert (ev.table[kinds].sum(1) == ev.table.buildings).all()
+    per_loc = ev.table[ev.table.location != "overall"].groupby("method").buildings.sum()
+    assert (per_loc == ev.table[ev.table.location == "overall"].set_index("method").buildings[per_loc.index]).all()
+    assert (ev.table.groupby("location").buildings.nunique() == 1).all() and (ev.table.buildings > 0).all()
+    # matched are building F1's true positives: F1 = 2 TP / (buildings + TP + FP) <= 2 TP / (buildings + TP)
+    bound = 2 * ev.table.matched / (ev.table.buildings + ev.table.matched)
+    assert (ev.table.building_f1 <= bound + 1e-9).all() and (ev.table.matched <= ev.table.buildings).all()
     paths = ev.write(tmp_path / "ev")
     assert "IoU (building class" in paths[0].read_text() and paths[1].read_text().startswith("method,location,iou")
+    assert "What became of the true buildings" in paths[0].read_text()
 
 
 def test_cli_evaluate_show_lr_find_and_finetune(bundle_dir, synth_root, tmp_path):
