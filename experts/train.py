@@ -14,6 +14,7 @@ from geomoe.data.datasets import Prepared, compute_stats
 from geomoe.data.loaders import PatchDataModule, PatchPlan
 from geomoe.data.sampling import PatchRef
 from geomoe.experts.model import Expert, build_expert, load_expert
+from geomoe.experts.targets import TargetWidths
 from geomoe.experts.task import SegmentationTask
 from geomoe.trainer import FitJob, fit
 
@@ -71,7 +72,8 @@ def train_expert(prep: Prepared, cfg: Config, job: ExpertJob, out: Path, progres
         task.lr = x.lr * x.finetune_lr_scale
         task.warmup_steps = round(x.finetune_warmup * epochs * per_epoch)
     plan = PatchPlan(job.train_refs, job.val_refs, x.batch_size, per_epoch, epochs,
-                     instance_targets=x.outputs == "instances", train_weights=job.weights,
+                     instance_targets=TargetWidths(x.boundary_m, x.contact_m) if x.outputs == "instances" else None,
+                     train_weights=job.weights,
                      replay=x.replay if job.train_refs is not None and job.init_from is not None else 0.0)
     data = PatchDataModule(prep, plan, cfg.seed, cfg.data.min_valid, cfg.data.workers)
     fj = FitJob(job.name, out / "runs" / job.name, out / f"{job.name}.pt", epochs,

@@ -84,6 +84,13 @@ class ExpertConfig(_Strict):
     outputs: Literal["building", "instances"] = Field(
         "building", description="building: one channel; instances: building, boundary and contact channels, whose "
                                 "watershed separates touching buildings (pipelines/instances.py).")
+    boundary_m: float | None = Field(
+        None, gt=0, description="Width of the boundary target in metres on the ground (never under 2 pixels); "
+                                "None: 2 pixels at every resolution.")
+    contact_m: float | None = Field(
+        None, gt=0, description="Reach of the contact target (the gap between two buildings it marks is up to twice "
+                                "this) in metres on the ground, never under 3 pixels; None: 3 pixels at every "
+                                "resolution (0.4 m at 0.13 m, where the gaps of a dense town get no target).")
     init: Literal["generalist", "scratch"] = Field(
         "generalist", description="generalist: train one network on every location first and fine-tune each region's "
                                   "expert from it; scratch: the paper's experts, each trained from scratch.")

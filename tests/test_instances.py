@@ -28,6 +28,24 @@ def test_targets_mark_boundaries_and_the_gap_between_buildings():
     assert building_targets(single)[2].sum() == 0  # one building has no contact zone
 
 
+def test_target_widths_on_the_ground_mark_a_dense_towns_gaps():
+    """Two houses 1.2 m apart at 0.1 m: 12 pixels. Three pixels of reach leave the gap without a contact target;
+    1 m of reach on the ground marks it. At a coarse resolution the pixel floors hold (the targets as before)."""
+    from geomoe.experts.targets import TargetWidths
+
+    w = TargetWidths(boundary_m=0.5, contact_m=1.0)
+    assert w.pixels(0.1) == (5, 10) and w.pixels(0.54) == (2, 3) and w.pixels(None) == (2, 3)
+    assert TargetWidths().pixels(0.1) == (2, 3)
+    m = np.zeros((40, 80), np.uint8)
+    m[10:30, 8:30] = 1
+    m[10:30, 42:70] = 1  # 12 px apart
+    narrow = building_targets(m, *TargetWidths().pixels(0.1))
+    wide = building_targets(m, *w.pixels(0.1))
+    assert narrow[2].sum() == 0 and wide[2, 20, 36] == 1 and wide[2, 20, 32] == 1  # within 1 m of both houses
+    assert wide[2, 20, 31] == 0 and wide[2, 20, 15] == 0  # 11 px from the far house; a roof far from the other
+    assert wide[1, 20, 12] == 1 and narrow[1, 20, 12] == 0  # a boundary band 5 px wide, not 2
+
+
 def test_missing_the_rare_contact_zone_costs_as_much_as_missing_a_building():
     """The contact zone is a few percent of the image: a model that never fires there must still pay a loss of the
     order of the Jaccard term, not the BCE of a few pixels, or the watershed gets no cut between roofs."""
@@ -161,7 +179,9 @@ def test_instance_experts_train_and_evaluate_end_to_end(synth_root, tmp_path):
     from geomoe.pipelines.train import train_all
 
     cfg = load_config("tiny")
-    cfg = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"outputs": "instances"})})
+    # target widths on the ground: each patch's targets from its own scene's resolution
+    cfg = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"outputs": "instances", "boundary_m": 0.5,
+                                                                             "contact_m": 1.0})})
     b = load_bundle(train_all(synth_root, cfg, tmp_path / "b", progress=False, figures=False))
     assert b.experts[0].classes == 3 and b.baseline.classes == 3 and b.generalist.classes == 3
     # threshold, separation and smallest footprint were chosen on the validation windows: the best tried there,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from geomoe.data.catalog import Catalog, discover
 from geomoe.data.check import check_scene
 from geomoe.data.reader import SceneReader
 from geomoe.data.sampling import BalancedSampler, Block, PatchRef, WindowSampler, grid_windows, split_blocks
+
+if TYPE_CHECKING:
+    from geomoe.experts.targets import TargetWidths
 
 
 def augment(rng: np.random.Generator, *planes: np.ndarray) -> list[np.ndarray]:
@@ -145,10 +149,10 @@ class RandomPatchDataset(Dataset):
     """
 
     def __init__(self, prep: Prepared, length: int, seed: int = 0, augment: bool = True, min_valid: float = 0.5,
-                 refs: list[PatchRef] | None = None, cycle_locations: bool = False, instance_targets: bool = False,
+                 refs: list[PatchRef] | None = None, cycle_locations: bool = False, instance_targets: TargetWidths | None = None,
                  replay: float = 0.0, weights: list[float] | None = None):
         self.prep, self.length, self.seed, self.aug, self.min_valid = prep, length, seed, augment, min_valid
-        self.instance_targets = instance_targets  # add building / boundary / contact channels ("targets")
+        self.instance_targets = instance_targets  # add building / boundary / contact channels ("targets") this wide
         # Given windows (a region's share) are drawn shifted inside their blocks; otherwise anywhere in the train blocks.
         balanced = BalancedSampler(prep.readers, prep.blocks, prep.patch_size) if refs is None or replay > 0 else None
         self.sampler = WindowSampler(prep.readers, refs, prep.blocks, weights) if refs is not None else balanced
@@ -172,10 +176,12 @@ class RandomPatchDataset(Dataset):
         if self.aug:
             image, mask, valid, ids = augment(rng, image, mask, valid, ids)
         sample = to_sample(image, mask, valid, self.prep.locations.index(self.prep.location_of(ref)), i, ids)
-        if self.instance_targets:
+        if self.instance_targets is not None:
             from geomoe.experts.targets import building_targets
 
-            sample["targets"] = torch.from_numpy(building_targets(mask, instances=ids))
+            reader = self.prep.readers[ref.scene]
+            boundary, contact = self.instance_targets.pixels(reader.target_gsd or reader.gsd)
+            sample["targets"] = torch.from_numpy(building_targets(mask, boundary, contact, instances=ids))
         return sample
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from geomoe.data.datasets import GridDataset, Prepared, RandomPatchDataset
 from geomoe.data.sampling import PatchRef
+from geomoe.experts.targets import TargetWidths
 
 
 class EpochSampler(Sampler[int]):
@@ -57,7 +58,7 @@ class PatchPlan:
     steps_per_epoch: int
     epochs: int
     cycle_locations: bool = False  # the embedding wants every location in every batch
-    instance_targets: bool = False  # experts with building / boundary / contact outputs
+    instance_targets: TargetWidths | None = None  # experts with building / boundary / contact outputs: how wide
     replay: float = 0.0  # with train_refs: the share of patches drawn from every location's train blocks instead
     train_weights: list[float] | None = None  # with train_refs: how often each is drawn (None: equally often)
 
