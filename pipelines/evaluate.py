@@ -26,7 +26,8 @@ from geomoe.router.smoothing import smooth_routes
 # fine-tuned from; random: a random expert; embedding: the router (nearest centroid);
 # smoothed: the router's choice, then the majority over each tile and its neighbours (router/smoothing.py);
 # location_oracle: each location's majority region; best_expert: per tile, the expert with the fewest wrong pixels
-# (the upper bound of any router that picks one expert); soft: top-k experts blended by distance.
+# (the upper bound of any router that picks one expert on pixel accuracy; not on IoU, which does not add up tile by
+# tile: on sparse tiles fewest wrong pixels picks the expert that predicts least); soft: top-k experts by distance.
 METHODS = ("single", "generalist", "random", "embedding", "smoothed", "location_oracle", "best_expert", "soft")
 METRICS = ("iou", "accuracy", "precision", "recall", "f1", "building_f1", "boundary_iou")
 
