@@ -33,7 +33,7 @@ from geomoe.bundle import BundlePaths, load_bundle, sha256
 from geomoe.config import load_config
 from geomoe.data.datasets import GridDataset, prepare
 from geomoe.embedding.extract import Embeddings
-from geomoe.metrics import ERRORS, drop_small
+from geomoe.metrics import ERRORS_LEGEND, drop_small
 from geomoe.pipelines.evaluate import Evaluation, evaluate, markdown_table, min_pixels, route_batch, route_windows
 from geomoe.pipelines.train import expert_jobs, train_all
 
@@ -233,12 +233,9 @@ def main() -> None:
         md.append(f"**{name}: IoU and building F1, test split**\n\n" + markdown_table(kp["iou"]) + "\n\n"
                   + markdown_table(kp["building_f1"]))
         md.append(f"{name} targets: " + targets_line(targets_of(kp["iou"], kp["building_f1"], routed_by)))
-    errors = ev.table[ev.table.method.isin(["single", routed_by])] if "buildings" in ev.table else None
+    errors = ev.errors(["single", routed_by])
     if errors is not None:  # why building F1 is what it is: merged blobs, missed or shifted buildings
-        md.append("**What became of the test split's true buildings** (matched at IoU >= 0.5; missed: under 20 % "
-                  "covered; merged: one footprint over several; split; partial: under half covered; outline: covered, "
-                  "outline too far off; false: footprints on no building)\n\n"
-                  + markdown_table(errors[["method", "location", "buildings", *ERRORS]].set_index(["method", "location"])))
+        md.append(f"**What became of the test split's true buildings** ({ERRORS_LEGEND})\n\n" + markdown_table(errors))
     for name, r in routing.items():
         md.append(f"**{name}: embedding routing, test tiles per expert**\n\n" + markdown_table(r))
     md.append("Footprints chosen on the validation windows (never the test split): " + "; ".join(
@@ -258,8 +255,7 @@ def main() -> None:
         "wall_minutes": minutes, "times_s": times, "targets": targets, "targets_tile_routing": tile_targets,
         "calibration": calib,
         "footprint_errors": None if errors is None else {
-            f"{r.method}/{r.location}": {k: int(getattr(r, k)) for k in ("buildings", *ERRORS)}
-            for r in errors.itertuples()},
+            f"{method}/{loc}": {k: int(v) for k, v in row.items()} for (method, loc), row in errors.iterrows()},
         "table": {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
                       for loc, row in piv[m].iterrows()} for m in METRICS},
         "other_k": {name: {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}

@@ -39,45 +39,92 @@ def match_buildings(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5,
     return tuple(int(v) for v in match_by_size(pred, truth_instances(truth, instances), (0,), iou)[0])
 
 
-def _overlaps(lp: np.ndarray, n_p: int, lt: np.ndarray, n_t: int):
-    """(areas of the predicted buildings, areas of the true ones, (pred, truth) pairs that overlap, their shared
-    pixels), label 0 (background) counted in the areas but in no pair."""
-    area_p = np.bincount(lp.ravel(), minlength=n_p + 1)
-    area_t = np.bincount(lt.ravel(), minlength=n_t + 1)
-    keys, counts = np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
-    if n_p and n_t:
-        pairs = np.stack([lp.ravel(), lt.ravel()], 1)
-        pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
-        if len(pairs):
-            keys, counts = np.unique(pairs, axis=0, return_counts=True)
-    return area_p, area_t, keys, counts
+# Why a true building fails to match at IoU 0.5, and footprints that touch no building (:func:`footprint_errors`)
+ERRORS = ("matched", "missed", "merged", "split", "partial", "outline", "false")
+ERRORS_LEGEND = ("matched: IoU >= 0.5; missed: under 20 % covered; merged: one footprint over several buildings; "
+                 "split: several footprints over one; partial: under half covered; outline: covered, outline too far "
+                 "off; false: footprints on no building")
+
+
+@dataclass(frozen=True)
+class Overlaps:
+    """A prediction's buildings (connected components) against the true ones: their areas (label 0, background,
+    counted but in no pair), the (pred, truth) pairs that overlap and their shared pixels. Labelled and counted
+    once for both building F1's matching and the error counts."""
+
+    n_p: int
+    n_t: int
+    area_p: np.ndarray
+    area_t: np.ndarray
+    keys: np.ndarray  # (pairs, 2): pred label, truth label
+    counts: np.ndarray  # (pairs,)
+
+    @classmethod
+    def of(cls, pred: np.ndarray, truth_labels: tuple[np.ndarray, int]) -> "Overlaps":
+        lp, n_p = ndimage.label(pred)
+        lt, n_t = truth_labels
+        keys, counts = np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+        if n_p and n_t:
+            pairs = np.stack([lp.ravel(), lt.ravel()], 1)
+            pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
+            if len(pairs):
+                keys, counts = np.unique(pairs, axis=0, return_counts=True)
+        return cls(n_p, n_t, np.bincount(lp.ravel(), minlength=n_p + 1), np.bincount(lt.ravel(), minlength=n_t + 1),
+                   keys, counts)
+
+    def match(self, min_pixels: tuple[int, ...], iou: float = 0.5) -> np.ndarray:
+        """(TP, FP, FN) rows, one per entry of ``min_pixels``: predicted buildings under it are left out (dropping a
+        component changes no other, and no other pair's IoU)."""
+        area_p, area_t = self.area_p, self.area_t
+        out = np.zeros((len(min_pixels), 3), np.int64)
+        cands = sorted(((c / (area_p[a] + area_t[b] - c), int(a), int(b)) for (a, b), c in zip(self.keys, self.counts)),
+                       reverse=True)
+        for row, px in enumerate(min_pixels):
+            used_p, used_t, tp = set(), set(), 0
+            for v, a, b in cands:
+                if v < iou:
+                    break
+                if area_p[a] >= px and a not in used_p and b not in used_t:
+                    used_p.add(a)
+                    used_t.add(b)
+                    tp += 1
+            out[row] = tp, int((area_p[1:] >= px).sum()) - tp, self.n_t - tp
+        return out
+
+    def errors(self, iou: float = 0.5) -> np.ndarray:
+        """:func:`footprint_errors` of these overlaps."""
+        area_p, area_t, keys, counts = self.area_p, self.area_t, self.keys, self.counts
+        out = dict.fromkeys(ERRORS, 0)
+        p_on_truth = np.bincount(keys[:, 0], weights=counts, minlength=self.n_p + 1) if len(keys) \
+            else np.zeros(self.n_p + 1)
+        out["false"] = int((p_on_truth[1:] == 0).sum())
+        by_truth: dict[int, list[tuple[int, int]]] = {}
+        for (a, b), c in zip(keys.tolist(), counts.tolist()):
+            by_truth.setdefault(b, []).append((a, c))
+        for b in range(1, self.n_t + 1):
+            over = by_truth.get(b, [])
+            covered = sum(c for _, c in over)
+            a, c = max(over, key=lambda x: x[1]) if over else (0, 0)
+            if over and c / (area_p[a] + area_t[b] - c) >= iou:
+                out["matched"] += 1
+            elif covered < 0.2 * area_t[b]:
+                out["missed"] += 1
+            elif sum(1 for _, x in over if x >= 0.2 * area_t[b]) >= 2:
+                out["split"] += 1
+            elif p_on_truth[a] - c >= 0.3 * c:
+                out["merged"] += 1
+            elif c < 0.5 * area_t[b]:
+                out["partial"] += 1
+            else:
+                out["outline"] += 1
+        return np.array([out[k] for k in ERRORS], np.int64)
 
 
 def match_by_size(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], min_pixels: tuple[int, ...],
                   iou: float = 0.5) -> np.ndarray:
     """(TP, FP, FN) rows, one per entry of ``min_pixels``: ``match_buildings(drop_small(pred, px), truth)`` for each
     ``px`` from one labelling (dropping a component changes no other, and no other pair's IoU)."""
-    lp, n_p = ndimage.label(pred)
-    lt, n_t = truth_labels
-    out = np.zeros((len(min_pixels), 3), np.int64)
-    area_p, area_t, keys, counts = _overlaps(lp, n_p, lt, n_t)
-    cands = sorted(((c / (area_p[a] + area_t[b] - c), int(a), int(b)) for (a, b), c in zip(keys, counts)),
-                   reverse=True)
-    for row, px in enumerate(min_pixels):
-        used_p, used_t, tp = set(), set(), 0
-        for v, a, b in cands:
-            if v < iou:
-                break
-            if area_p[a] >= px and a not in used_p and b not in used_t:
-                used_p.add(a)
-                used_t.add(b)
-                tp += 1
-        out[row] = tp, int((area_p[1:] >= px).sum()) - tp, n_t - tp
-    return out
-
-
-# Why a true building fails to match at IoU 0.5, and footprints that touch no building (:func:`footprint_errors`)
-ERRORS = ("matched", "missed", "merged", "split", "partial", "outline", "false")
+    return Overlaps.of(pred, truth_labels).match(min_pixels, iou)
 
 
 def footprint_errors(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], iou: float = 0.5) -> np.ndarray:
@@ -94,32 +141,7 @@ def footprint_errors(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], iou
     blobs over dense blocks (merged) ask for better separation, missed buildings for recall, partial ones often
     for labels that are offset from the roofs.
     """
-    lp, n_p = ndimage.label(pred)
-    lt, n_t = truth_labels
-    area_p, area_t, keys, counts = _overlaps(lp, n_p, lt, n_t)
-    out = dict.fromkeys(ERRORS, 0)
-    p_on_truth = np.bincount(keys[:, 0], weights=counts, minlength=n_p + 1) if len(keys) else np.zeros(n_p + 1)
-    out["false"] = int((p_on_truth[1:] == 0).sum())
-    by_truth: dict[int, list[tuple[int, int]]] = {}
-    for (a, b), c in zip(keys.tolist(), counts.tolist()):
-        by_truth.setdefault(b, []).append((a, c))
-    for b in range(1, n_t + 1):
-        over = by_truth.get(b, [])
-        covered = sum(c for _, c in over)
-        a, c = max(over, key=lambda x: x[1]) if over else (0, 0)
-        if over and c / (area_p[a] + area_t[b] - c) >= iou:
-            out["matched"] += 1
-        elif covered < 0.2 * area_t[b]:
-            out["missed"] += 1
-        elif sum(1 for _, x in over if x >= 0.2 * area_t[b]) >= 2:
-            out["split"] += 1
-        elif p_on_truth[a] - c >= 0.3 * c:
-            out["merged"] += 1
-        elif c < 0.5 * area_t[b]:
-            out["partial"] += 1
-        else:
-            out["outline"] += 1
-    return np.array([out[k] for k in ERRORS], np.int64)
+    return Overlaps.of(pred, truth_labels).errors(iou)
 
 
 def drop_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
@@ -169,10 +191,10 @@ class Scores:
         if not instances:
             return
         p = drop_small(p, min_pixels)
-        truth_labels = truth_instances(t, truth_ids)
-        (a, b, c), = match_by_size(p, truth_labels, (0,))
+        ov = Overlaps.of(p, truth_instances(t, truth_ids))  # one labelling for the matching and the error counts
+        (a, b, c), = ov.match((0,))
         self.b_tp, self.b_fp, self.b_fn = self.b_tp + int(a), self.b_fp + int(b), self.b_fn + int(c)
-        self.errors = self.errors + footprint_errors(p, truth_labels)
+        self.errors = self.errors + ov.errors()
         bp, bt = _boundary(p, boundary_px), _boundary(t, boundary_px)
         self.bd_inter += int((bp & bt).sum())
         self.bd_union += int((bp | bt).sum())

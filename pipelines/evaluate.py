@@ -17,7 +17,7 @@ from geomoe.bundle import Bundle
 from geomoe.data.datasets import GridDataset, Prepared, prepare
 from geomoe.embedding.model import embed_batches
 from geomoe.experts.model import predict_logits
-from geomoe.metrics import ERRORS, Scores
+from geomoe.metrics import ERRORS, ERRORS_LEGEND, Scores
 from geomoe.data.sampling import space_of, world_box
 from geomoe.router.routing import OracleRouter, RandomRouter
 from geomoe.router.smoothing import smooth_routes
@@ -165,16 +165,21 @@ class Evaluation:
             parts.append(f"**{title}**\n\n" + markdown_table(p))
         full = self.table[["method", "location", *METRICS, "patches"]]
         parts.append("**All figures**\n\n" + markdown_table(full.set_index(["method", "location"])))
-        if "buildings" in self.table:  # evaluations written before the error counts have none
-            parts.append("**What became of the true buildings** (footprints as a user gets them; matched: IoU >= 0.5; "
-                         "missed: under 20 % covered; merged: one footprint over several buildings; split: several "
-                         "footprints over one; partial: under half covered; outline: covered, outline too far off; "
-                         "false: footprints on no building)\n\n"
-                         + markdown_table(self.table[["method", "location", "buildings", *ERRORS]]
-                                          .set_index(["method", "location"])))
+        errors = self.errors()
+        if errors is not None:
+            parts.append(f"**What became of the true buildings** (footprints as a user gets them; {ERRORS_LEGEND})\n\n"
+                         + markdown_table(errors))
         parts.append("**Embedding routing: tiles per expert, and the share flagged unfamiliar**\n\n"
                      + markdown_table(self.routing))
         return "\n\n".join(parts)
+
+    def errors(self, methods: list[str] | None = None) -> pd.DataFrame | None:
+        """What became of the true buildings (:data:`geomoe.metrics.ERRORS`, and their number), by method and
+        location; None for an evaluation written before the counts."""
+        if "buildings" not in self.table:
+            return None
+        t = self.table if methods is None else self.table[self.table.method.isin(methods)]
+        return t[["method", "location", "buildings", *ERRORS]].set_index(["method", "location"])
 
     @classmethod
     def read(cls, folder: Path) -> "Evaluation":

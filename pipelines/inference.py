@@ -149,7 +149,7 @@ def route_scene(model: TileModel, src: TileSource, how: str, cfg: PredictConfig,
                 progress: bool = False, name: str = "") -> RoutingLayer:
     """A first, embedding-only pass over the scene; then each tile takes its neighbourhood's (or the scene's)
     majority expert. The experts run in the second pass on these routes. (Prediction smooths in its one pass,
-    :class:`InlineSmoothing`; this pass is for per-scene routing, and the speed bench's model-alone figure.)"""
+    :class:`InlineSmoothing`; this pass is for per-scene routing.)"""
     layer = RoutingLayer.empty(len(src.grid.ys), len(src.grid.xs), fixed=True)
     with tqdm(total=len(src.grid), desc=f"{name} routing", unit="tile", disable=not progress, leave=False) as bar:
         for row in src.rows(readers):

@@ -12,7 +12,7 @@ import pandas as pd
 
 from geomoe.bundle import Bundle
 from geomoe.data.datasets import Prepared
-from geomoe.metrics import ERRORS
+from geomoe.metrics import ERRORS_LEGEND
 from geomoe.pipelines.explorer import (embedded_patches, explorer, metrics_chart, patch_points, scene_map,
                                        scene_points)
 from geomoe.pipelines.evaluate import Evaluation
@@ -94,11 +94,9 @@ def metrics_section(ev: Evaluation, split: str = "test") -> Section:
     """Per-location metrics as charts and tables."""
     tables = [("IoU by location and method", ev.pivot("iou")), ("Building F1 (IoU >= 0.5)", ev.pivot("building_f1")),
               ("Tiles per expert (embedding routing) and share flagged unfamiliar", ev.routing)]
-    if "buildings" in ev.table:  # why building F1 is what it is (evaluations from before the counts lack them)
-        tables.insert(2, ("What became of the true buildings: matched (IoU >= 0.5), missed (under 20 % covered), "
-                          "merged (one footprint over several), split, partial (under half covered), outline (covered, "
-                          "outline too far off); false: footprints on no building",
-                          ev.table[ev.table.location == "overall"].set_index("method")[["buildings", *ERRORS]]))
+    errors = ev.errors()
+    if errors is not None:  # why building F1 is what it is
+        tables.insert(2, (f"What became of the true buildings ({ERRORS_LEGEND})", errors.xs("overall", level="location")))
     return Section(f"Metrics per location ({split} split)", "Cumulative IoU over all pixels of a location; building F1 "
                    "counts a building found when a predicted footprint overlaps it at IoU 0.5 or more.", tables,
                    plots=[("IoU per location and method", metrics_chart(ev.table, "iou")),
