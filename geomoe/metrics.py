@@ -177,8 +177,10 @@ class Scores:
         """Add one patch; ``instances=False`` counts pixels only (cheap enough for every training epoch).
         ``truth_ids``: one id per true building (see :func:`truth_instances`).
 
-        Pixel figures score the mask as predicted; building F1 and boundary IoU score the footprints a user gets,
-        so predicted buildings under ``min_pixels`` (prediction's ``min_area_m2``) are dropped for them first.
+        Pixel figures score the mask as predicted; building F1 and boundary IoU score its buildings as footprints
+        come of them, so predicted buildings under ``min_pixels`` (prediction's ``min_area_m2``) are dropped for them
+        first. (The polygons themselves, squared, are scored by passing them rasterised back: evaluate's
+        ``*_footprints`` rows.)
         """
         pred, truth = pred.astype(bool), truth.astype(bool)
         v = np.ones_like(pred) if valid is None else valid.astype(bool)

@@ -19,6 +19,8 @@ from geomoe.embedding.model import embed_batches
 from geomoe.experts.model import predict_logits
 from geomoe.metrics import ERRORS, ERRORS_LEGEND, Scores
 from geomoe.data.sampling import space_of, world_box
+from geomoe.pipelines.footprints import as_delivered
+from geomoe.pipelines.regularise import Regularisation
 from geomoe.router.routing import OracleRouter, RandomRouter
 from geomoe.router.smoothing import smooth_routes
 
@@ -29,6 +31,10 @@ from geomoe.router.smoothing import smooth_routes
 # (the upper bound of any router that picks one expert on pixel accuracy; not on IoU, which does not add up tile by
 # tile: on sparse tiles fewest wrong pixels picks the expert that predicts least); soft: top-k experts by distance.
 METHODS = ("single", "generalist", "random", "embedding", "smoothed", "location_oracle", "best_expert", "soft")
+# Scored again as the footprints a user gets (polygons, specks dropped, pinholes filled, squared) rasterised back:
+# rows "<method>_footprints". The other rows score masks, which squaring can move (bench/footprints.py).
+DELIVERED = ("single", "embedding", "smoothed")
+FOOTPRINTS = tuple(f"{m}_footprints" for m in DELIVERED)
 METRICS = ("iou", "accuracy", "precision", "recall", "f1", "building_f1", "boundary_iou")
 
 
@@ -155,7 +161,7 @@ class Evaluation:
 
     def pivot(self, metric: str = "iou") -> pd.DataFrame:
         return self.table.pivot(index="location", columns="method", values=metric).reindex(
-            columns=[m for m in METHODS if m in set(self.table.method)])
+            columns=[m for m in METHODS + FOOTPRINTS if m in set(self.table.method)])
 
     def markdown(self) -> str:
         parts = []
@@ -242,7 +248,9 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
     methods = [m for m in METHODS if not (m == "single" and bundle.baseline is None)
                and not (m == "generalist" and bundle.generalist is None)
                and not (m == "location_oracle" and oracle is None)]
-    scores = {(m, loc): Scores() for m in methods for loc in prep.locations}
+    delivered = [m for m in DELIVERED if m in methods]
+    squaring = Regularisation.of(cfg.predict)
+    scores = {(m, loc): Scores() for m in [*methods, *(f"{d}_footprints" for d in delivered)] for loc in prep.locations}
     routing = np.zeros((len(prep.locations), bundle.k), np.int64)
     flagged = np.zeros(len(prep.locations), np.int64)
     for b in tqdm(DataLoader(GridDataset(prep, refs), batch_size=batch_size), desc="evaluating", unit="batch",
@@ -263,10 +271,16 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
             c = calib["single" if m == "single" else "experts"]
             pred = rb.method_masks(m, c.threshold, rids, oids, bids, c.separation)
             for j, loc in enumerate(locs):
-                small = min_pixels(prep.readers[refs[i[j]].scene], c.min_area_m2)
+                reader = prep.readers[refs[i[j]].scene]
+                small = min_pixels(reader, c.min_area_m2)
                 scores[(m, loc)].update(pred[j], truth[j], valid[j], min_pixels=small, truth_ids=ids[j])
+                if m in delivered:
+                    got = as_delivered(pred[j] & valid[j].astype(bool), reader.target_gsd or reader.gsd,
+                                       c.min_area_m2, squaring)
+                    scores[(f"{m}_footprints", loc)].update(got, truth[j], valid[j], min_pixels=small,
+                                                            truth_ids=ids[j])
     rows = []
-    for m in methods:
+    for m in [*methods, *(f"{d}_footprints" for d in delivered)]:
         overall = Scores()
         for loc in prep.locations:
             overall += scores[(m, loc)]

@@ -247,7 +247,8 @@ def _rings(geoms) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def metrics_chart(table, metric: str = "iou", methods: tuple[str, ...] = (
-        "single", "generalist", "embedding", "smoothed", "location_oracle", "best_expert", "random")):
+        "single", "generalist", "embedding", "smoothed", "location_oracle", "best_expert", "random",
+        "single_footprints", "smoothed_footprints")):
     """Grouped bars of ``metric`` per location and method, from an evaluation's long table."""
     from bokeh.models import ColumnDataSource, FactorRange, HoverTool
     from bokeh.plotting import figure

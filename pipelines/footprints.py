@@ -218,7 +218,8 @@ def footprint_chunk(frame: gpd.GeoDataFrame, spec: FrameSpec) -> gpd.GeoDataFram
         work[work.geometry.name] = fill_holes(work.geometry.to_numpy(), spec.min_area_m2 / scale)
     if spec.regularize is not None and len(work):
         try:
-            work = regularise(work, *spec.regularize.in_units(gsd, unit), spec.regularize.diagonals)
+            work = regularise(work, *spec.regularize.in_units(gsd, unit), spec.regularize.diagonals,
+                              spec.regularize.min_iou)
             work["area_m2"] = work.geometry.area * scale
         except Exception as e:  # keep the raw polygons rather than lose the batch
             log.warning("regularisation failed on a batch (%s); raw polygons kept", e)
@@ -332,3 +333,37 @@ def _one_polygon_each(gdf: gpd.GeoDataFrame, area_scale: float) -> gpd.GeoDataFr
         gdf.loc[multi.to_numpy(), gdf.geometry.name] = parts
         gdf.loc[multi.to_numpy(), "area_m2"] = np.array([q.area for q in parts]) * area_scale
     return gdf
+
+
+def window_footprints(mask: np.ndarray, gsd: float | None, min_area_m2: float,
+                      regularize: Regularisation | None) -> tuple[gpd.GeoDataFrame, Affine]:
+    """The footprints prediction makes of one window's ``mask`` (outlined, specks dropped, pinholes filled,
+    squared), in pixel units with y up as on a georeferenced raster (so the regulariser sees outlines turned as in
+    a scene), and that frame's transform from pixels."""
+    pieces: list[Piece] = []
+    fc = FootprintCollector(mask.shape[1], pieces.extend)
+    fc.add_band(0, mask, mask.astype(np.float32))
+    fc.finish()
+    t = Affine(1, 0, 0, 0, -1, mask.shape[0])
+    return pieces_to_frame(pieces, t, None, gsd, min_area_m2, regularize, lambda c, r: np.zeros(len(c))), t
+
+
+def rasterise_footprints(gdf: gpd.GeoDataFrame, transform: Affine, shape: tuple[int, int]) -> np.ndarray:
+    """Footprints back on a grid, a pixel cut wherever two meet, so each stays one building for the metrics."""
+    from geomoe.pipelines.instances import separated_mask
+
+    if not len(gdf):
+        return np.zeros(shape, bool)
+    labels = features.rasterize(((g, i + 1) for i, g in enumerate(gdf.geometry)), out_shape=shape,
+                                transform=transform, dtype="int32")
+    return separated_mask(labels)
+
+
+def as_delivered(mask: np.ndarray, gsd: float | None, min_area_m2: float,
+                 regularize: Regularisation | None) -> np.ndarray:
+    """``mask`` as the footprints a user gets of it, rasterised back (evaluate scores them so). Without a
+    ground resolution prediction neither measures nor squares, and the mask is its outlines."""
+    if gsd is None:
+        return mask
+    gdf, t = window_footprints(mask, gsd, min_area_m2, regularize)
+    return rasterise_footprints(gdf, t, mask.shape)

@@ -35,11 +35,13 @@ class Regularisation:
     diagonals: bool
     tolerance_m: float
     parallel_m: float
+    min_iou: float = 0.0  # a squared outline is kept where its IoU with the mask's outline is at least this
 
     @classmethod
     def of(cls, cfg: PredictConfig) -> Regularisation | None:
         """The configured regularisation (``predict.regularize_*``), None where it is off."""
-        return cls(cfg.allow_diagonals, cfg.regularize_tolerance_m, cfg.regularize_parallel_m) if cfg.regularize else None
+        return cls(cfg.allow_diagonals, cfg.regularize_tolerance_m, cfg.regularize_parallel_m,
+                   cfg.regularize_min_iou) if cfg.regularize else None
 
     def in_units(self, gsd: float, unit: float) -> tuple[float, float]:
         """(parallel threshold, tolerance) in the units of the outlines (``unit`` of them a metre)."""
@@ -84,17 +86,49 @@ def one_per_building(work: gpd.GeoDataFrame, parts: pd.DataFrame) -> gpd.GeoData
         log.warning("regularisation lost %d footprint(s); their raw outlines are kept", len(work) - len(first))
     split = int((np.bincount(order) > 1).sum()) if len(order) else 0  # outlines that came back in parts
     if split:
-        log.info("regularisation split %d outline(s) into %d extra part(s); the largest part of each is kept",
-                 split, len(g) - len(first))
+        log.debug("regularisation split %d outline(s) into %d extra part(s); the largest part of each is kept",
+                  split, len(g) - len(first))
     out = work.copy()
     out[out.geometry.name] = geoms
     return out
 
 
 def regularise(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: float,
-               diagonals: bool) -> gpd.GeoDataFrame:
-    """Regularise every footprint of ``work`` in this process: one row per building, in ``work``'s order."""
+               diagonals: bool, min_iou: float = 0.0) -> gpd.GeoDataFrame:
+    """Regularise every footprint of ``work`` in this process: one row per building, in ``work``'s order; with
+    ``min_iou``, only where the squared outline stays that faithful to the mask's (:func:`keep_faithful`)."""
     if len(work) == 0:
         return work
     tagged = work.assign(_order=np.arange(len(work)))  # each outline's building, whatever the regulariser returns
-    return one_per_building(work, regularise_frame(tagged, parallel_threshold, tolerance, diagonals))
+    squared = one_per_building(work, regularise_frame(tagged, parallel_threshold, tolerance, diagonals))
+    return keep_faithful(work, squared, tolerance, min_iou) if min_iou > 0 else squared
+
+
+def keep_faithful(raw: gpd.GeoDataFrame, squared: gpd.GeoDataFrame, tolerance: float,
+                  min_iou: float) -> gpd.GeoDataFrame:
+    """``squared`` where each outline's IoU with its ``raw`` one (row by row) is at least ``min_iou``; elsewhere the
+    raw outline simplified at ``tolerance``.
+
+    The regulariser fits a few dominant directions to every outline. A roof the mask outlines well comes out
+    squared and barely moved; a blob (an irregular or partly seen roof, two roofs the watershed left joined) comes
+    out as a rectangle or a staircase that no longer covers what the model found: on session 14's validation windows
+    the median squared outline had an IoU of 0.87 with its mask's (Banepa's 0.81), and squaring every footprint cost
+    1.8 points of IoU and 0.020 of building F1 against the unsquared outlines; with a guard of 0.9, 0.5 and 0.002
+    (bench/footprints.py)."""
+    a, b = raw.geometry.to_numpy(), squared.geometry.to_numpy()
+    bad = ~shapely.is_valid(b)
+    b_ok = b.copy()
+    b_ok[bad] = shapely.make_valid(b[bad])
+    inter = shapely.area(shapely.intersection(a, b_ok))
+    union = shapely.area(a) + shapely.area(b_ok) - inter
+    iou = np.divide(inter, union, out=np.zeros(len(a)), where=union > 0)
+    off = iou < min_iou
+    if not off.any():
+        return squared
+    out = squared.copy()
+    geoms = b.copy()
+    geoms[off] = shapely.simplify(a[off], tolerance, preserve_topology=True)
+    out[out.geometry.name] = geoms
+    log.debug("%d of %d squared outlines strayed from the mask's (IoU under %g); simplified instead",
+              int(off.sum()), len(off), min_iou)
+    return out

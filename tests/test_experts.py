@@ -264,7 +264,8 @@ def test_incomplete_or_inconsistent_bundle_is_named(bundle_dir, tmp_path):
 def test_evaluation_table_has_every_method(bundle_dir, synth_root, tmp_path):
     ev = evaluate(load_bundle(bundle_dir), synth_root, progress=False)
     assert set(ev.table.method) == {"single", "generalist", "random", "embedding", "smoothed", "location_oracle",
-                                    "best_expert", "soft"}
+                                    "best_expert", "soft", "single_footprints", "embedding_footprints",
+                                    "smoothed_footprints"}  # the last three: polygons as a user gets them
     assert set(ev.table.location) == {"loc0", "loc1", "loc2", "overall"}
     for col in ("iou", "accuracy", "precision", "recall", "f1", "building_f1", "boundary_iou"):
         assert col in ev.table

@@ -277,3 +277,36 @@ def test_building_f1_counts_row_houses_as_the_outlines_do():
     extra[35:38, 2:5] = 1  # a building in the mask that no outline covers stays a building of its own
     lab, n = truth_instances(extra, ids)
     assert n == 4 and set(np.unique(lab)) == {0, 1, 2, 3, 4}
+
+
+def test_footprints_scored_as_delivered_are_the_mask_until_squared():
+    """Footprints rasterised back onto their window (how evaluate scores what a user gets): the mask's own outlines
+    give back the mask pixel for pixel, two roofs the watershed cut apart stay two buildings, a speck under the
+    smallest footprint goes; squared at 0.15 m with the guard, each building stays within it of its mask."""
+    from scipy import ndimage
+    from skimage.draw import polygon as fill
+
+    from geomoe.config import PredictConfig
+    from geomoe.pipelines.footprints import as_delivered
+    from geomoe.pipelines.regularise import Regularisation
+
+    labels = np.zeros((120, 160), np.int32)
+    labels[10:50, 8:40] = 1
+    labels[10:50, 40:75] = 2  # touching roofs: separated_mask cuts a pixel between them
+    rr, cc = fill([60, 75, 110, 95], [90, 140, 120, 70], labels.shape)  # a house turned about 25 degrees
+    labels[rr, cc] = 3
+    labels[100:102, 10:12] = 4  # a speck
+    mask = separated_mask(labels)
+    assert ndimage.label(mask)[1] == 4
+    same = as_delivered(mask, 0.15, 0.0, None)
+    assert np.array_equal(same, mask)
+    kept = as_delivered(mask, 0.15, 1.0, None)  # 4 pixels of 0.0225 m2 are under 1 m2
+    assert ndimage.label(kept)[1] == 3 and not kept[100:102, 10:12].any() and np.array_equal(kept[:90], mask[:90])
+    squared = as_delivered(mask, 0.15, 1.0, Regularisation.of(PredictConfig()))
+    lab, n = ndimage.label(squared)
+    assert n == 3 and not np.array_equal(squared, kept)
+    for k in (1, 2, 3):
+        mine = lab == lab[tuple(np.argwhere(labels == k).mean(0).astype(int))]
+        truth = labels == k
+        assert (mine & truth).sum() / (mine | truth).sum() >= 0.85  # the guard's 0.9 on outlines, less pixel cuts
+    assert as_delivered(mask, None, 1.0, Regularisation.of(PredictConfig())) is mask  # no ground size: as masked

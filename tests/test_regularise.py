@@ -68,7 +68,8 @@ def test_fine_rasters_are_squared_at_half_a_metre_not_at_one_pixel():
     assert corners <= 12 and staircase >= 2 * corners
     assert abs(fine.area_m2.sum() / wobbly.area_m2.sum() - 1) < 0.03  # squarer, not smaller
     coarse, _ = squared(1.0, Regularisation.of(PredictConfig()))
-    floor, _ = squared(1.0, Regularisation(False, tolerance_m=0.1, parallel_m=0.2))
+    floor, _ = squared(1.0, Regularisation(False, tolerance_m=0.1, parallel_m=0.2,
+                                          min_iou=PredictConfig().regularize_min_iou))
     assert all(shapely.equals_exact(a, b, 0) for a, b in zip(coarse.geometry, floor.geometry))
 
 
@@ -159,3 +160,45 @@ def test_a_building_the_regulariser_loses_keeps_its_raw_outline():
     out = one_per_building(work, parts)
     assert out.expert.tolist() == [3, 4] and "_order" not in out
     assert out.geometry.iloc[0].equals(shapely.box(0, 0, 5, 4.9)) and out.geometry.iloc[1].equals(work.geometry.iloc[1])
+
+
+def _pixel_outline(g: shapely.Polygon, res: float = 0.15) -> shapely.Polygon:
+    """``g`` as a mask at ``res`` metres outlines it: a staircase ring."""
+    from rasterio import features
+    from shapely.geometry import shape
+
+    x0, y0, x1, y1 = g.bounds
+    t = from_origin(x0 - 1, y1 + 1, res, res)
+    m = features.rasterize([(g, 1)], (int((y1 - y0 + 2) / res), int((x1 - x0 + 2) / res)), transform=t, dtype="uint8")
+    return max((shape(p) for p, _ in features.shapes(m, mask=m > 0, transform=t)), key=lambda p: p.area)
+
+
+def test_a_squared_outline_that_strays_from_the_mask_gives_way_to_the_simplified_outline():
+    """Masks at 0.15 m of a house turned 20 degrees, a wedge, a round tank and an L-shaped block. Squared at the
+    defaults, some no longer cover what the mask found (IoU with it under 0.9); with the guard those come out as
+    the mask's outline simplified at the tolerance, the others as squared, and every footprint stays within the
+    guard of its mask."""
+    from shapely.affinity import rotate
+
+    shapes = [rotate(shapely.box(0, 0, 10, 7), 20, origin=(0, 0)), shapely.Polygon([(0, 0), (12, 0), (0, 7)]),
+              shapely.Point(0, 0).buffer(4), shapely.Polygon([(0, 0), (9, 0), (9, 3), (4, 3), (5, 8), (0, 8)])]
+    gdf = gpd.GeoDataFrame({"n": range(4)}, geometry=[_pixel_outline(s) for s in shapes], crs="EPSG:32645")
+    squared = regularise(gdf, 1.0, 0.5, False)
+    guarded = regularise(gdf, 1.0, 0.5, False, min_iou=0.9)
+
+    def iou(a, b):
+        i = shapely.area(shapely.intersection(a, b))
+        return i / (shapely.area(a) + shapely.area(b) - i)
+
+    raw = gdf.geometry.to_numpy()
+    strayed = iou(raw, squared.geometry.to_numpy()) < 0.9
+    assert 0 < strayed.sum() < len(gdf)  # both kinds are here
+    out = guarded.geometry.to_numpy()
+    assert guarded.n.tolist() == [0, 1, 2, 3]
+    assert (iou(raw, out) >= 0.9).all()
+    for k in range(len(gdf)):
+        want = shapely.simplify(raw[k], 0.5) if strayed[k] else squared.geometry.iloc[k]
+        assert shapely.equals_exact(out[k], want, 0)
+    assert (shapely.get_num_coordinates(out[strayed]) < shapely.get_num_coordinates(raw[strayed]) / 4).all()
+    assert all(shapely.equals_exact(a, b, 0) for a, b in zip(regularise(gdf, 1.0, 0.5, False, min_iou=0).geometry,
+                                                              squared.geometry))
