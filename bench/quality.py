@@ -35,6 +35,8 @@ from geomoe.data.datasets import GridDataset, prepare
 from geomoe.embedding.extract import Embeddings
 from geomoe.metrics import ERRORS_LEGEND, drop_small
 from geomoe.pipelines.evaluate import Evaluation, evaluate, markdown_table, min_pixels, route_batch, route_windows
+from geomoe.pipelines.footprints import window_footprints
+from geomoe.pipelines.regularise import Regularisation
 from geomoe.pipelines.train import expert_jobs, train_all
 
 METRICS = ("iou", "building_f1", "boundary_iou", "accuracy")
@@ -110,8 +112,8 @@ def dense_picture(bundle, prep, out: Path, routed_by: str) -> Path:
     Banepa, not Xiamen or Barnarp: this picture ships in docs/, and only the shipped sample's locations (Austin,
     Banepa, Kampala) may appear in what the project ships. Counted as connected building regions of the truth, not
     building pixels: the point is touching roofs, and the window with the most building pixels can be one large
-    roof. Each model's footprints as ``evaluate`` scores them (its calibrated threshold, watershed seeds and
-    smallest footprint).
+    roof. Each model's mask as ``evaluate`` scores it (its calibrated threshold, watershed seeds and smallest
+    footprint), outlined by the footprint polygons a user gets of it.
     """
     shipped = ("banepa", "kampala", "austin")
     refs = next((r for r in ([w for w in prep.windows("test") if prep.location_of(w) == loc] for loc in shipped)
@@ -129,22 +131,35 @@ def dense_picture(bundle, prep, out: Path, routed_by: str) -> Path:
     none = np.zeros(1, np.int64)  # the random and oracle choices are not drawn
     px_of = prep.readers[refs[best].scene]
 
-    def footprints(method: str, which: str) -> np.ndarray:
+    squaring = Regularisation.of(bundle.config.predict)
+
+    def footprints(method: str, which: str) -> tuple[np.ndarray, list]:
+        """The mask as evaluate scores it, and the polygons a user gets of it (as rows and columns)."""
         c = bundle.calibration(which)
         m = rb.method_masks(method, c.threshold, none, None, separation=c.separation)[0]
-        return drop_small(m, min_pixels(px_of, c.min_area_m2))
+        gsd = px_of.target_gsd or px_of.gsd
+        if not gsd:
+            return drop_small(m, min_pixels(px_of, c.min_area_m2)), []
+        gdf, _ = window_footprints(m, gsd, c.min_area_m2, squaring)  # pixel units, y up from the window's foot
+        rings = [np.asarray(p.exterior.coords) for g in gdf.geometry for p in getattr(g, "geoms", [g])]
+        return drop_small(m, min_pixels(px_of, c.min_area_m2)), [np.c_[r[:, 0], m.shape[0] - r[:, 1]] for r in rings]
 
     routed, single = footprints(routed_by, "experts"), footprints("single", "single")
     truth = d["mask"].numpy() > 0
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
     rgb = d["image"].permute(1, 2, 0).numpy()
-    for ax, (title, m) in zip(axes, (("image", None), ("truth", truth), ("single network", single),
+    for ax, (title, m) in zip(axes, (("image", None), ("truth", (truth, None)), ("single network", single),
                                       (f"routed (expert {int(getattr(rb, routed_by)[0])})", routed))):
         ax.imshow(rgb)
         if m is not None:
-            ax.imshow(np.ma.masked_where(~m, m), cmap="autumn", alpha=0.35, vmin=0, vmax=1)
-            if m.any():
-                ax.contour(m.astype(float), levels=[0.5], colors="yellow", linewidths=0.7)
+            mask, rings = m
+            ax.imshow(np.ma.masked_where(~mask, mask), cmap="autumn", alpha=0.35, vmin=0, vmax=1)
+            if rings is None and mask.any():
+                ax.contour(mask.astype(float), levels=[0.5], colors="yellow", linewidths=0.7)
+            for r in rings or []:  # the footprints as delivered: squared where faithful, simplified elsewhere
+                ax.plot(r[:, 0] - 0.5, r[:, 1] - 0.5, color="yellow", linewidth=0.8)
+            ax.set_xlim(-0.5, mask.shape[1] - 0.5)
+            ax.set_ylim(mask.shape[0] - 0.5, -0.5)
         ax.set_title(title)
         ax.axis("off")
     fig.suptitle(f"dense test area ({int(label(truth, connectivity=1).max())} buildings in the truth): "
