@@ -205,6 +205,7 @@ def footprint_chunk(frame: gpd.GeoDataFrame, spec: FrameSpec) -> gpd.GeoDataFram
     geoms[bad] = shapely.buffer(geoms[bad], 0)
     gdf = gpd.GeoDataFrame(frame.drop(columns=frame.geometry.name), geometry=shapely.normalize(geoms), crs=spec.crs)
     gsd = spec.gsd
+    gdf["squared"] = False  # set where the regulariser's outline is kept (pipelines/regularise.py)
     if gsd is None:  # no ground resolution: no areas, no regularisation
         gdf["area_m2"] = np.nan
         return gdf
@@ -301,7 +302,8 @@ def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd
                     expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0,
                     area_crs: CRS | None = None) -> gpd.GeoDataFrame:
     """Georeference, measure, filter and regularise pieces (over ``workers`` processes when more than one);
-    attributes: area_m2, expert, mean_prob, pixels."""
+    attributes: area_m2, expert, mean_prob, pixels, squared (the outline is the regulariser's, not the mask's
+    simplified)."""
     return start_frame(pieces, transform, crs, gsd, min_area_m2, regularize, expert_at, workers,
                        area_crs).result()
 

@@ -90,6 +90,9 @@ def one_per_building(work: gpd.GeoDataFrame, parts: pd.DataFrame) -> gpd.GeoData
                   split, len(g) - len(first))
     out = work.copy()
     out[out.geometry.name] = geoms
+    squared = np.zeros(len(work), bool)
+    squared[order[first]] = True  # a lost outline stays raw
+    out["squared"] = squared
     return out
 
 
@@ -107,7 +110,7 @@ def regularise(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: flo
 def keep_faithful(raw: gpd.GeoDataFrame, squared: gpd.GeoDataFrame, tolerance: float,
                   min_iou: float) -> gpd.GeoDataFrame:
     """``squared`` where each outline's IoU with its ``raw`` one (row by row) is at least ``min_iou``; elsewhere the
-    raw outline simplified at ``tolerance``.
+    raw outline simplified at ``tolerance`` (its ``squared`` column then False, so a user can tell them apart).
 
     The regulariser fits a few dominant directions to every outline. A roof the mask outlines well comes out
     squared and barely moved; a blob (an irregular or partly seen roof, two roofs the watershed left joined) comes
@@ -129,6 +132,7 @@ def keep_faithful(raw: gpd.GeoDataFrame, squared: gpd.GeoDataFrame, tolerance: f
     geoms = b.copy()
     geoms[off] = shapely.simplify(a[off], tolerance, preserve_topology=True)
     out[out.geometry.name] = geoms
+    out["squared"] = out["squared"].to_numpy() & ~off
     log.debug("%d of %d squared outlines strayed from the mask's (IoU under %g); simplified instead",
               int(off.sum()), len(off), min_iou)
     return out

@@ -80,7 +80,7 @@ class SceneWriters:
     def write_frame(self, gdf: gpd.GeoDataFrame) -> None:
         """Append finished footprints (in the raster's CRS) to the layers."""
         if len(gdf):
-            gdf = gdf[["area_m2", "expert", "mean_prob", "pixels", "geometry"]]
+            gdf = gdf[["area_m2", "expert", "mean_prob", "pixels", "squared", "geometry"]]
             gdf.to_file(self.vec_tmp, driver="GPKG", layer="footprints", append=self.vec_tmp.exists(), engine="pyogrio")
             self.count += len(gdf)
 
@@ -108,7 +108,8 @@ class SceneWriters:
                                      BIGTIFF="IF_SAFER", NUM_THREADS=self.gdal_threads)
             raw.unlink()
         if not self.vec_tmp.exists():  # no building found: empty, valid layers
-            empty = gpd.GeoDataFrame({"area_m2": [], "expert": [], "mean_prob": [], "pixels": []}, geometry=[], crs=self.crs)
+            empty = gpd.GeoDataFrame({"area_m2": [], "expert": [], "mean_prob": [], "pixels": [],
+                                      "squared": np.zeros(0, bool)}, geometry=[], crs=self.crs)
             empty.to_file(self.vec_tmp, driver="GPKG", layer="footprints")
         # from the finished layer, in chunks: memory stays flat and no format is appended to batch by batch
         if self.outs.parquet is not None:

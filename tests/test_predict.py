@@ -127,7 +127,8 @@ def test_buildings_crossing_band_borders_come_out_whole(tmp_path):
     assert len(fp) == 3 == st.footprints
     areas = sorted(fp.area_m2.round(2))
     assert areas == pytest.approx(sorted([340 * 40 * 0.25, (200 * 20 * 2 + 20 * 30) * 0.25, 100 * 0.25]), rel=1e-6)
-    assert fp.crs.to_epsg() == 32633 and set(fp.columns) >= {"area_m2", "expert", "mean_prob"}
+    assert fp.crs.to_epsg() == 32633 and set(fp.columns) >= {"area_m2", "expert", "mean_prob", "squared"}
+    assert fp.squared.dtype == bool
     assert fp.mean_prob.min() > 0.95
     gj = gpd.read_file(outs.geojson)
     assert gj.crs.to_epsg() == 4326 and len(gj) == 3
@@ -241,6 +242,7 @@ def test_cli_predict_with_a_trained_bundle(tmp_path, synth_root, bundle_dir):
     gp, gk = gpd.read_parquet(pq_path), gpd.read_file(tmp_path / "pred" / "scene_footprints.gpkg")
     assert gp.crs.to_epsg() == 32633 and len(gp) == len(gk) == summary["footprints"]
     assert np.isclose(gp.geometry.area.sum(), gk.geometry.area.sum())
+    assert gp.squared.dtype == bool and gp.squared.tolist() == gk.squared.tolist()
 
 
 def test_geoparquet_is_written_in_chunks_with_its_crs(tmp_path):

@@ -200,5 +200,6 @@ def test_a_squared_outline_that_strays_from_the_mask_gives_way_to_the_simplified
         want = shapely.simplify(raw[k], 0.5) if strayed[k] else squared.geometry.iloc[k]
         assert shapely.equals_exact(out[k], want, 0)
     assert (shapely.get_num_coordinates(out[strayed]) < shapely.get_num_coordinates(raw[strayed]) / 4).all()
+    assert squared.squared.all() and guarded.squared.tolist() == (~strayed).tolist()  # a user can tell them apart
     assert all(shapely.equals_exact(a, b, 0) for a, b in zip(regularise(gdf, 1.0, 0.5, False, min_iou=0).geometry,
                                                               squared.geometry))
