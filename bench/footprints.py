@@ -18,7 +18,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import shapely
 from common import SHARED, record, write_json
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -29,7 +28,7 @@ from geomoe.data.datasets import GridDataset, prepare
 from geomoe.metrics import Scores
 from geomoe.pipelines.evaluate import markdown_table, min_pixels, route_batch, route_windows
 from geomoe.pipelines.footprints import rasterise_footprints, window_footprints
-from geomoe.pipelines.regularise import Regularisation
+from geomoe.pipelines.regularise import Regularisation, outline_iou
 
 GUARDS = (0.0, 0.8, 0.85, 0.9, 0.95)
 SETTINGS = ((0.5, 1.0), (0.25, 0.5), (0.25, 0.25))  # (tolerance, parallel) in metres; the first is the library's
@@ -74,9 +73,8 @@ def main() -> None:
                     gdf, _ = window_footprints(m, gsd, c.min_area_m2, reg)
                     pred = rasterise_footprints(gdf, t, m.shape)
                     if reg.min_iou == 0 and len(gdf):
-                        x, y = raw.geometry.to_numpy(), gdf.geometry.to_numpy()
-                        inter = shapely.area(shapely.intersection(x, shapely.make_valid(y)))
-                        faithful[(reg.tolerance_m, reg.parallel_m)].append(inter / (shapely.area(x) + shapely.area(y) - inter))
+                        faithful[(reg.tolerance_m, reg.parallel_m)].append(
+                            outline_iou(raw.geometry.to_numpy(), gdf.geometry.to_numpy()))
                 for s in (scores[v], by_loc[(v, prep.locations[li])]):
                     s.update(pred & valid[j], truth[j], valid[j], min_pixels=small, truth_ids=ids[j])
     fits = {k: np.concatenate(f) if f else np.zeros(0) for k, f in faithful.items()}

@@ -34,7 +34,8 @@ from geomoe.config import load_config
 from geomoe.data.datasets import GridDataset, prepare
 from geomoe.embedding.extract import Embeddings
 from geomoe.metrics import ERRORS_LEGEND, drop_small
-from geomoe.pipelines.evaluate import Evaluation, evaluate, markdown_table, min_pixels, route_batch, route_windows
+from geomoe.pipelines.evaluate import (Evaluation, as_footprints, evaluate, markdown_table, min_pixels, route_batch,
+                                      route_windows)
 from geomoe.pipelines.footprints import window_footprints
 from geomoe.pipelines.regularise import Regularisation
 from geomoe.pipelines.train import expert_jobs, train_all
@@ -137,12 +138,12 @@ def dense_picture(bundle, prep, out: Path, routed_by: str) -> Path:
         """The mask as evaluate scores it, and the polygons a user gets of it (as rows and columns)."""
         c = bundle.calibration(which)
         m = rb.method_masks(method, c.threshold, none, None, separation=c.separation)[0]
-        gsd = px_of.target_gsd or px_of.gsd
+        scored, gsd = drop_small(m, min_pixels(px_of, c.min_area_m2)), px_of.target_gsd or px_of.gsd
         if not gsd:
-            return drop_small(m, min_pixels(px_of, c.min_area_m2)), []
-        gdf, _ = window_footprints(m, gsd, c.min_area_m2, squaring)  # pixel units, y up from the window's foot
+            return scored, []
+        gdf, t = window_footprints(m, gsd, c.min_area_m2, squaring)
         rings = [np.asarray(p.exterior.coords) for g in gdf.geometry for p in getattr(g, "geoms", [g])]
-        return drop_small(m, min_pixels(px_of, c.min_area_m2)), [np.c_[r[:, 0], m.shape[0] - r[:, 1]] for r in rings]
+        return scored, [np.c_[~t * (r[:, 0], r[:, 1])] for r in rings]  # back to columns and rows
 
     routed, single = footprints(routed_by, "experts"), footprints("single", "single")
     truth = d["mask"].numpy() > 0
@@ -171,9 +172,10 @@ def dense_picture(bundle, prep, out: Path, routed_by: str) -> Path:
     return out
 
 
-def targets_of(iou: pd.DataFrame, f1: pd.DataFrame, routed: str, single: str = "single") -> dict:
-    """The issue's targets for the routed experts as evaluate's method ``routed`` runs them, against ``single``
-    (``*_footprints``: both as delivered footprints; the location oracle is a mask and is left out there)."""
+def targets_of(iou: pd.DataFrame, f1: pd.DataFrame, routed: str, single: str = "single",
+               oracle: bool = True) -> dict:
+    """The issue's targets for the routed experts as evaluate's method ``routed`` runs them, against ``single``;
+    ``oracle`` False leaves out the location oracle (a mask: not comparable with footprint rows)."""
     locs = [l for l in iou.index if l != "overall"]
     return {
         "routed_method": routed,
@@ -181,7 +183,7 @@ def targets_of(iou: pd.DataFrame, f1: pd.DataFrame, routed: str, single: str = "
         "routed_minus_single_overall_iou_points": float(100 * (iou.loc["overall", routed] - iou.loc["overall", single])),
         "routed_building_f1_overall": float(f1.loc["overall", routed]),
         "router_minus_location_oracle_iou_points": float(100 * (iou.loc["overall", routed] - iou.loc["overall", "location_oracle"]))
-        if "location_oracle" in iou and not routed.endswith("_footprints") else float("nan"),
+        if oracle and "location_oracle" in iou else float("nan"),
     }
 
 
@@ -242,8 +244,8 @@ def main() -> None:
     targets = targets_of(piv["iou"], piv["building_f1"], routed_by)
     tile_targets = targets_of(piv["iou"], piv["building_f1"], "embedding")
     # the same targets on the footprints a user gets (polygons, squared, rasterised back), where evaluate scored them
-    delivered = targets_of(piv["iou"], piv["building_f1"], f"{routed_by}_footprints", "single_footprints") \
-        if f"{routed_by}_footprints" in piv["iou"] else None
+    delivered = targets_of(piv["iou"], piv["building_f1"], as_footprints(routed_by), as_footprints("single"),
+                           oracle=False) if as_footprints(routed_by) in piv["iou"] else None
     md = []
     for m, title in (("iou", "IoU"), ("building_f1", "Building F1 (IoU >= 0.5)"), ("boundary_iou", "Boundary IoU")):
         md.append(f"**{title}, test split, k = {cfg.regions.k}**\n\n" + markdown_table(piv[m]))

@@ -34,7 +34,14 @@ METHODS = ("single", "generalist", "random", "embedding", "smoothed", "location_
 # Scored again as the footprints a user gets (polygons, specks dropped, pinholes filled, squared) rasterised back:
 # rows "<method>_footprints". The other rows score masks, which squaring can move (bench/footprints.py).
 DELIVERED = ("single", "embedding", "smoothed")
-FOOTPRINTS = tuple(f"{m}_footprints" for m in DELIVERED)
+
+
+def as_footprints(method: str) -> str:
+    """The row that scores ``method``'s footprint polygons."""
+    return f"{method}_footprints"
+
+
+FOOTPRINTS = tuple(as_footprints(m) for m in DELIVERED)
 METRICS = ("iou", "accuracy", "precision", "recall", "f1", "building_f1", "boundary_iou")
 
 
@@ -249,8 +256,9 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
                and not (m == "generalist" and bundle.generalist is None)
                and not (m == "location_oracle" and oracle is None)]
     delivered = [m for m in DELIVERED if m in methods]
+    rows_of = [*methods, *map(as_footprints, delivered)]
     squaring = Regularisation.of(cfg.predict)
-    scores = {(m, loc): Scores() for m in [*methods, *(f"{d}_footprints" for d in delivered)] for loc in prep.locations}
+    scores = {(m, loc): Scores() for m in rows_of for loc in prep.locations}
     routing = np.zeros((len(prep.locations), bundle.k), np.int64)
     flagged = np.zeros(len(prep.locations), np.int64)
     for b in tqdm(DataLoader(GridDataset(prep, refs), batch_size=batch_size), desc="evaluating", unit="batch",
@@ -277,10 +285,10 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
                 if m in delivered:
                     got = as_delivered(pred[j] & valid[j].astype(bool), reader.target_gsd or reader.gsd,
                                        c.min_area_m2, squaring)
-                    scores[(f"{m}_footprints", loc)].update(got, truth[j], valid[j], min_pixels=small,
+                    scores[(as_footprints(m), loc)].update(got, truth[j], valid[j], min_pixels=small,
                                                             truth_ids=ids[j])
     rows = []
-    for m in [*methods, *(f"{d}_footprints" for d in delivered)]:
+    for m in rows_of:
         overall = Scores()
         for loc in prep.locations:
             overall += scores[(m, loc)]

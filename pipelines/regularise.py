@@ -107,6 +107,16 @@ def regularise(work: gpd.GeoDataFrame, parallel_threshold: float, tolerance: flo
     return keep_faithful(work, squared, tolerance, min_iou) if min_iou > 0 else squared
 
 
+def outline_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of each outline of ``a`` with the one of ``b`` beside it (a squared outline may be invalid: repaired)."""
+    bad = ~shapely.is_valid(b)
+    b = b.copy()
+    b[bad] = shapely.make_valid(b[bad])
+    inter = shapely.area(shapely.intersection(a, b))
+    union = shapely.area(a) + shapely.area(b) - inter
+    return np.divide(inter, union, out=np.zeros(len(a)), where=union > 0)
+
+
 def keep_faithful(raw: gpd.GeoDataFrame, squared: gpd.GeoDataFrame, tolerance: float,
                   min_iou: float) -> gpd.GeoDataFrame:
     """``squared`` where each outline's IoU with its ``raw`` one (row by row) is at least ``min_iou``; elsewhere the
@@ -119,13 +129,7 @@ def keep_faithful(raw: gpd.GeoDataFrame, squared: gpd.GeoDataFrame, tolerance: f
     1.8 points of IoU and 0.020 of building F1 against the unsquared outlines; with a guard of 0.9, 0.5 and 0.002
     (bench/footprints.py)."""
     a, b = raw.geometry.to_numpy(), squared.geometry.to_numpy()
-    bad = ~shapely.is_valid(b)
-    b_ok = b.copy()
-    b_ok[bad] = shapely.make_valid(b[bad])
-    inter = shapely.area(shapely.intersection(a, b_ok))
-    union = shapely.area(a) + shapely.area(b_ok) - inter
-    iou = np.divide(inter, union, out=np.zeros(len(a)), where=union > 0)
-    off = iou < min_iou
+    off = outline_iou(a, b) < min_iou
     if not off.any():
         return squared
     out = squared.copy()
