@@ -27,6 +27,7 @@ from scipy import ndimage
 from shapely.affinity import affine_transform
 from shapely.geometry import shape
 
+from geomoe.metrics import EDGE_FACTOR
 from geomoe.pipelines.pool import submit
 from geomoe.pipelines.regularise import MIN_CHUNK, Regularisation, balanced_chunks, regularise
 
@@ -214,7 +215,8 @@ def footprint_chunk(frame: gpd.GeoDataFrame, spec: FrameSpec) -> gpd.GeoDataFram
     else:
         work, unit, scale = (gdf.to_crs(spec.area_crs) if len(gdf) else gdf), 1.0, 1.0
     work["area_m2"] = work.geometry.area * scale
-    work = work[work.area_m2 >= spec.min_area_m2]
+    # a piece on the scene's edge may be a building the scene cuts, of any size: held against a quarter of the area
+    work = work[np.where(work.at_edge, EDGE_FACTOR, 1) * work.area_m2 >= spec.min_area_m2]
     if len(work):  # pinholes are noise in a roof, not courtyards; they also cost the regulariser most of its time
         work[work.geometry.name] = fill_holes(work.geometry.to_numpy(), spec.min_area_m2 / scale)
     if spec.regularize is not None and len(work):
@@ -264,17 +266,22 @@ class FrameJob:
 def start_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
                 min_area_m2: float, regularize: Regularisation | None,
                 expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0,
-                area_crs: CRS | None = None) -> FrameJob:
+                area_crs: CRS | None = None, size: tuple[int, int] | None = None) -> FrameJob:
     """Start turning a batch of pieces into footprints (:func:`footprint_chunk`), over ``workers`` processes in
     chunks of about equal cost when given (they go on while the caller does; the job's ``result()`` gives the
-    frame). ``area_crs``: where areas are measured (default: the UTM zone of this batch)."""
-    pieces = _drop_specks(pieces, gsd, min_area_m2)
+    frame). ``area_crs``: where areas are measured (default: the UTM zone of this batch). ``size``: the scene's
+    (width, height) in pixels; pieces touching its edge need a quarter of the smallest area (``EDGE_FACTOR``;
+    None: no edge known)."""
+    edge = on_edge(pieces, size)
+    keep = _not_specks(pieces, gsd, min_area_m2, edge)
+    pieces, edge = [p for p, k in zip(pieces, keep) if k], edge[keep]
     geoms = np.array([p.geom for p in pieces], dtype=object)
     cent = shapely.get_coordinates(shapely.centroid(geoms)) if len(pieces) else np.zeros((0, 2))
     frame = gpd.GeoDataFrame(
         {"expert": expert_at(cent[:, 0], cent[:, 1]).astype(np.int32) if len(pieces) else np.zeros(0, np.int32),
          "mean_prob": np.array([p.prob_sum / max(p.pixels, 1) for p in pieces], np.float32),
          "pixels": np.array([p.pixels for p in pieces], np.int64),
+         "at_edge": edge,
          "_piece": np.arange(len(pieces))}, geometry=geoms)
     if crs is not None and area_crs is None and len(pieces):
         area_crs = _utm_at(crs, *(transform * tuple(cent.mean(0))))
@@ -287,25 +294,33 @@ def start_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: fl
     return FrameJob([frame.iloc[idx] for idx in balanced_chunks(cost, n)], spec, workers)
 
 
-def _drop_specks(pieces: list[Piece], gsd: float | None, min_area_m2: float) -> list[Piece]:
-    """``pieces`` without those far below the smallest footprint by their pixel count (most pieces are specks):
+def _not_specks(pieces: list[Piece], gsd: float | None, min_area_m2: float, edge: np.ndarray) -> np.ndarray:
+    """Which of ``pieces`` are not far below the smallest footprint by their pixel count (most pieces are specks):
     geometry work is then spent on buildings. The margin of four leaves the exact decision, on the measured
     area, to :func:`footprint_chunk` (the ground resolution is the scene centre's)."""
     if gsd is None or min_area_m2 <= 0:
-        return pieces
-    pixel_m2 = gsd * gsd
-    return [p for p in pieces if p.pixels * pixel_m2 * 4 >= min_area_m2]
+        return np.ones(len(pieces), bool)
+    need = min_area_m2 / np.where(edge, EDGE_FACTOR, 1)
+    return np.array([p.pixels * gsd * gsd * 4 for p in pieces]) >= need
+
+
+def on_edge(pieces: list[Piece], size: tuple[int, int] | None) -> np.ndarray:
+    """Which of ``pieces`` touch the edge of a scene of ``size`` (width, height) pixels (none when unknown)."""
+    if size is None or not pieces:
+        return np.zeros(len(pieces), bool)
+    b = shapely.bounds(np.array([p.geom for p in pieces], dtype=object))
+    return (b[:, 0] <= 0) | (b[:, 1] <= 0) | (b[:, 2] >= size[0]) | (b[:, 3] >= size[1])
 
 
 def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
                     min_area_m2: float, regularize: Regularisation | None,
                     expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0,
-                    area_crs: CRS | None = None) -> gpd.GeoDataFrame:
+                    area_crs: CRS | None = None, size: tuple[int, int] | None = None) -> gpd.GeoDataFrame:
     """Georeference, measure, filter and regularise pieces (over ``workers`` processes when more than one);
-    attributes: area_m2, expert, mean_prob, pixels, squared (the outline is the regulariser's, not the mask's
-    simplified)."""
+    attributes: area_m2, expert, mean_prob, pixels, at_edge (touches the scene's edge), squared (the outline is
+    the regulariser's, not the mask's simplified)."""
     return start_frame(pieces, transform, crs, gsd, min_area_m2, regularize, expert_at, workers,
-                       area_crs).result()
+                       area_crs, size).result()
 
 
 def fill_holes(geoms: np.ndarray, min_area: float) -> np.ndarray:
@@ -339,15 +354,16 @@ def _one_polygon_each(gdf: gpd.GeoDataFrame, area_scale: float) -> gpd.GeoDataFr
 
 def window_footprints(mask: np.ndarray, gsd: float | None, min_area_m2: float,
                       regularize: Regularisation | None) -> tuple[gpd.GeoDataFrame, Affine]:
-    """The footprints prediction makes of one window's ``mask`` (outlined, specks dropped, pinholes filled,
-    squared), in pixel units with y up as on a georeferenced raster (so the regulariser sees outlines turned as in
-    a scene), and that frame's transform from pixels."""
+    """The footprints prediction makes of one window's ``mask`` as of a scene (outlined, specks dropped, on its edge
+    only the smallest, pinholes filled, squared), in pixel units with y up as on a georeferenced raster (so the regulariser sees
+    outlines turned as in a scene), and that frame's transform from pixels."""
     pieces: list[Piece] = []
     fc = FootprintCollector(mask.shape[1], pieces.extend)
     fc.add_band(0, mask, mask.astype(np.float32))
     fc.finish()
     t = Affine(1, 0, 0, 0, -1, mask.shape[0])
-    return pieces_to_frame(pieces, t, None, gsd, min_area_m2, regularize, lambda c, r: np.zeros(len(c))), t
+    return pieces_to_frame(pieces, t, None, gsd, min_area_m2, regularize, lambda c, r: np.zeros(len(c)),
+                           size=(mask.shape[1], mask.shape[0])), t
 
 
 def rasterise_footprints(gdf: gpd.GeoDataFrame, transform: Affine, shape: tuple[int, int]) -> np.ndarray:

@@ -109,6 +109,7 @@ def predict_strip(model: TileModel, strip: Strip, cfg: PredictConfig, threshold:
             writers = SceneWriters(view, outs, scene_gsd, cfg, expert_at)  # part rasters: the strip's rows only
             writers.transform = ds.transform  # footprints in the scene's pixel grid: the whole run's coordinates
             writers.area_crs = scene_area_crs(ds.crs, ds.transform, ds.width, ds.height)  # areas as the whole scene's
+            writers.size = (ds.width, ds.height)  # the scene's edge, not the strip's
             held: list[Piece] = []
             top_open, bottom_open = strip.index > 0, strip.index < strip.count - 1
 

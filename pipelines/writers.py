@@ -54,6 +54,7 @@ class SceneWriters:
         self.outs, self.cfg, self.gsd, self.expert_at = outs, cfg, gsd, expert_at
         self.regularisation = Regularisation.of(cfg)
         self.crs, self.transform = ds.crs, ds.transform
+        self.size = (ds.width, ds.height)  # the scene's, in pixels: footprints on its edge are kept whatever their area
         self.raw_prob, self.raw_mask = tmp_name(outs.prob).with_suffix(".raw.tif"), tmp_name(outs.mask).with_suffix(".raw.tif")
         self.prob = rasterio.open(self.raw_prob, "w", **prof)
         self.mask = rasterio.open(self.raw_mask, "w", **prof)
@@ -75,12 +76,12 @@ class SceneWriters:
         # batches written in the order their pieces were finished, at most two per worker under way (memory)
         self.pending.add(start_frame(pieces, self.transform, self.crs, self.gsd, self.cfg.min_area_m2,
                                      self.regularisation, self.expert_at, self.workers,
-                                     self.area_crs), keep=2 * max(1, self.workers))
+                                     self.area_crs, self.size), keep=2 * max(1, self.workers))
 
     def write_frame(self, gdf: gpd.GeoDataFrame) -> None:
         """Append finished footprints (in the raster's CRS) to the layers."""
         if len(gdf):
-            gdf = gdf[["area_m2", "expert", "mean_prob", "pixels", "squared", "geometry"]]
+            gdf = gdf[["area_m2", "expert", "mean_prob", "pixels", "at_edge", "squared", "geometry"]]
             gdf.to_file(self.vec_tmp, driver="GPKG", layer="footprints", append=self.vec_tmp.exists(), engine="pyogrio")
             self.count += len(gdf)
 
@@ -109,7 +110,8 @@ class SceneWriters:
             raw.unlink()
         if not self.vec_tmp.exists():  # no building found: empty, valid layers
             empty = gpd.GeoDataFrame({"area_m2": [], "expert": [], "mean_prob": [], "pixels": [],
-                                      "squared": np.zeros(0, bool)}, geometry=[], crs=self.crs)
+                                      "at_edge": np.zeros(0, bool), "squared": np.zeros(0, bool)}, geometry=[],
+                                     crs=self.crs)
             empty.to_file(self.vec_tmp, driver="GPKG", layer="footprints")
         # from the finished layer, in chunks: memory stays flat and no format is appended to batch by batch
         if self.outs.parquet is not None:

@@ -105,12 +105,28 @@ def test_building_matches_for_several_smallest_sizes_equal_dropping_then_matchin
         assert [tuple(r) for r in got] == [match_buildings(drop_small(p, s), t) for s in sizes]
 
 
+def test_a_piece_on_the_window_edge_is_not_dropped_as_small():
+    """A window cuts buildings as a scene's edge does: a small piece on its border may be part of a house of any size,
+    so the metrics hold it against a quarter of the smallest footprint, as prediction does (the shed inside, as
+    large, is dropped; so is a speck on the edge)."""
+    from scipy import ndimage
+
+    from geomoe.metrics import drop_small, match_by_size
+
+    truth = np.zeros((30, 30), bool)
+    truth[10:14, 0:2] = truth[15:17, 15:18] = True  # the end of a house the window cuts (8 px), and a shed (6 px)
+    pred = truth.copy()
+    pred[29, 29] = True  # a speck in the corner
+    assert np.array_equal(drop_small(pred, 7), truth & (np.arange(30) < 2)[None, :])
+    assert [tuple(r) for r in match_by_size(pred, ndimage.label(truth), (0, 7, 33))] == [(2, 1, 0), (1, 0, 1), (0, 0, 2)]
+
+
 def test_metrics_cumulative_iou_building_f1_and_boundary():
     truth = np.zeros((20, 20), bool)
     truth[2:6, 2:6] = truth[10:16, 10:16] = True
     pred = np.zeros_like(truth)
     pred[2:6, 2:5] = True  # 12/16 = 0.75 IoU: a match
-    pred[18:20, 0:2] = True  # false positive building
+    pred[16:18, 2:4] = True  # false positive building (away from the edge, where it would be spared as cut)
     assert match_buildings(pred, truth) == (1, 1, 1)
     s = Scores()
     s.update(pred, truth)

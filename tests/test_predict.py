@@ -137,6 +137,36 @@ def test_buildings_crossing_band_borders_come_out_whole(tmp_path):
     assert routing.union_all().area == pytest.approx(400 * 300 * 0.25)
 
 
+def test_a_building_cut_by_the_scene_edge_is_kept_though_small(tmp_path):
+    """The smallest footprint is for whole buildings: a piece on the scene's edge may be a house the scene cuts, so it
+    is kept (flagged ``at_edge``) where an equally small piece inside the scene is dropped; only a speck under a
+    quarter of the smallest area goes on the edge too. A strip's own border is not the scene's edge."""
+    img = np.zeros((3, 300, 200), np.uint8)
+    img[0, 100:110, 0:4] = 255  # 40 px = 10 m2, cut by the left edge (the smallest footprint below is 16 m2)
+    img[0, 296:300, 60:70] = 255  # 40 px on the bottom edge
+    img[0, 150:160, 100:104] = 255  # 40 px inside: a speck
+    img[0, 0:2, 180:185] = 255  # 10 px = 2.5 m2 on the top edge: a speck there too
+    img[0, 20:60, 120:160] = 255  # a house, 400 m2
+    src = _raster(tmp_path / "e.tif", data=img)
+    cfg = CFG.model_copy(update={"min_area_m2": 16.0})
+    outs, st = predict_raster(RedModel(), src, tmp_path / "out", cfg, 0.5, progress=False)
+    fp = gpd.read_file(outs.footprints)
+    assert st.footprints == len(fp) == 3
+    assert sorted(fp.area_m2.round(2)) == pytest.approx([10.0, 10.0, 400.0])
+    assert fp.at_edge.dtype == bool and sorted(fp.at_edge) == [False, True, True]
+    assert not fp[~fp.at_edge].intersects(gpd.GeoSeries.from_xy([500000 + 102 * 0.5], [4000000 - 155 * 0.5],
+                                                                  crs=fp.crs).iloc[0]).any()
+    # in strips (the Ray engine's cut of a large scene) the strips' borders are inside the scene: the same layer
+    from geomoe.pipelines.strips import merge_strips, plan_strips, predict_strip
+
+    plan = plan_strips(RedModel(), src, "e", tmp_path / "strips", cfg, 1)
+    assert len(plan.strips) >= 3
+    res = merge_strips([predict_strip(RedModel(), s, cfg, 0.5) for s in plan.strips], tmp_path / "strips", cfg, None)
+    assert res.ok
+    sp = gpd.read_file(tmp_path / "strips" / "e_footprints.gpkg")
+    assert sorted(zip(sp.area_m2.round(2), sp.at_edge)) == sorted(zip(fp.area_m2.round(2), fp.at_edge))
+
+
 def test_collector_joins_pieces_and_u_shapes():
     out = []
     c = FootprintCollector(10, out.extend)
