@@ -33,6 +33,8 @@ from geomoe.pipelines.regularise import MIN_CHUNK, Regularisation, balanced_chun
 
 log = logging.getLogger(__name__)
 
+ExpertAt = Callable[[np.ndarray, np.ndarray], np.ndarray]  # the expert that ran at pixels (cols, rows) of the scene
+
 
 @dataclass
 class Piece:
@@ -178,7 +180,8 @@ class FrameSpec:
     gsd: float | None
     min_area_m2: float
     regularize: Regularisation | None  # None: outlines as polygonised
-    area_crs: CRS | None = None  # areas are measured here (the scene's UTM zone); None without a CRS
+    area_crs: CRS | None = None  # areas are measured here (the scene's UTM zone; None: the batch's, or no CRS)
+    size: tuple[int, int] | None = None  # the scene's (width, height) in pixels, whose edge cuts buildings; None: unknown
 
 
 def scene_area_crs(crs: CRS | None, transform: Affine, width: int, height: int) -> CRS | None:
@@ -263,29 +266,26 @@ class FrameJob:
         return out.sort_values("_piece", kind="stable").drop(columns="_piece").reset_index(drop=True)
 
 
-def start_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
-                min_area_m2: float, regularize: Regularisation | None,
-                expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0,
-                area_crs: CRS | None = None, size: tuple[int, int] | None = None) -> FrameJob:
+def start_frame(pieces: list[Piece], spec: FrameSpec, expert_at: ExpertAt | None = None,
+                workers: int = 0) -> FrameJob:
     """Start turning a batch of pieces into footprints (:func:`footprint_chunk`), over ``workers`` processes in
     chunks of about equal cost when given (they go on while the caller does; the job's ``result()`` gives the
-    frame). ``area_crs``: where areas are measured (default: the UTM zone of this batch). ``size``: the scene's
-    (width, height) in pixels; pieces touching its edge need a quarter of the smallest area (``EDGE_FACTOR``;
-    None: no edge known)."""
-    edge = on_edge(pieces, size)
-    keep = _not_specks(pieces, gsd, min_area_m2, edge)
+    frame). ``expert_at``: the expert that ran at pixel (col, row) (None: 0). Pieces on the scene's edge need a
+    quarter of the smallest area (``EDGE_FACTOR``) and are flagged ``at_edge``."""
+    edge = on_edge(pieces, spec.size)
+    keep = _not_specks(pieces, spec.gsd, spec.min_area_m2, edge)
     pieces, edge = [p for p, k in zip(pieces, keep) if k], edge[keep]
     geoms = np.array([p.geom for p in pieces], dtype=object)
     cent = shapely.get_coordinates(shapely.centroid(geoms)) if len(pieces) else np.zeros((0, 2))
+    experts = expert_at(cent[:, 0], cent[:, 1]) if expert_at is not None and len(pieces) else np.zeros(len(pieces))
     frame = gpd.GeoDataFrame(
-        {"expert": expert_at(cent[:, 0], cent[:, 1]).astype(np.int32) if len(pieces) else np.zeros(0, np.int32),
+        {"expert": np.asarray(experts).astype(np.int32),
          "mean_prob": np.array([p.prob_sum / max(p.pixels, 1) for p in pieces], np.float32),
          "pixels": np.array([p.pixels for p in pieces], np.int64),
          "at_edge": edge,
          "_piece": np.arange(len(pieces))}, geometry=geoms)
-    if crs is not None and area_crs is None and len(pieces):
-        area_crs = _utm_at(crs, *(transform * tuple(cent.mean(0))))
-    spec = FrameSpec(transform, crs, gsd, min_area_m2, regularize, area_crs)
+    if spec.crs is not None and spec.area_crs is None and len(pieces):  # no scene's zone given: this batch's
+        spec = replace(spec, area_crs=_utm_at(spec.crs, *(spec.transform * tuple(cent.mean(0)))))
     n = min(workers, len(pieces) // MIN_CHUNK)
     if n < 2:  # too few buildings to be worth sending out
         return FrameJob([frame], spec)
@@ -312,15 +312,12 @@ def on_edge(pieces: list[Piece], size: tuple[int, int] | None) -> np.ndarray:
     return (b[:, 0] <= 0) | (b[:, 1] <= 0) | (b[:, 2] >= size[0]) | (b[:, 3] >= size[1])
 
 
-def pieces_to_frame(pieces: list[Piece], transform: Affine, crs: CRS | None, gsd: float | None,
-                    min_area_m2: float, regularize: Regularisation | None,
-                    expert_at: Callable[[np.ndarray, np.ndarray], np.ndarray], workers: int = 0,
-                    area_crs: CRS | None = None, size: tuple[int, int] | None = None) -> gpd.GeoDataFrame:
+def pieces_to_frame(pieces: list[Piece], spec: FrameSpec, expert_at: ExpertAt | None = None,
+                    workers: int = 0) -> gpd.GeoDataFrame:
     """Georeference, measure, filter and regularise pieces (over ``workers`` processes when more than one);
     attributes: area_m2, expert, mean_prob, pixels, at_edge (touches the scene's edge), squared (the outline is
     the regulariser's, not the mask's simplified)."""
-    return start_frame(pieces, transform, crs, gsd, min_area_m2, regularize, expert_at, workers,
-                       area_crs, size).result()
+    return start_frame(pieces, spec, expert_at, workers).result()
 
 
 def fill_holes(geoms: np.ndarray, min_area: float) -> np.ndarray:
@@ -362,8 +359,8 @@ def window_footprints(mask: np.ndarray, gsd: float | None, min_area_m2: float,
     fc.add_band(0, mask, mask.astype(np.float32))
     fc.finish()
     t = Affine(1, 0, 0, 0, -1, mask.shape[0])
-    return pieces_to_frame(pieces, t, None, gsd, min_area_m2, regularize, lambda c, r: np.zeros(len(c)),
-                           size=(mask.shape[1], mask.shape[0])), t
+    spec = FrameSpec(t, None, gsd, min_area_m2, regularize, size=(mask.shape[1], mask.shape[0]))
+    return pieces_to_frame(pieces, spec), t
 
 
 def rasterise_footprints(gdf: gpd.GeoDataFrame, transform: Affine, shape: tuple[int, int]) -> np.ndarray:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -107,9 +107,10 @@ def predict_strip(model: TileModel, strip: Strip, cfg: PredictConfig, threshold:
             outs = Outputs(Path(f"{base}_prob.tif"), Path(f"{base}_mask.tif"), Path(f"{base}_routing.gpkg"),
                            Path(f"{base}_footprints.gpkg"), None, Path(f"{base}_summary.json"))
             writers = SceneWriters(view, outs, scene_gsd, cfg, expert_at)  # part rasters: the strip's rows only
-            writers.transform = ds.transform  # footprints in the scene's pixel grid: the whole run's coordinates
-            writers.area_crs = scene_area_crs(ds.crs, ds.transform, ds.width, ds.height)  # areas as the whole scene's
-            writers.size = (ds.width, ds.height)  # the scene's edge, not the strip's
+            # footprints in the scene's pixel grid (the whole run's coordinates), areas measured as the whole scene's,
+            # and the scene's edge, not the strip's
+            writers.spec = replace(writers.spec, transform=ds.transform, size=(ds.width, ds.height),
+                                   area_crs=scene_area_crs(ds.crs, ds.transform, ds.width, ds.height))
             held: list[Piece] = []
             top_open, bottom_open = strip.index > 0, strip.index < strip.count - 1
 

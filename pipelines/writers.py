@@ -18,7 +18,8 @@ from shapely.geometry import Polygon
 from geomoe.atomic import atomic_path, tmp_name
 from geomoe.config import PredictConfig
 from geomoe.pipelines.background import InOrder
-from geomoe.pipelines.footprints import BandOutlines, FootprintCollector, Piece, outline_band, scene_area_crs, start_frame
+from geomoe.pipelines.footprints import (BandOutlines, FootprintCollector, FrameSpec, Piece, outline_band,
+                                        scene_area_crs, start_frame)
 from geomoe.pipelines.geojson import gpkg_to_geojson
 from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
 from geomoe.pipelines.instances import Separation, footprint_mask
@@ -51,17 +52,17 @@ class SceneWriters:
         prof = dict(driver="GTiff", width=ds.width, height=ds.height, count=1, dtype="uint8", crs=ds.crs,
                     transform=ds.transform, nodata=NODATA, tiled=True, blockxsize=OUT_BLOCK[1], blockysize=OUT_BLOCK[0],
                     compress="deflate", BIGTIFF="IF_SAFER", NUM_THREADS=self.gdal_threads)
-        self.outs, self.cfg, self.gsd, self.expert_at = outs, cfg, gsd, expert_at
-        self.regularisation = Regularisation.of(cfg)
-        self.crs, self.transform = ds.crs, ds.transform
-        self.size = (ds.width, ds.height)  # the scene's, in pixels: footprints on its edge are kept whatever their area
+        self.outs, self.cfg, self.expert_at = outs, cfg, expert_at
+        self.crs = ds.crs
         self.raw_prob, self.raw_mask = tmp_name(outs.prob).with_suffix(".raw.tif"), tmp_name(outs.mask).with_suffix(".raw.tif")
         self.prob = rasterio.open(self.raw_prob, "w", **prof)
         self.mask = rasterio.open(self.raw_mask, "w", **prof)
         self.vec_tmp = tmp_name(outs.footprints)
         self.vec_tmp.unlink(missing_ok=True)
         self.count = 0
-        self.area_crs = scene_area_crs(ds.crs, ds.transform, ds.width, ds.height)  # once: a CRS query costs 0.2 s
+        # how pieces become footprints; areas measured in the scene centre's UTM zone (once: a CRS query costs 0.2 s)
+        self.spec = FrameSpec(ds.transform, ds.crs, gsd, cfg.min_area_m2, Regularisation.of(cfg),
+                              scene_area_crs(ds.crs, ds.transform, ds.width, ds.height), (ds.width, ds.height))
         # batches whose footprint work runs in the pool while bands go on; written in order as they finish
         self.pending = InOrder(self.write_frame)
 
@@ -74,9 +75,7 @@ class SceneWriters:
     def write_pieces(self, pieces: list[Piece]) -> None:
         """Start a batch of finished pieces on its way to the layer; write the batches done so far, in order."""
         # batches written in the order their pieces were finished, at most two per worker under way (memory)
-        self.pending.add(start_frame(pieces, self.transform, self.crs, self.gsd, self.cfg.min_area_m2,
-                                     self.regularisation, self.expert_at, self.workers,
-                                     self.area_crs, self.size), keep=2 * max(1, self.workers))
+        self.pending.add(start_frame(pieces, self.spec, self.expert_at, self.workers), keep=2 * max(1, self.workers))
 
     def write_frame(self, gdf: gpd.GeoDataFrame) -> None:
         """Append finished footprints (in the raster's CRS) to the layers."""

@@ -338,14 +338,14 @@ def test_regularisation_keeps_every_building():
     from rasterio.crs import CRS
     from shapely.geometry import Polygon, box
 
-    from geomoe.pipelines.footprints import Piece, pieces_to_frame
+    from geomoe.pipelines.footprints import FrameSpec, Piece, pieces_to_frame
     from geomoe.pipelines.regularise import Regularisation
 
     pieces = [Piece(box(10, 10, 30, 24), 280, 200.0), Piece(box(40, 10, 52, 30), 240, 180.0),
               Piece(Polygon([(60, 10), (75, 12), (74, 28), (61, 26)]), 230, 150.0),
               Piece(box(80, 10, 83, 13), 9, 8.0)]  # a shed at the size limit
     t = from_origin(500000, 4000000, 0.5, 0.5)
-    gdf = pieces_to_frame(pieces, t, CRS.from_epsg(32633), 0.5, 1.0, Regularisation.of(PredictConfig()), lambda c, r: np.zeros(len(c)))
+    gdf = pieces_to_frame(pieces, FrameSpec(t, CRS.from_epsg(32633), 0.5, 1.0, Regularisation.of(PredictConfig())))
     assert len(gdf) == 4 and gdf.geometry.is_valid.all() and not gdf.geometry.is_empty.any()
     assert abs(gdf.area_m2.iloc[0] - 20 * 14 * 0.25) / (20 * 14 * 0.25) < 0.2
 

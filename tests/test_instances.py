@@ -6,7 +6,7 @@ import numpy as np
 from rasterio.transform import Affine
 
 from geomoe.experts.targets import building_targets
-from geomoe.pipelines.footprints import FootprintCollector, pieces_to_frame
+from geomoe.pipelines.footprints import FootprintCollector, FrameSpec, pieces_to_frame
 from geomoe.pipelines.instances import Separation, instance_labels, separate, separated_mask
 
 
@@ -81,7 +81,7 @@ def _polygons(mask: np.ndarray, band: int) -> int:
     for r in range(0, mask.shape[0], band):
         col.add_band(r, mask[r:r + band], mask[r:r + band].astype(np.float32))
     col.finish()
-    gdf = pieces_to_frame(found, Affine.identity(), None, None, 0.0, None, lambda c, r: np.zeros(len(c)))
+    gdf = pieces_to_frame(found, FrameSpec(Affine.identity(), None, None, 0.0, None))
     return len(gdf)
 
 

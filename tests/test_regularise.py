@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import geopandas as gpd
 import numpy as np
 import shapely
@@ -9,7 +11,7 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
 from geomoe.config import PredictConfig
-from geomoe.pipelines.footprints import Piece, pieces_to_frame
+from geomoe.pipelines.footprints import FrameSpec, Piece, pieces_to_frame
 from geomoe.pipelines.regularise import Regularisation, balanced_chunks, regularise
 from geomoe.pipelines.writers import footprint_workers
 
@@ -31,13 +33,13 @@ def test_worker_processes_make_real_footprints_exactly_as_the_writer_thread():
     pieces = [Piece(shape(g), int((labels == v).sum()), float((labels == v).sum()))
               for g, v in features.shapes(labels, mask=labels > 0, connectivity=4)]
     assert len(pieces) >= 100
-    args = (t, CRS.from_epsg(3857), 0.15, 2.0, Regularisation.of(PredictConfig()), lambda c, r: np.zeros(len(c)))
-    one = pieces_to_frame(pieces, *args, workers=0)
-    pooled = pieces_to_frame(pieces, *args, workers=2)
+    spec = FrameSpec(t, CRS.from_epsg(3857), 0.15, 2.0, Regularisation.of(PredictConfig()))
+    one = pieces_to_frame(pieces, spec, workers=0)
+    pooled = pieces_to_frame(pieces, spec, workers=2)
     assert len(pooled) == len(one) >= 100 and pooled.crs == one.crs
     assert all(shapely.equals_exact(a, b, 0) for a, b in zip(one.geometry, pooled.geometry))
     assert one.drop(columns="geometry").equals(pooled.drop(columns="geometry"))
-    raw = pieces_to_frame(pieces, *args[:4], None, *args[5:], workers=0)
+    raw = pieces_to_frame(pieces, replace(spec, regularize=None), workers=0)
     assert (one.area_m2.to_numpy() - raw.area_m2.to_numpy()).std() > 0.01  # regularising changed the outlines
 
 
@@ -59,7 +61,7 @@ def test_fine_rasters_are_squared_at_half_a_metre_not_at_one_pixel():
                                     dtype="int32")
         pieces = [Piece(shape(g), int((labels == v).sum()), 1.0)
                   for g, v in features.shapes(labels, mask=labels > 0, connectivity=4)]
-        out = pieces_to_frame(pieces, t, CRS.from_epsg(3857), res, 2.0, reg, lambda c, r: np.zeros(len(c)))
+        out = pieces_to_frame(pieces, FrameSpec(t, CRS.from_epsg(3857), res, 2.0, reg))
         return out, np.median(shapely.get_num_coordinates(out.geometry.to_numpy()))
 
     fine, corners = squared(0.15, Regularisation.of(PredictConfig()))
@@ -81,10 +83,10 @@ def test_pieces_to_frame_with_workers_equals_in_line():
         w, h = rng.integers(8, 20, 2)
         ring = [(x, y), (x + w, y), (x + w, y + h // 2), (x + w - 1, y + h // 2), (x + w - 1, y + h), (x, y + h)]
         pieces.append(Piece(shapely.Polygon(ring), int(w * h), float(w * h) * 0.9))
-    args = (from_origin(500000, 4000000, 0.5, 0.5), CRS.from_epsg(32633), 0.5, 1.0, Regularisation.of(PredictConfig()),
-            lambda c, r: np.zeros(len(c)))
-    a = pieces_to_frame(pieces, *args, workers=0)
-    b = pieces_to_frame(pieces, *args, workers=2)
+    spec = FrameSpec(from_origin(500000, 4000000, 0.5, 0.5), CRS.from_epsg(32633), 0.5, 1.0,
+                     Regularisation.of(PredictConfig()))
+    a = pieces_to_frame(pieces, spec, workers=0)
+    b = pieces_to_frame(pieces, spec, workers=2)
     assert len(a) == len(b) == 80
     assert all(shapely.equals_exact(p, q, 0) for p, q in zip(a.geometry, b.geometry))
 
@@ -111,9 +113,8 @@ def test_pinholes_in_a_roof_are_filled_and_a_courtyard_stays():
     # pixel coordinates at 0.5 m: a 20 x 20 m roof (40 px) with a 1 m2 pinhole and a 6 x 6 m courtyard
     roof = shapely.Polygon([(0, 0), (40, 0), (40, 40), (0, 40)],
                            [[(4, 4), (6, 4), (6, 6), (4, 6)], [(20, 20), (32, 20), (32, 32), (20, 32)]])
-    args = (from_origin(500000, 4000000, 0.5, 0.5), CRS.from_epsg(32633), 0.5, 4.0, None,
-            lambda c, r: np.zeros(len(c)))
-    gdf = pieces_to_frame([Piece(roof, 1600 - 4 - 144, 1000.0)], *args)
+    spec = FrameSpec(from_origin(500000, 4000000, 0.5, 0.5), CRS.from_epsg(32633), 0.5, 4.0, None)
+    gdf = pieces_to_frame([Piece(roof, 1600 - 4 - 144, 1000.0)], spec)
     g = gdf.to_crs(32633).geometry.iloc[0]
     assert len(g.interiors) == 1
     assert abs(shapely.Polygon(g.interiors[0]).area - 36.0) < 1e-6
