@@ -181,7 +181,7 @@ class FrameSpec:
     min_area_m2: float
     regularize: Regularisation | None  # None: outlines as polygonised
     area_crs: CRS | None = None  # areas are measured here (the scene's UTM zone; None: the batch's, or no CRS)
-    size: tuple[int, int] | None = None  # the scene's (width, height) in pixels, whose edge cuts buildings; None: unknown
+    size: tuple[int, int] | None = None  # the scene's (width, height) in pixels: its edge cuts buildings
 
 
 def scene_area_crs(crs: CRS | None, transform: Affine, width: int, height: int) -> CRS | None:
@@ -351,9 +351,10 @@ def _one_polygon_each(gdf: gpd.GeoDataFrame, area_scale: float) -> gpd.GeoDataFr
 
 def window_footprints(mask: np.ndarray, gsd: float | None, min_area_m2: float,
                       regularize: Regularisation | None) -> tuple[gpd.GeoDataFrame, Affine]:
-    """The footprints prediction makes of one window's ``mask`` as of a scene (outlined, specks dropped, on its edge
-    only the smallest, pinholes filled, squared), in pixel units with y up as on a georeferenced raster (so the regulariser sees
-    outlines turned as in a scene), and that frame's transform from pixels."""
+    """The footprints prediction makes of one window's ``mask``, the window taken as a scene (outlined, specks
+    dropped, on its edge only those under a quarter of the smallest area, pinholes filled, squared), in pixel units
+    with y up as on a georeferenced raster (so the regulariser sees outlines turned as in a scene), and that frame's
+    transform from pixels."""
     pieces: list[Piece] = []
     fc = FootprintCollector(mask.shape[1], pieces.extend)
     fc.add_band(0, mask, mask.astype(np.float32))

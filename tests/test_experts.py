@@ -118,7 +118,8 @@ def test_a_piece_on_the_window_edge_is_not_dropped_as_small():
     pred = truth.copy()
     pred[29, 29] = True  # a speck in the corner
     assert np.array_equal(drop_small(pred, 7), truth & (np.arange(30) < 2)[None, :])
-    assert [tuple(r) for r in match_by_size(pred, ndimage.label(truth), (0, 7, 33))] == [(2, 1, 0), (1, 0, 1), (0, 0, 2)]
+    got = match_by_size(pred, ndimage.label(truth), (0, 7, 33))
+    assert [tuple(r) for r in got] == [(2, 1, 0), (1, 0, 1), (0, 0, 2)]
 
 
 def test_metrics_cumulative_iou_building_f1_and_boundary():
