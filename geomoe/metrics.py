@@ -45,6 +45,12 @@ def match_buildings(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5,
 # cost building F1 (0.2684 -> 0.2496: slivers); a quarter gives 0.4819 and 0.2714.
 EDGE_FACTOR = 4
 
+
+def held_size(size: np.ndarray, on_edge: np.ndarray) -> np.ndarray:
+    """What each piece's ``size`` (pixels or m2) is held against the smallest footprint as: on the edge, four times
+    it (:data:`EDGE_FACTOR`). The one rule for prediction, evaluation and calibration."""
+    return size * np.where(on_edge, EDGE_FACTOR, 1)
+
 # Why a true building fails to match at IoU 0.5, and footprints that touch no building (:func:`footprint_errors`)
 ERRORS = ("matched", "missed", "merged", "split", "partial", "outline", "false")
 ERRORS_LEGEND = ("matched: IoU >= 0.5; missed: under 20 % covered; merged: one footprint over several buildings; "
@@ -64,7 +70,7 @@ class Overlaps:
     area_t: np.ndarray
     keys: np.ndarray  # (pairs, 2): pred label, truth label
     counts: np.ndarray  # (pairs,)
-    edge_p: np.ndarray  # predicted buildings on the window's edge (label 0 False): held against a quarter of the size
+    size_p: np.ndarray  # what each predicted building's area is held against the smallest footprint as (held_size)
 
     @classmethod
     def of(cls, pred: np.ndarray, truth_labels: tuple[np.ndarray, int]) -> "Overlaps":
@@ -76,17 +82,14 @@ class Overlaps:
             pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
             if len(pairs):
                 keys, counts = np.unique(pairs, axis=0, return_counts=True)
-        edge_p = np.zeros(n_p + 1, bool)
-        edge_p[_edge_labels(lp)] = True
-        edge_p[0] = False
-        return cls(n_p, n_t, np.bincount(lp.ravel(), minlength=n_p + 1), np.bincount(lt.ravel(), minlength=n_t + 1),
-                   keys, counts, edge_p)
+        area_p = np.bincount(lp.ravel(), minlength=n_p + 1)
+        return cls(n_p, n_t, area_p, np.bincount(lt.ravel(), minlength=n_t + 1), keys, counts,
+                   _held_sizes(lp, area_p))
 
     def match(self, min_pixels: tuple[int, ...], iou: float = 0.5) -> np.ndarray:
         """(TP, FP, FN) rows, one per entry of ``min_pixels``: predicted buildings under it are left out, those on the
         window's edge under a quarter of it (dropping a component changes no other, and no other pair's IoU)."""
-        area_p, area_t = self.area_p, self.area_t
-        size = np.where(self.edge_p, EDGE_FACTOR * area_p, area_p)  # what the smallest size is held against
+        area_p, area_t, size = self.area_p, self.area_t, self.size_p
         out = np.zeros((len(min_pixels), 3), np.int64)
         cands = sorted(((c / (area_p[a] + area_t[b] - c), int(a), int(b)) for (a, b), c in zip(self.keys, self.counts)),
                        reverse=True)
@@ -155,9 +158,12 @@ def footprint_errors(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], iou
     return Overlaps.of(pred, truth_labels).errors(iou)
 
 
-def _edge_labels(labels: np.ndarray) -> np.ndarray:
-    """The labels on the border of ``labels`` (0 among them when background reaches it)."""
-    return np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+def _held_sizes(labels: np.ndarray, areas: np.ndarray) -> np.ndarray:
+    """:func:`held_size` of each label's pixel count ``areas``, the labels on the border of ``labels`` on the
+    edge (a window cuts buildings as a scene's edge does)."""
+    edge = np.zeros(len(areas), bool)
+    edge[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
+    return held_size(areas, edge)
 
 
 def drop_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
@@ -169,9 +175,7 @@ def drop_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     lab, n = ndimage.label(mask)
     if n == 0:
         return mask
-    area = np.bincount(lab.ravel(), minlength=n + 1)
-    area[_edge_labels(lab)] *= EDGE_FACTOR
-    keep = area >= min_pixels
+    keep = _held_sizes(lab, np.bincount(lab.ravel(), minlength=n + 1)) >= min_pixels
     keep[0] = False
     return keep[lab]
 

@@ -27,7 +27,7 @@ from scipy import ndimage
 from shapely.affinity import affine_transform
 from shapely.geometry import shape
 
-from geomoe.metrics import EDGE_FACTOR
+from geomoe.metrics import held_size
 from geomoe.pipelines.pool import submit
 from geomoe.pipelines.regularise import MIN_CHUNK, Regularisation, balanced_chunks, regularise
 
@@ -219,7 +219,7 @@ def footprint_chunk(frame: gpd.GeoDataFrame, spec: FrameSpec) -> gpd.GeoDataFram
         work, unit, scale = (gdf.to_crs(spec.area_crs) if len(gdf) else gdf), 1.0, 1.0
     work["area_m2"] = work.geometry.area * scale
     # a piece on the scene's edge may be a building the scene cuts, of any size: held against a quarter of the area
-    work = work[np.where(work.at_edge, EDGE_FACTOR, 1) * work.area_m2 >= spec.min_area_m2]
+    work = work[held_size(work.area_m2.to_numpy(), work.at_edge.to_numpy()) >= spec.min_area_m2]
     if len(work):  # pinholes are noise in a roof, not courtyards; they also cost the regulariser most of its time
         work[work.geometry.name] = fill_holes(work.geometry.to_numpy(), spec.min_area_m2 / scale)
     if spec.regularize is not None and len(work):
@@ -271,11 +271,11 @@ def start_frame(pieces: list[Piece], spec: FrameSpec, expert_at: ExpertAt | None
     """Start turning a batch of pieces into footprints (:func:`footprint_chunk`), over ``workers`` processes in
     chunks of about equal cost when given (they go on while the caller does; the job's ``result()`` gives the
     frame). ``expert_at``: the expert that ran at pixel (col, row) (None: 0). Pieces on the scene's edge need a
-    quarter of the smallest area (``EDGE_FACTOR``) and are flagged ``at_edge``."""
-    edge = on_edge(pieces, spec.size)
-    keep = _not_specks(pieces, spec.gsd, spec.min_area_m2, edge)
-    pieces, edge = [p for p, k in zip(pieces, keep) if k], edge[keep]
+    quarter of the smallest area (:func:`geomoe.metrics.held_size`) and are flagged ``at_edge``."""
     geoms = np.array([p.geom for p in pieces], dtype=object)
+    edge = on_edge(geoms, spec.size)
+    keep = _not_specks(pieces, spec.gsd, spec.min_area_m2, edge)
+    pieces, geoms, edge = [p for p, k in zip(pieces, keep) if k], geoms[keep], edge[keep]
     cent = shapely.get_coordinates(shapely.centroid(geoms)) if len(pieces) else np.zeros((0, 2))
     experts = expert_at(cent[:, 0], cent[:, 1]) if expert_at is not None and len(pieces) else np.zeros(len(pieces))
     frame = gpd.GeoDataFrame(
@@ -300,15 +300,15 @@ def _not_specks(pieces: list[Piece], gsd: float | None, min_area_m2: float, edge
     area, to :func:`footprint_chunk` (the ground resolution is the scene centre's)."""
     if gsd is None or min_area_m2 <= 0:
         return np.ones(len(pieces), bool)
-    need = min_area_m2 / np.where(edge, EDGE_FACTOR, 1)
-    return np.array([p.pixels * gsd * gsd * 4 for p in pieces]) >= need
+    return held_size(np.array([p.pixels * gsd * gsd * 4 for p in pieces]), edge) >= min_area_m2
 
 
-def on_edge(pieces: list[Piece], size: tuple[int, int] | None) -> np.ndarray:
-    """Which of ``pieces`` touch the edge of a scene of ``size`` (width, height) pixels (none when unknown)."""
-    if size is None or not pieces:
-        return np.zeros(len(pieces), bool)
-    b = shapely.bounds(np.array([p.geom for p in pieces], dtype=object))
+def on_edge(geoms: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Which of the pixel outlines ``geoms`` touch the edge of a scene of ``size`` (width, height) pixels (none
+    when unknown)."""
+    if size is None or not len(geoms):
+        return np.zeros(len(geoms), bool)
+    b = shapely.bounds(geoms)
     return (b[:, 0] <= 0) | (b[:, 1] <= 0) | (b[:, 2] >= size[0]) | (b[:, 3] >= size[1])
 
 

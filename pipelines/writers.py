@@ -35,6 +35,9 @@ NODATA = 255
 # (rows, columns) of the blocks the probability and mask rasters are written in before their COG copy: low blocks,
 # so a band of rows fills whole blocks that GDAL writes out at once; only a partial block row waits in its cache
 OUT_BLOCK = (64, 512)
+# the footprint layer's attributes and their types, in order (pipelines/footprints.py makes them)
+FOOTPRINT_SCHEMA = {"area_m2": np.float64, "expert": np.int32, "mean_prob": np.float32, "pixels": np.int64,
+                    "at_edge": bool, "squared": bool}
 
 
 def footprint_workers(cfg: PredictConfig) -> int:
@@ -53,7 +56,6 @@ class SceneWriters:
                     transform=ds.transform, nodata=NODATA, tiled=True, blockxsize=OUT_BLOCK[1], blockysize=OUT_BLOCK[0],
                     compress="deflate", BIGTIFF="IF_SAFER", NUM_THREADS=self.gdal_threads)
         self.outs, self.cfg, self.expert_at = outs, cfg, expert_at
-        self.crs = ds.crs
         self.raw_prob, self.raw_mask = tmp_name(outs.prob).with_suffix(".raw.tif"), tmp_name(outs.mask).with_suffix(".raw.tif")
         self.prob = rasterio.open(self.raw_prob, "w", **prof)
         self.mask = rasterio.open(self.raw_mask, "w", **prof)
@@ -80,7 +82,7 @@ class SceneWriters:
     def write_frame(self, gdf: gpd.GeoDataFrame) -> None:
         """Append finished footprints (in the raster's CRS) to the layers."""
         if len(gdf):
-            gdf = gdf[["area_m2", "expert", "mean_prob", "pixels", "at_edge", "squared", "geometry"]]
+            gdf = gdf[[*FOOTPRINT_SCHEMA, gdf.geometry.name]]
             gdf.to_file(self.vec_tmp, driver="GPKG", layer="footprints", append=self.vec_tmp.exists(), engine="pyogrio")
             self.count += len(gdf)
 
@@ -108,9 +110,8 @@ class SceneWriters:
                                      BIGTIFF="IF_SAFER", NUM_THREADS=self.gdal_threads)
             raw.unlink()
         if not self.vec_tmp.exists():  # no building found: empty, valid layers
-            empty = gpd.GeoDataFrame({"area_m2": [], "expert": [], "mean_prob": [], "pixels": [],
-                                      "at_edge": np.zeros(0, bool), "squared": np.zeros(0, bool)}, geometry=[],
-                                     crs=self.crs)
+            empty = gpd.GeoDataFrame({c: np.zeros(0, t) for c, t in FOOTPRINT_SCHEMA.items()}, geometry=[],
+                                     crs=self.spec.crs)
             empty.to_file(self.vec_tmp, driver="GPKG", layer="footprints")
         # from the finished layer, in chunks: memory stays flat and no format is appended to batch by batch
         if self.outs.parquet is not None:
