@@ -63,14 +63,14 @@ def main() -> None:
             gsd = reader.target_gsd or reader.gsd
             small = min_pixels(reader, c.min_area_m2)
             m = masks[j] & valid[j]
-            raw, t = window_footprints(m, gsd, c.min_area_m2, None) if gsd else (None, None)
+            raw, t = window_footprints(m, gsd, c.min_area_m2, None, valid[j]) if gsd else (None, None)
             for v, reg in variants.items():
                 if v == "mask" or gsd is None:
                     pred = m
                 elif reg is None:
                     pred = rasterise_footprints(raw, t, m.shape)
                 else:
-                    gdf, _ = window_footprints(m, gsd, c.min_area_m2, reg)
+                    gdf, _ = window_footprints(m, gsd, c.min_area_m2, reg, valid[j])
                     pred = rasterise_footprints(gdf, t, m.shape)
                     if reg.min_iou == 0 and len(gdf):
                         faithful[(reg.tolerance_m, reg.parallel_m)].append(

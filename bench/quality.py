@@ -94,14 +94,17 @@ def k_bundle(root: Path, cfg, k: int, base: Path, out: Path) -> Path:
     return train_all(root, kcfg, out, figures=False)
 
 
-def cached_evaluation(bundle_dir: Path, prep, dev, out: Path) -> Evaluation:
-    """Evaluate ``bundle_dir`` on the test split once; a rerun of the bench reads the written tables while the
-    bundle's manifest is the one they were made with (a recalibrated bundle is evaluated again)."""
+def cached_evaluation(bundle_dir: Path, prep, dev, out: Path, tta: bool = False) -> Evaluation:
+    """Evaluate ``bundle_dir`` on the test split once (``tta``: every model on the mean over flipped tiles, as
+    ``predict --tta``); a rerun of the bench reads the written tables while the bundle's manifest is the one they
+    were made with (a recalibrated bundle is evaluated again)."""
     stamp, sha = out / "bundle_manifest.sha256", sha256(BundlePaths(bundle_dir).manifest)
     if (out / "evaluation.csv").exists() and (out / "evaluation.json").exists() and stamp.exists() \
             and stamp.read_text().strip() == sha:
         return Evaluation.read(out)
-    ev = evaluate(load_bundle(bundle_dir, dev), prep=prep, split="test")
+    bundle = load_bundle(bundle_dir, dev)
+    bundle.config.predict.tta = tta
+    ev = evaluate(bundle, prep=prep, split="test")
     ev.write(out)
     stamp.write_text(sha + "\n")
     return ev
@@ -131,6 +134,7 @@ def dense_picture(bundle, prep, out: Path, routed_by: str) -> Path:
     rb.smoothed = routes.smoothed[one]
     none = np.zeros(1, np.int64)  # the random and oracle choices are not drawn
     px_of = prep.readers[refs[best].scene]
+    valid = d["valid"].numpy().astype(bool)
 
     squaring = Regularisation.of(bundle.config.predict)
 
@@ -138,10 +142,11 @@ def dense_picture(bundle, prep, out: Path, routed_by: str) -> Path:
         """The mask as evaluate scores it, and the polygons a user gets of it (as rows and columns)."""
         c = bundle.calibration(which)
         m = rb.method_masks(method, c.threshold, none, None, separation=c.separation)[0]
-        scored, gsd = drop_small(m, min_pixels(px_of, c.min_area_m2)), px_of.target_gsd or px_of.gsd
+        m = m & valid
+        scored, gsd = drop_small(m, min_pixels(px_of, c.min_area_m2), ~valid), px_of.target_gsd or px_of.gsd
         if not gsd:
             return scored, []
-        gdf, t = window_footprints(m, gsd, c.min_area_m2, squaring)
+        gdf, t = window_footprints(m, gsd, c.min_area_m2, squaring, valid)
         rings = [np.asarray(p.exterior.coords) for g in gdf.geometry for p in getattr(g, "geoms", [g])]
         return scored, [np.c_[~t * (r[:, 0], r[:, 1])] for r in rings]  # back to columns and rows
 
@@ -206,9 +211,10 @@ def main() -> None:
     ap.add_argument("--config", default="medium")
     ap.add_argument("--results", default="quality", help="name of the JSON under bench/results/ and of the picture "
                     "under docs/ (e.g. quality_gpu for the GPU run, so it does not replace the CPU run's figures)")
-    ap.add_argument("--parts", default="main,scratch,k5",
+    ap.add_argument("--parts", default="main,scratch,k5,tta",
                     help="main (generalist-started experts, k from the config), scratch (the paper's experts, same "
-                         "regions), k5 (k = 5 on the same embedding and generalist); finished parts are reused")
+                         "regions), k5 (k = 5 on the same embedding and generalist), tta (main's bundle, every model "
+                         "on the mean over flipped tiles: predict --tta); finished parts are reused")
     a = ap.parse_args()
     parts = [p.strip() for p in a.parts.split(",")]
     cfg = load_config(a.config)
@@ -232,6 +238,9 @@ def main() -> None:
         kev = timed(a.out, "evaluate_k5", lambda: cached_evaluation(kb, prep, dev, a.out / "evaluation_k5"))
         tables["k5"] = kev.table
         routing["k5"] = kev.routing
+    if "tta" in parts:  # the same bundles and footprint choices; only the models' answers are flip-averaged
+        tev = timed(a.out, "evaluate_tta", lambda: cached_evaluation(base, prep, dev, a.out / "evaluation_tta", True))
+        tables["tta"] = tev.table
     main_bundle = load_bundle(base, dev)
     routed_by = ROUTED[cfg.predict.routing]  # the configuration's default routing, chosen on validation
     pic = dense_picture(main_bundle, prep, Path("docs") / f"{a.results}_dense_test_area.png", routed_by)
@@ -275,7 +284,12 @@ def main() -> None:
               f"Picture: `{pic}`. Methods: single = generalist trained on for the experts' total steps; "
               f"embedding = routed experts (fine-tuned from the generalist), tile by tile; smoothed = majority of "
               f"neighbouring tiles; scratch_* = the paper's experts trained from scratch, same regions and budget.")
-    record(f"Quality: honest protocol, `{a.config}`, k = {cfg.regions.k}" + (", k = 5" if "k5" in tables else ""),
+    if "tta" in tables:
+        md.append("tta: the main bundle with every model (single network included) on the mean over the tile and "
+                  "its three flips (`predict --tta`, `evaluate --tta`; four times the model's work), footprints "
+                  "chosen on validation without flips.")
+    record(f"Quality: honest protocol, `{a.config}`, k = {cfg.regions.k}" + (", k = 5" if "k5" in tables else "")
+           + (", flip averaging" if "tta" in tables else ""),
            "\n\n".join(md), f"`{a.config}` on {a.root} (test split)")
     write_json(a.results, {
         "wall_minutes": minutes, "times_s": times, "targets": targets, "targets_tile_routing": tile_targets,
@@ -285,7 +299,7 @@ def main() -> None:
             f"{method}/{loc}": {k: int(v) for k, v in row.items()} for (method, loc), row in errors.iterrows()},
         "table": {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
                       for loc, row in piv[m].iterrows()} for m in METRICS},
-        "other_k": {name: {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
+        "other_runs": {name: {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
                                for loc, row in t.pivot(index="location", columns="method", values=m).iterrows()}
                            for m in METRICS} for name, t in tables.items() if name != f"k{cfg.regions.k}"},
     }, {"config": a.config, "k": cfg.regions.k, **cfg.model_dump(mode="json")})

@@ -80,10 +80,23 @@ def predict_logits(model: Expert, images: torch.Tensor, device: torch.device) ->
         return model(batch_to(images, device)).float().contiguous()
 
 
+# Test-time augmentation: the identity and the three flips. They form a group, so the mean over them is exactly
+# flip-equivariant (a flipped tile gets the flipped answer); a roof seen in a mirror is still a roof.
+FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
 @torch.no_grad()
-def predict_channels(model: Expert, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Every output channel's probability (N, C, H, W) in float32 on the CPU (building first)."""
-    return torch.sigmoid(predict_logits(model, images, device)).cpu()
+def predict_channels(model: Expert, images: torch.Tensor, device: torch.device, tta: bool = False) -> torch.Tensor:
+    """Every output channel's probability (N, C, H, W) in float32 on the CPU (building first); with ``tta`` the
+    mean over the tile and its flips (:data:`FLIPS`, four passes)."""
+    if not tta:
+        return torch.sigmoid(predict_logits(model, images, device)).cpu()
+    total = None
+    for dims in FLIPS:
+        p = torch.sigmoid(predict_logits(model, images.flip(dims) if dims else images, device))
+        p = p.flip(dims) if dims else p
+        total = p if total is None else total + p
+    return (total / len(FLIPS)).cpu()
 
 
 @torch.no_grad()

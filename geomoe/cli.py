@@ -254,11 +254,13 @@ def train(root: Path, out: Path = typer.Option(..., "--out", "-o", help="bundle 
 
 @app.command()
 def evaluate(root: Path, bundle: Path = typer.Option(..., "--bundle", "-b"), out: Optional[Path] = typer.Option(None, "--out", "-o"),
-             split: str = typer.Option("test", help="test (held out, never used to choose anything), val, train or all")) -> None:
+             split: str = typer.Option("test", help="test (held out, never used to choose anything), val, train or all"),
+             tta: bool = typer.Option(False, help="score the mean over flipped tiles, as predict --tta")) -> None:
     """The paper's table on the test split, per location and overall, for every way of choosing an expert."""
     from geomoe.pipelines.evaluate import evaluate as run_eval
 
     b = _bundle(bundle)
+    b.config.predict.tta = b.config.predict.tta or tta
     out = _out_dir(out or bundle / "evaluation")
     try:
         ev = run_eval(b, root, split=split)

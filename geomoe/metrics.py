@@ -51,6 +51,17 @@ def held_size(size: np.ndarray, on_edge: np.ndarray) -> np.ndarray:
     it (:data:`EDGE_FACTOR`). The one rule for prediction, evaluation and calibration."""
     return size * np.where(on_edge, EDGE_FACTOR, 1)
 
+
+def touch_void(labels: np.ndarray, n: int, void: np.ndarray | None) -> np.ndarray:
+    """Which of ``labels``' components 1..n (index 0 unused) touch a ``void`` pixel (4-neighbours): nodata inside a
+    raster (a collar, a skipped tile) ends what was seen as a scene's edge does, so a building there may be cut."""
+    out = np.zeros(n + 1, bool)
+    if void is None or n == 0 or not void.any():
+        return out
+    out[np.unique(labels[ndimage.binary_dilation(void) & ~void])] = True
+    out[0] = False
+    return out
+
 # Why a true building fails to match at IoU 0.5, and footprints that touch no building (:func:`footprint_errors`)
 ERRORS = ("matched", "missed", "merged", "split", "partial", "outline", "false")
 ERRORS_LEGEND = ("matched: IoU >= 0.5; missed: under 20 % covered; merged: one footprint over several buildings; "
@@ -73,7 +84,9 @@ class Overlaps:
     size_p: np.ndarray  # what each predicted building's area is held against the smallest footprint as (held_size)
 
     @classmethod
-    def of(cls, pred: np.ndarray, truth_labels: tuple[np.ndarray, int]) -> "Overlaps":
+    def of(cls, pred: np.ndarray, truth_labels: tuple[np.ndarray, int],
+           void: np.ndarray | None = None) -> "Overlaps":
+        """``void``: the window's nodata, whose border is an edge as the window's is."""
         lp, n_p = ndimage.label(pred)
         lt, n_t = truth_labels
         keys, counts = np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
@@ -84,11 +97,11 @@ class Overlaps:
                 keys, counts = np.unique(pairs, axis=0, return_counts=True)
         area_p = np.bincount(lp.ravel(), minlength=n_p + 1)
         return cls(n_p, n_t, area_p, np.bincount(lt.ravel(), minlength=n_t + 1), keys, counts,
-                   _held_sizes(lp, area_p))
+                   _held_sizes(lp, area_p, void))
 
     def match(self, min_pixels: tuple[int, ...], iou: float = 0.5) -> np.ndarray:
         """(TP, FP, FN) rows, one per entry of ``min_pixels``: predicted buildings under it are left out, those on the
-        window's edge under a quarter of it (dropping a component changes no other, and no other pair's IoU)."""
+        window's edge (or its nodata's) under a quarter of it (dropping a component changes no other, and no other pair's IoU)."""
         area_p, area_t, size = self.area_p, self.area_t, self.size_p
         out = np.zeros((len(min_pixels), 3), np.int64)
         cands = sorted(((c / (area_p[a] + area_t[b] - c), int(a), int(b)) for (a, b), c in zip(self.keys, self.counts)),
@@ -135,10 +148,10 @@ class Overlaps:
 
 
 def match_by_size(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], min_pixels: tuple[int, ...],
-                  iou: float = 0.5) -> np.ndarray:
-    """(TP, FP, FN) rows, one per entry of ``min_pixels``: ``match_buildings(drop_small(pred, px), truth)`` for each
-    ``px`` from one labelling (dropping a component changes no other, and no other pair's IoU)."""
-    return Overlaps.of(pred, truth_labels).match(min_pixels, iou)
+                  iou: float = 0.5, void: np.ndarray | None = None) -> np.ndarray:
+    """(TP, FP, FN) rows, one per entry of ``min_pixels``: ``match_buildings(drop_small(pred, px, void), truth)`` for
+    each ``px`` from one labelling (dropping a component changes no other, and no other pair's IoU)."""
+    return Overlaps.of(pred, truth_labels, void).match(min_pixels, iou)
 
 
 def footprint_errors(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], iou: float = 0.5) -> np.ndarray:
@@ -158,24 +171,24 @@ def footprint_errors(pred: np.ndarray, truth_labels: tuple[np.ndarray, int], iou
     return Overlaps.of(pred, truth_labels).errors(iou)
 
 
-def _held_sizes(labels: np.ndarray, areas: np.ndarray) -> np.ndarray:
-    """:func:`held_size` of each label's pixel count ``areas``, the labels on the border of ``labels`` on the
-    edge (a window cuts buildings as a scene's edge does)."""
-    edge = np.zeros(len(areas), bool)
+def _held_sizes(labels: np.ndarray, areas: np.ndarray, void: np.ndarray | None = None) -> np.ndarray:
+    """:func:`held_size` of each label's pixel count ``areas``, the labels on the border of ``labels`` or touching
+    ``void`` on the edge (a window, or nodata, cuts buildings as a scene's edge does)."""
+    edge = touch_void(labels, len(areas) - 1, void)
     edge[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
     return held_size(areas, edge)
 
 
-def drop_small(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+def drop_small(mask: np.ndarray, min_pixels: int, void: np.ndarray | None = None) -> np.ndarray:
     """``mask`` without its connected components (4-neighbours) of fewer than ``min_pixels`` pixels, or on its border
-    of fewer than a quarter of them (:data:`EDGE_FACTOR`): a window cuts buildings as a scene's edge does, and
-    prediction keeps a scene's edge pieces so."""
+    (or ``void``'s, its nodata) of fewer than a quarter of them (:data:`EDGE_FACTOR`): a window cuts buildings as a
+    scene's edge does, and prediction keeps a scene's edge pieces so."""
     if min_pixels <= 1:
         return mask
     lab, n = ndimage.label(mask)
     if n == 0:
         return mask
-    keep = _held_sizes(lab, np.bincount(lab.ravel(), minlength=n + 1)) >= min_pixels
+    keep = _held_sizes(lab, np.bincount(lab.ravel(), minlength=n + 1), void) >= min_pixels
     keep[0] = False
     return keep[lab]
 
@@ -216,8 +229,9 @@ class Scores:
         self.patches += 1
         if not instances:
             return
-        p = drop_small(p, min_pixels)
-        ov = Overlaps.of(p, truth_instances(t, truth_ids))  # one labelling for the matching and the error counts
+        void = None if valid is None else ~v
+        p = drop_small(p, min_pixels, void)
+        ov = Overlaps.of(p, truth_instances(t, truth_ids), void)  # one labelling for the matching and the error counts
         (a, b, c), = ov.match((0,))
         self.b_tp, self.b_fp, self.b_fn = self.b_tp + int(a), self.b_fp + int(b), self.b_fn + int(c)
         self.errors = self.errors + ov.errors()

@@ -75,7 +75,7 @@ def _probs(bundle: Bundle, which: str, images: torch.Tensor, ids: np.ndarray) ->
     out = np.zeros((len(images), 3 if models[0].classes >= 3 else 1, *images.shape[2:]), np.float32)
     for e in np.unique(ids):
         sel = np.flatnonzero(ids == e)
-        p, aux = _channels(models[e], images[sel], bundle.device)
+        p, aux = _channels(models[e], images[sel], bundle.device, bundle.config.predict.tta)
         out[sel] = (torch.cat([p[:, None], aux], 1) if aux is not None else p[:, None]).numpy()
     return out
 
@@ -99,7 +99,8 @@ def validation_f1(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibr
             t = truth_instances(truth[j] & valid[j], ids[j])
             px = tuple(min_pixels(prep.readers[refs[k].scene], a) for a in areas)
             for th, sep in cuts:  # one watershed and one labelling per threshold and separation; areas filter it
-                counts[rows[(th, sep)]] += match_by_size(footprint_mask(probs[j], th, sep) & valid[j], t, px)
+                counts[rows[(th, sep)]] += match_by_size(footprint_mask(probs[j], th, sep) & valid[j], t, px,
+                                                          void=~valid[j])
     tp, fp, fn = counts.T
     denom = 2 * tp + fp + fn
     return [float(2 * a / d) if d else 0.0 for a, d in zip(tp, denom)]

@@ -16,7 +16,7 @@ from geomoe.atomic import atomic_path
 from geomoe.bundle import Bundle
 from geomoe.data.datasets import GridDataset, Prepared, prepare
 from geomoe.embedding.model import embed_batches
-from geomoe.experts.model import predict_logits
+from geomoe.experts.model import predict_channels
 from geomoe.metrics import ERRORS, ERRORS_LEGEND, Scores
 from geomoe.data.sampling import space_of, world_box
 from geomoe.pipelines.footprints import as_delivered
@@ -109,9 +109,10 @@ class RoutedBatch:
         return np.stack([separate(f, threshold, separation) for f in full])
 
 
-def _channels(model, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(building probability (N, H, W), boundary and contact (N, 2, H, W) or None)."""
-    p = torch.sigmoid(predict_logits(model, images, device)).cpu()
+def _channels(model, images: torch.Tensor, device: torch.device,
+              tta: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(building probability (N, H, W), boundary and contact (N, 2, H, W) or None); ``tta`` as in prediction."""
+    p = predict_channels(model, images, device, tta)
     return p[:, 0], (p[:, 1:3] if p.shape[1] >= 3 else None)
 
 
@@ -139,11 +140,13 @@ def route_batch(bundle: Bundle, images: torch.Tensor, routes: tuple | None = Non
     """Every expert's (and the single network's) output on ``images``; ``routes`` from ``route_images`` when the
     windows were routed already."""
     ids, dist, sids, sw = routes if routes is not None else route_images(bundle, images)
-    outs = [_channels(e, images, bundle.device) for e in bundle.experts]
+    tta = bundle.config.predict.tta  # scored as ``predict`` would run them
+    outs = [_channels(e, images, bundle.device, tta) for e in bundle.experts]
     probs = torch.stack([o[0] for o in outs])
     aux = torch.stack([o[1] for o in outs]) if all(o[1] is not None for o in outs) else None
-    base, base_aux = _channels(bundle.baseline, images, bundle.device) if bundle.baseline is not None else (None, None)
-    gen, gen_aux = _channels(bundle.generalist, images, bundle.device) if bundle.generalist is not None else (None, None)
+    base, base_aux = _channels(bundle.baseline, images, bundle.device, tta) if bundle.baseline is not None else (None, None)
+    gen, gen_aux = (_channels(bundle.generalist, images, bundle.device, tta) if bundle.generalist is not None
+                    else (None, None))
     return RoutedBatch(probs, base, ids, dist, sids, sw, gen, None, aux, base_aux, gen_aux)
 
 
@@ -283,8 +286,8 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
                 small = min_pixels(reader, c.min_area_m2)
                 scores[(m, loc)].update(pred[j], truth[j], valid[j], min_pixels=small, truth_ids=ids[j])
                 if m in delivered:
-                    got = as_delivered(pred[j] & valid[j].astype(bool), reader.target_gsd or reader.gsd,
-                                       c.min_area_m2, squaring)
+                    v = valid[j].astype(bool)
+                    got = as_delivered(pred[j] & v, reader.target_gsd or reader.gsd, c.min_area_m2, squaring, v)
                     scores[(as_footprints(m), loc)].update(got, truth[j], valid[j], min_pixels=small,
                                                             truth_ids=ids[j])
     rows = []

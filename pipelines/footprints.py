@@ -27,7 +27,7 @@ from scipy import ndimage
 from shapely.affinity import affine_transform
 from shapely.geometry import shape
 
-from geomoe.metrics import held_size
+from geomoe.metrics import held_size, touch_void
 from geomoe.pipelines.pool import submit
 from geomoe.pipelines.regularise import MIN_CHUNK, Regularisation, balanced_chunks, regularise
 
@@ -41,6 +41,7 @@ class Piece:
     geom: shapely.Geometry  # pixel coordinates (col, row)
     pixels: int
     prob_sum: float
+    cut: bool = False  # touches nodata inside the raster (a collar, a skipped tile): an edge, as the scene's is
 
 
 class _UnionFind:
@@ -66,10 +67,11 @@ class _Open:
     parts: list[shapely.Geometry]
     pixels: int
     prob_sum: float
+    cut: bool = False
 
     def piece(self) -> Piece:
         geom = self.parts[0] if len(self.parts) == 1 else shapely.union_all(self.parts)
-        return Piece(geom, self.pixels, self.prob_sum)
+        return Piece(geom, self.pixels, self.prob_sum, self.cut)
 
 
 @dataclass
@@ -86,20 +88,28 @@ class BandOutlines:
     sums: np.ndarray  # probability sum per label
     top: np.ndarray  # labels of the band's first row
     bottom: np.ndarray  # labels of its last row
+    cut: np.ndarray | None = None  # per label: touches the band's nodata (None: the band has none)
+    void_top: np.ndarray | None = None  # nodata in the band's first row (None: none)
+    void_bottom: np.ndarray | None = None  # and in its last
 
 
-def outline_band(row0: int, mask: np.ndarray, prob: np.ndarray) -> BandOutlines:
+def outline_band(row0: int, mask: np.ndarray, prob: np.ndarray, valid: np.ndarray | None = None) -> BandOutlines:
     """Label ``mask``'s 4-connected components and polygonise them in pixel coordinates (row ``row0`` on);
-    ``prob`` is summed inside each (the mask holds no nodata)."""
+    ``prob`` is summed inside each (the mask holds no nodata). ``valid``: where the raster has data; components
+    touching its nodata are marked cut (the collector also looks across the band's borders)."""
     labels, n = ndimage.label(mask)
+    void = None if valid is None or valid.all() else ~valid
+    rows = (None, None) if void is None else (void[0].copy() if void[0].any() else None,
+                                              void[-1].copy() if void[-1].any() else None)
     if n == 0:
-        return BandOutlines(row0, 0, [], np.zeros(1, np.int64), np.zeros(1), labels[0], labels[-1])
+        return BandOutlines(row0, 0, [], np.zeros(1, np.int64), np.zeros(1), labels[0], labels[-1], None, *rows)
     counts = np.bincount(labels.ravel(), minlength=n + 1)
     sums = np.zeros(n + 1)
     sums[1:] = ndimage.sum_labels(prob, labels, np.arange(1, n + 1))
     parts = [(int(lab), shape(geom)) for geom, lab in features.shapes(
         labels.astype(np.int32, copy=False), mask=labels > 0, connectivity=4, transform=Affine.translation(0, row0))]
-    return BandOutlines(row0, n, parts, counts, sums, labels[0].copy(), labels[-1].copy())
+    cut = None if void is None else touch_void(labels, n, void)
+    return BandOutlines(row0, n, parts, counts, sums, labels[0].copy(), labels[-1].copy(), cut, *rows)
 
 
 class FootprintCollector:
@@ -109,19 +119,30 @@ class FootprintCollector:
         self.width, self.emit, self.batch = width, emit, batch
         self.open: dict[int, _Open] = {}
         self.edge = np.full(width, -1, np.int64)  # piece id of each pixel in the last row so far
+        self.void_last: np.ndarray | None = None  # nodata in the last row so far (None: none)
         self.done: list[Piece] = []
         self.next_id = 0
 
-    def add_band(self, row0: int, mask: np.ndarray, prob: np.ndarray) -> None:
-        self.add_outlines(outline_band(row0, mask, prob))
+    def add_band(self, row0: int, mask: np.ndarray, prob: np.ndarray, valid: np.ndarray | None = None) -> None:
+        self.add_outlines(outline_band(row0, mask, prob, valid))
 
     def add_outlines(self, band: BandOutlines) -> None:
-        """Join the next band's components to the buildings open at its top; those that end in it are done."""
+        """Join the next band's components to the buildings open at its top; those that end in it are done.
+        Buildings touching nodata across the border (the open ones above it, the band's first row below it) are
+        marked cut as those touching it inside a band."""
         n = band.n
+        if band.void_top is not None:  # open buildings whose last row sits on the band's first row of nodata
+            for gid in np.unique(self.edge[band.void_top & (self.edge >= 0)]).tolist():
+                self.open[gid].cut = True
+        above, self.void_last = self.void_last, band.void_bottom
         if n == 0:
             self._close(set(self.open))
             self.edge[:] = -1
             return
+        cut = band.cut.copy() if band.cut is not None else np.zeros(n + 1, bool)
+        if above is not None:  # the band's first-row components under the last row's nodata
+            cut[band.top[above]] = True
+            cut[0] = False
         ids = np.arange(n + 1) + self.next_id  # label l -> global id (label 0 unused)
         self.next_id += n + 1
         new: dict[int, _Open] = {}
@@ -130,7 +151,7 @@ class FootprintCollector:
             if gid in new:  # one label can come back as several rings; keep them together
                 new[gid].parts.append(geom)
             else:
-                new[gid] = _Open([geom], int(band.counts[lab]), float(band.sums[lab]))
+                new[gid] = _Open([geom], int(band.counts[lab]), float(band.sums[lab]), bool(cut[lab]))
         uf = _UnionFind()
         top = band.top
         joined = (self.edge >= 0) & (top > 0)
@@ -143,7 +164,8 @@ class FootprintCollector:
         for root, members in groups.items():
             parts = [self.open.get(m) or new[m] for m in members]
             merged[root] = parts[0] if len(parts) == 1 else _Open(
-                [g for p in parts for g in p.parts], sum(p.pixels for p in parts), sum(p.prob_sum for p in parts))
+                [g for p in parts for g in p.parts], sum(p.pixels for p in parts), sum(p.prob_sum for p in parts),
+                any(p.cut for p in parts))
         last = band.bottom
         bottom_ids = {uf.find(int(ids[l])) for l in np.unique(last[last > 0])}
         self.open = {}
@@ -270,10 +292,11 @@ def start_frame(pieces: list[Piece], spec: FrameSpec, expert_at: ExpertAt | None
                 workers: int = 0) -> FrameJob:
     """Start turning a batch of pieces into footprints (:func:`footprint_chunk`), over ``workers`` processes in
     chunks of about equal cost when given (they go on while the caller does; the job's ``result()`` gives the
-    frame). ``expert_at``: the expert that ran at pixel (col, row) (None: 0). Pieces on the scene's edge need a
-    quarter of the smallest area (:func:`geomoe.metrics.held_size`) and are flagged ``at_edge``."""
+    frame). ``expert_at``: the expert that ran at pixel (col, row) (None: 0). Pieces on the scene's edge, or cut
+    by nodata inside it, need a quarter of the smallest area (:func:`geomoe.metrics.held_size`) and are flagged
+    ``at_edge``."""
     geoms = np.array([p.geom for p in pieces], dtype=object)
-    edge = on_edge(geoms, spec.size)
+    edge = on_edge(geoms, spec.size) | np.array([p.cut for p in pieces], bool)
     keep = _not_specks(pieces, spec.gsd, spec.min_area_m2, edge)
     pieces, geoms, edge = [p for p, k in zip(pieces, keep) if k], geoms[keep], edge[keep]
     cent = shapely.get_coordinates(shapely.centroid(geoms)) if len(pieces) else np.zeros((0, 2))
@@ -349,15 +372,15 @@ def _one_polygon_each(gdf: gpd.GeoDataFrame, area_scale: float) -> gpd.GeoDataFr
     return gdf
 
 
-def window_footprints(mask: np.ndarray, gsd: float | None, min_area_m2: float,
-                      regularize: Regularisation | None) -> tuple[gpd.GeoDataFrame, Affine]:
+def window_footprints(mask: np.ndarray, gsd: float | None, min_area_m2: float, regularize: Regularisation | None,
+                      valid: np.ndarray | None = None) -> tuple[gpd.GeoDataFrame, Affine]:
     """The footprints prediction makes of one window's ``mask``, the window taken as a scene (outlined, specks
-    dropped, on its edge only those under a quarter of the smallest area, pinholes filled, squared), in pixel units
-    with y up as on a georeferenced raster (so the regulariser sees outlines turned as in a scene), and that frame's
-    transform from pixels."""
+    dropped, on its edge or its nodata's (``valid`` False) only those under a quarter of the smallest area, pinholes
+    filled, squared), in pixel units with y up as on a georeferenced raster (so the regulariser sees outlines turned
+    as in a scene), and that frame's transform from pixels."""
     pieces: list[Piece] = []
     fc = FootprintCollector(mask.shape[1], pieces.extend)
-    fc.add_band(0, mask, mask.astype(np.float32))
+    fc.add_band(0, mask, mask.astype(np.float32), valid)
     fc.finish()
     t = Affine(1, 0, 0, 0, -1, mask.shape[0])
     spec = FrameSpec(t, None, gsd, min_area_m2, regularize, size=(mask.shape[1], mask.shape[0]))
@@ -375,11 +398,11 @@ def rasterise_footprints(gdf: gpd.GeoDataFrame, transform: Affine, shape: tuple[
     return separated_mask(labels)
 
 
-def as_delivered(mask: np.ndarray, gsd: float | None, min_area_m2: float,
-                 regularize: Regularisation | None) -> np.ndarray:
+def as_delivered(mask: np.ndarray, gsd: float | None, min_area_m2: float, regularize: Regularisation | None,
+                 valid: np.ndarray | None = None) -> np.ndarray:
     """``mask`` as the footprints a user gets of it, rasterised back (evaluate scores them so). Without a
     ground resolution prediction neither measures nor squares, and the mask is its outlines."""
     if gsd is None:
         return mask
-    gdf, t = window_footprints(mask, gsd, min_area_m2, regularize)
+    gdf, t = window_footprints(mask, gsd, min_area_m2, regularize, valid)
     return rasterise_footprints(gdf, t, mask.shape)

@@ -83,12 +83,7 @@ class BundleModel:
 
     def predict(self, expert: int, tiles: torch.Tensor) -> torch.Tensor:
         model = self.b.baseline if expert == self.b.k else self.b.experts[expert]
-        p = predict_channels(model, tiles, self.b.device)[:, :self.channels]
-        if self.tta:  # flips are exact symmetries of the task: average them back
-            p = p + predict_channels(model, tiles.flip(-1), self.b.device)[:, :self.channels].flip(-1)
-            p = p + predict_channels(model, tiles.flip(-2), self.b.device)[:, :self.channels].flip(-2)
-            p = p / 3
-        return p
+        return predict_channels(model, tiles, self.b.device, self.tta)[:, :self.channels]
 
 
 @dataclass

@@ -33,7 +33,7 @@ from geomoe.pipelines.outputs import InputResult, Outputs, RunStats, outputs_for
 from geomoe.pipelines.predict import RowSpan, cell_index, stream_rows
 from geomoe.pipelines.tile_source import open_tiles
 from geomoe.pipelines.tiling import TileGrid
-from geomoe.pipelines.writers import SceneWriters, write_routing
+from geomoe.pipelines.writers import NODATA, SceneWriters, write_routing
 from geomoe.raster import open_raster
 
 
@@ -118,7 +118,7 @@ def predict_strip(model: TileModel, strip: Strip, cfg: PredictConfig, threshold:
                 own = []
                 for p in pieces:
                     _, miny, _, maxy = p.geom.bounds
-                    piece = Piece(translate(p.geom, yoff=span.y0), p.pixels, p.prob_sum)  # the scene's rows
+                    piece = Piece(translate(p.geom, yoff=span.y0), p.pixels, p.prob_sum, p.cut)  # the scene's rows
                     if (top_open and miny <= 0) or (bottom_open and maxy >= h):
                         held.append(piece)
                     else:
@@ -142,23 +142,46 @@ def predict_strip(model: TileModel, strip: Strip, cfg: PredictConfig, threshold:
                        getattr(model, "baseline_id", None), writers.count)
 
 
+def _void_rows(r: StripResult) -> tuple[np.ndarray, np.ndarray]:
+    """Nodata in a strip's first and last rows, as its part mask holds them."""
+    with open_raster(r.mask) as ds:
+        first = ds.read(1, window=Window(0, 0, ds.width, 1))[0] == NODATA
+        last = ds.read(1, window=Window(0, ds.height - 1, ds.width, 1))[0] == NODATA
+    return first, last
+
+
+def _on_void(row: shapely.Geometry, void: np.ndarray) -> bool:
+    """Whether a piece's outline within one row (``row``) covers a column of ``void``: its parts of positive area
+    (an intersection also holds the lines where the outline only touches the row)."""
+    parts = shapely.get_parts(shapely.get_parts(row))
+    parts = parts[shapely.area(parts) > 0]
+    return any(void[int(round(b[0])):int(round(b[2]))].any() for b in shapely.bounds(parts))
+
+
 def join_boundary_pieces(results: list[StripResult], width: int) -> list[Piece]:
-    """Union the held-back pieces that share pixels across strip borders (4-connectivity: one pixel above the other)."""
+    """Union the held-back pieces that share pixels across strip borders (4-connectivity: one pixel above the other);
+    those facing nodata across a border are cut, as the stream marks them."""
     pieces = [p for r in results for p in r.boundary]
     if not pieces:
         return []
     uf = _UnionFind()
     owner = [i for i, r in enumerate(results) for _ in r.boundary]
+    cut = [p.cut for p in pieces]
+    voids = [_void_rows(r) for r in results]
     for k in range(len(results) - 1):
         y = results[k + 1].strip.span.y0
         above = [i for i, o in enumerate(owner) if o == k and pieces[i].geom.bounds[3] >= y]
         below = [i for i, o in enumerate(owner) if o == k + 1 and pieces[i].geom.bounds[1] <= y]
-        if not above or not below:
-            continue
         # the last row above, moved down one row, against the first row below: overlap of positive length = a shared
         # column, the same test as the stream's label comparison
         rows_above = [translate(shapely.intersection(pieces[i].geom, box(0, y - 1, width, y)), yoff=1) for i in above]
         rows_below = [shapely.intersection(pieces[i].geom, box(0, y, width, y + 1)) for i in below]
+        for i, g in zip(above, rows_above):
+            cut[i] |= _on_void(g, voids[k + 1][0])
+        for i, g in zip(below, rows_below):
+            cut[i] |= _on_void(g, voids[k][1])
+        if not above or not below:
+            continue
         tree = shapely.STRtree(rows_below)
         for ia, ga in zip(above, rows_above):
             for jb in tree.query(ga):
@@ -171,7 +194,8 @@ def join_boundary_pieces(results: list[StripResult], width: int) -> list[Piece]:
     for members in groups.values():
         parts = [pieces[m] for m in members]
         geom = parts[0].geom if len(parts) == 1 else shapely.union_all([p.geom for p in parts])
-        joined.append(Piece(geom, sum(p.pixels for p in parts), sum(p.prob_sum for p in parts)))
+        joined.append(Piece(geom, sum(p.pixels for p in parts), sum(p.prob_sum for p in parts),
+                            any(cut[m] for m in members)))
     return joined
 
 

@@ -186,7 +186,7 @@ def process_band(band: Band, threshold: float, separation: Separation | None) ->
     m8 = m.astype(np.uint8)
     m8[~valid] = NODATA
     # probabilities are only summed inside m (no nodata)
-    return BandResult(band.row0, p8, m8, outline_band(band.row0, m, prob[0]))
+    return BandResult(band.row0, p8, m8, outline_band(band.row0, m, prob[0], valid))
 
 
 class BandWriter:

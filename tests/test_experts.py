@@ -120,6 +120,16 @@ def test_a_piece_on_the_window_edge_is_not_dropped_as_small():
     assert np.array_equal(drop_small(pred, 7), truth & (np.arange(30) < 2)[None, :])
     got = match_by_size(pred, ndimage.label(truth), (0, 7, 33))
     assert [tuple(r) for r in got] == [(2, 1, 0), (1, 0, 1), (0, 0, 2)]
+    # nodata inside the window cuts as its border does: the shed against it is held as the house's end is
+    void = np.zeros((30, 30), bool)
+    void[15:17, 18:22] = True
+    assert np.array_equal(drop_small(pred, 7, void), truth)
+    assert np.array_equal(drop_small(pred, 7, np.zeros_like(void)), drop_small(pred, 7))
+    got = match_by_size(pred, ndimage.label(truth), (0, 7, 33), void=void)
+    assert [tuple(r) for r in got] == [(2, 1, 0), (2, 0, 0), (0, 0, 2)]
+    scores = Scores()
+    scores.update(pred, truth, ~void, min_pixels=7)
+    assert (scores.b_tp, scores.b_fp, scores.b_fn) == (2, 0, 0)
 
 
 def test_metrics_cumulative_iou_building_f1_and_boundary():
@@ -369,6 +379,27 @@ def test_bf16_inference_stays_within_rounding_of_fp32_on_a_real_tile(bundle_dir)
     assert p32.std() > 0.01  # a real answer that varies over the tile, not a constant
     assert diff.max() < 0.1 and diff.mean() < 0.01, (diff.max(), diff.mean())
     assert ((p32[:, 0] >= 0.5) != (p16[:, 0] >= 0.5)).float().mean() < 0.01
+
+
+def test_flip_averaging_gives_a_flipped_tile_the_flipped_answer(bundle_dir):
+    """``--tta`` averages the tile and its three flips: on a real aerial tile a trained expert alone answers a
+    mirrored tile differently, the average answers it with exactly the mirrored probabilities."""
+    from pathlib import Path
+
+    from rasterio.windows import Window
+
+    from geomoe.experts.model import predict_channels
+
+    cpu = torch.device("cpu")
+    model = load_bundle(bundle_dir).experts[0]
+    with rasterio.open(Path(__file__).parents[1] / "sample" / "scenes" / "austin3_sw.tif") as ds:
+        x = torch.from_numpy(ds.read(window=Window(100, 100, 128, 96)))[None]
+    for dims in ((-1,), (-2,), (-2, -1)):
+        plain = (predict_channels(model, x.flip(dims), cpu) - predict_channels(model, x, cpu).flip(dims)).abs().max()
+        tta = predict_channels(model, x, cpu, tta=True)
+        averaged = (predict_channels(model, x.flip(dims), cpu, tta=True) - tta.flip(dims)).abs().max()
+        assert plain > 1e-3 and averaged < 1e-5, (dims, plain, averaged)
+    assert tta.shape == (1, model.classes, 96, 128) and 0 <= tta.min() and tta.max() <= 1
 
 
 def test_single_channel_bundle_chooses_threshold_and_smallest_footprint_on_validation(bundle_dir):

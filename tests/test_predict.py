@@ -167,6 +167,54 @@ def test_a_building_cut_by_the_scene_edge_is_kept_though_small(tmp_path):
     assert sorted(zip(sp.area_m2.round(2), sp.at_edge)) == sorted(zip(fp.area_m2.round(2), fp.at_edge))
 
 
+def test_a_building_cut_by_nodata_inside_the_raster_is_kept_though_small(tmp_path):
+    """Nodata inside a raster (a collar along an orthomosaic's irregular edge, a hole) ends what was seen as the
+    scene's edge does: a small piece against it is kept and flagged ``at_edge``, an equally small piece in the open
+    is dropped, and a speck against it goes. The same in strips, with a strip border on the collar's first row."""
+    img = np.full((3, 300, 200), 10, np.uint8)  # band 1 carries the nodata (0); 10 is valid ground
+    img[0, 192:300] = 0  # a collar along the bottom, starting on a strip border below
+    img[0, 100:140, 100:140] = 0  # a hole
+    img[0, 188:192, 60:70] = 255  # 40 px = 10 m2 right above the collar
+    img[0, 110:120, 96:100] = 255  # 40 px beside the hole
+    img[0, 150:160, 20:24] = 255  # 40 px in the open: a speck
+    img[0, 190:192, 150:155] = 255  # 10 px = 2.5 m2 against the collar: a speck there too
+    img[0, 20:60, 120:160] = 255  # a house, 400 m2
+    src = _raster(tmp_path / "c.tif", data=img, nodata=0)
+    cfg = CFG.model_copy(update={"min_area_m2": 16.0})
+    outs, st = predict_raster(RedModel(), src, tmp_path / "out", cfg, 0.5, progress=False)
+    fp = gpd.read_file(outs.footprints)
+    assert sorted(zip(fp.area_m2.round(2), fp.at_edge)) == [(10.0, True), (10.0, True), (400.0, False)]
+    from geomoe.pipelines.strips import merge_strips, plan_strips, predict_strip
+
+    plan = plan_strips(RedModel(), src, "c", tmp_path / "strips", cfg, 1)
+    assert 192 in {s.span.y0 for s in plan.strips}  # the piece above the collar and the collar in different strips
+    res = merge_strips([predict_strip(RedModel(), s, cfg, 0.5) for s in plan.strips], tmp_path / "strips", cfg, None)
+    assert res.ok
+    sp = gpd.read_file(tmp_path / "strips" / "c_footprints.gpkg")
+    assert sorted(zip(sp.area_m2.round(2), sp.at_edge)) == sorted(zip(fp.area_m2.round(2), fp.at_edge))
+
+
+def test_collector_marks_pieces_against_nodata_across_band_borders():
+    """Nodata in the next band's first row cuts a building open above it; nodata in a band's last row cuts the next
+    band's first-row pieces under it; a piece beside nodata inside a band is cut; the others are not."""
+    out = []
+    c = FootprintCollector(12, out.extend)
+    a, va = np.zeros((4, 12), bool), np.ones((4, 12), bool)
+    a[2:, 1:3] = True  # reaches the border; nodata under it in the next band
+    a[1:3, 8] = True  # beside nodata inside this band
+    va[1:3, 9] = False
+    va[3, 5:7] = False  # nodata in the last row ...
+    b, vb = np.zeros((4, 12), bool), np.ones((4, 12), bool)
+    b[0:2, 5:7] = True  # ... over these
+    b[2:4, 10:12] = True  # in the open
+    vb[0, 1:3] = False
+    c.add_band(0, a, a.astype(float), va)
+    c.add_band(4, b, b.astype(float), vb)
+    c.finish()
+    cut = {(int(p.geom.bounds[0]), int(p.geom.bounds[1])): p.cut for p in out}
+    assert cut == {(1, 2): True, (8, 1): True, (5, 4): True, (10, 6): False}
+
+
 def test_collector_joins_pieces_and_u_shapes():
     out = []
     c = FootprintCollector(10, out.extend)
