@@ -162,6 +162,10 @@ class RouterConfig(_Strict):
     soft_temperature: float = Field(0.05, gt=0)
 
 
+# prediction settings that change its speed or memory, never its outputs
+SPEED_ONLY = frozenset({"batch_size", "gdal_cache_mb", "readers", "read_ahead", "footprint_workers", "write_behind"})
+
+
 class PredictConfig(_Strict):
     tile_size: int = Field(512, ge=32)
     unfamiliar: Literal["route", "baseline", "skip"] = Field(
@@ -199,6 +203,11 @@ class PredictConfig(_Strict):
                                           "default: none up to 4 cores, then a quarter of them, at most 8).")
     write_behind: bool = Field(True, description="Write rasters and polygonise footprints on a worker thread, off the "
                                                  "model's critical path (False: in line, the reference path).")
+
+    def output_settings(self) -> dict:
+        """The settings that change what prediction writes (not those that only change its speed or memory):
+        resume redoes a scene made with others."""
+        return self.model_dump(mode="json", exclude=SPEED_ONLY)
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> "PredictConfig":

@@ -45,6 +45,8 @@ class BundleModel:
 
     def __init__(self, bundle: Bundle, soft: bool = False, tta: bool = False):
         self.b, self.soft, self.tta = bundle, soft, tta
+        # what was asked of the model beyond its bundle: scene summaries record it, and resume compares it
+        self.options = {"soft": soft, "bands": None, "bit_depth": None}
         self.tile_size = bundle.config.predict.tile_size
         self.patch = min(bundle.config.data.patch_size, self.tile_size)
         self.gsd = bundle.gsd
@@ -98,6 +100,11 @@ class ModelSpec:
     bands: list[int] | None = None  # None: the bundle's
     bit_depth: int | None = None  # None: the bundle's (NBITS tag, else detected)
 
+    @property
+    def options(self) -> dict:
+        """What is asked of the model beyond its bundle (as the loaded model's ``options``)."""
+        return {"soft": self.soft, "bands": self.bands, "bit_depth": self.bit_depth}
+
     def load(self) -> BundleModel:
         from geomoe.backbone import pick_device
         from geomoe.bundle import load_bundle
@@ -108,6 +115,7 @@ class ModelSpec:
             model.bands = self.bands
         if self.bit_depth is not None:
             model.bit_depth = self.bit_depth
+        model.options = self.options
         return model
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from geomoe.atomic import atomic_path
+from geomoe.config import PredictConfig
 from geomoe.data.catalog import IMAGE_SUFFIXES
 
 
@@ -89,9 +90,32 @@ def input_identity(src: Path) -> dict:
     return {"path": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def is_complete(src: Path, out: Path, fmt: str = "gpkg", name: str | None = None, model_id: str | None = None) -> bool:
+@dataclass(frozen=True)
+class Provenance:
+    """What, beside the input file, made a scene's outputs: the bundle (its path and manifest hash) and the settings
+    that change them (:func:`run_settings`)."""
+
+    bundle: str | None
+    settings: dict
+
+
+def run_settings(cfg: PredictConfig, threshold: float, gsd: float | None, options: dict) -> dict:
+    """A run's settings as its scene summaries record them: the prediction settings that change outputs, the
+    threshold, ``--gsd`` and the model's options (soft routing, bands, bit depth), in JSON's own types."""
+    return json.loads(json.dumps({**cfg.output_settings(), "threshold": threshold, "gsd": gsd, **options}))
+
+
+def provenance(model, cfg: PredictConfig, threshold: float, gsd: float | None) -> Provenance:
+    """The provenance of what ``model`` predicts with these settings (a model without identity: none)."""
+    return Provenance(getattr(model, "identity", None),
+                      run_settings(cfg, threshold, gsd, getattr(model, "options", {})))
+
+
+def is_complete(src: Path, out: Path, fmt: str = "gpkg", name: str | None = None,
+                made_by: Provenance | None = None) -> bool:
     """True when every output of ``src`` exists and was made from this very file (path, size, modification
-    time) by the same bundle; outputs of another input or bundle under the same names are redone."""
+    time) and, given ``made_by``, by the same bundle with the same settings; outputs of another input, bundle or
+    setting (``--tta``, ``--min-area``, a threshold...) under the same names are redone."""
     s = outputs_for(src, out, fmt, name=name)
     if not s.summary.exists():
         return False
@@ -101,7 +125,8 @@ def is_complete(src: Path, out: Path, fmt: str = "gpkg", name: str | None = None
         return False
     if src.exists() and summary.get("input_identity") != input_identity(src):
         return False
-    if model_id is not None and summary.get("bundle") != model_id:
+    if made_by is not None and (summary.get("bundle") != made_by.bundle
+                                or summary.get("settings") != made_by.settings):
         return False
     return all(Path(p).exists() for p in summary.get("outputs", []))
 
@@ -136,11 +161,12 @@ def write_run_summary(out: Path, results: list[InputResult], seconds: float) -> 
     return path
 
 
-def write_scene_summary(outs: Outputs, src: Path, model_id: str | None, stats: RunStats, grid_tiles: int,
+def write_scene_summary(outs: Outputs, src: Path, made_by: Provenance, stats: RunStats, grid_tiles: int,
                         details: dict) -> None:
-    """NAME_summary.json: what made the outputs (input identity, bundle), what was done and the outputs it lists;
-    written last, so its presence (with every output it lists) marks the scene complete."""
-    record = {"input": str(src), "input_identity": input_identity(src), "bundle": model_id,
+    """NAME_summary.json: what made the outputs (input identity, bundle, settings), what was done and the outputs it
+    lists; written last, so its presence (with every output it lists) marks the scene complete."""
+    record = {"input": str(src), "input_identity": input_identity(src), "bundle": made_by.bundle,
+              "settings": made_by.settings,
               "tiles": stats.tiles, "empty_tiles": stats.skipped_tiles, "seconds": round(stats.seconds, 2),
               "tiles_per_second": round(grid_tiles / stats.seconds, 2) if stats.seconds > 0 else None,
               "footprints": stats.footprints, "tiles_per_expert": stats.per_expert, **details,

@@ -33,8 +33,8 @@ from geomoe.config import PredictConfig
 from geomoe.pipelines.background import Consumer
 from geomoe.pipelines.inference import (InlineSmoothing, RoutingLayer, TileModel, predict_batches, route_row,
                                         route_scene)
-from geomoe.pipelines.outputs import (InputResult, Outputs, RunStats, expand_inputs, is_complete, output_names,
-                                      outputs_for, write_run_summary, write_scene_summary)
+from geomoe.pipelines.outputs import (InputResult, Outputs, Provenance, RunStats, expand_inputs, is_complete,
+                                      output_names, outputs_for, provenance, write_run_summary, write_scene_summary)
 from geomoe.pipelines.footprints import Piece
 from geomoe.pipelines.tile_source import TileSource, open_tiles
 from geomoe.pipelines.tiling import BandBlender, TileGrid
@@ -83,18 +83,20 @@ def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, t
     with rasterio.Env(GDAL_CACHEMAX=cfg.gdal_cache_mb):  # raised to what the input's blocks need once it is open
         ds = open_raster(src)
         try:
-            return _predict(model, ds, src, out, cfg, threshold, progress, fmt, t0, gsd, name)
+            return _predict(model, ds, src, out, cfg, threshold, progress, fmt, t0, gsd, name,
+                            provenance(model, cfg, threshold, gsd))
         finally:
             ds.close()
 
 
 def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, threshold: float, progress: bool,
-             fmt: str, t0: float, given_gsd: float | None, name: str | None) -> tuple[Outputs, RunStats]:
+             fmt: str, t0: float, given_gsd: float | None, name: str | None,
+             made_by: Provenance) -> tuple[Outputs, RunStats]:
     tiles, gsd, target = open_tiles(model, ds, src, cfg, given_gsd, pin=_on_cuda(model) and torch.cuda.is_available())
     need = block_cache_bytes(ds, tiles.t_src, reader_threads(cfg, model))
     try:
         with rasterio.Env(GDAL_CACHEMAX=max(cfg.gdal_cache_mb, int(need / 2**20) + 16)):
-            return _run_scene(model, tiles, src, out, cfg, threshold, progress, fmt, t0, gsd, target, name)
+            return _run_scene(model, tiles, src, out, cfg, threshold, progress, fmt, t0, gsd, target, name, made_by)
     finally:
         tiles.close()
 
@@ -198,7 +200,7 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: Predict
 
 def _run_scene(model: TileModel, tiles: TileSource, src: Path, out: Path, cfg: PredictConfig, threshold: float,
                progress: bool, fmt: str, t0: float, gsd: float | None, target: float | None,
-               name: str | None) -> tuple[Outputs, RunStats]:
+               name: str | None, made_by: Provenance) -> tuple[Outputs, RunStats]:
     ds, grid = tiles.ds, tiles.grid
     out.mkdir(parents=True, exist_ok=True)
     outs = outputs_for(src, out, fmt, geojson=ds.crs is not None, name=name, parquet=cfg.geoparquet)
@@ -223,7 +225,7 @@ def _run_scene(model: TileModel, tiles: TileSource, src: Path, out: Path, cfg: P
         writers.abort()
         raise
     stats.seconds = time.perf_counter() - t0
-    write_scene_summary(outs, src, getattr(model, "identity", None), stats, len(grid), {
+    write_scene_summary(outs, src, made_by, stats, len(grid), {
         "routing": cfg.routing, "unfamiliar_action": cfg.unfamiliar, "gsd": gsd, "model_gsd": target,
         "crs": str(ds.crs) if ds.crs else None})
     if stats.tiles == 0:
@@ -231,7 +233,7 @@ def _run_scene(model: TileModel, tiles: TileSource, src: Path, out: Path, cfg: P
     return outs, stats
 
 
-def scenes_to_do(inputs: list[Path], out: Path, resume: bool, model_id: str | None
+def scenes_to_do(inputs: list[Path], out: Path, resume: bool, made_by: Provenance | None
                  ) -> tuple[list[tuple[Path, str]], list[InputResult], dict[Path, int]]:
     """(input, output name) of each scene to predict, the results of those skipped as complete (``resume``), and
     each input's place in the run (results are reported in that order)."""
@@ -239,7 +241,7 @@ def scenes_to_do(inputs: list[Path], out: Path, resume: bool, model_id: str | No
     names = output_names(srcs)
     todo, skipped = [], []
     for src in srcs:
-        if resume and is_complete(src, out, name=names[src], model_id=model_id):
+        if resume and is_complete(src, out, name=names[src], made_by=made_by):
             skipped.append(InputResult(src, True, "skipped (complete)"))
         else:
             todo.append((src, names[src]))
@@ -267,7 +269,7 @@ def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictCo
                  resume: bool = False, progress: bool = True, gsd: float | None = None) -> list[InputResult]:
     """Predict each input in this process (the local engine); writes OUT/run_summary.json."""
     t0 = time.perf_counter()
-    todo, results, order = scenes_to_do(inputs, out, resume, getattr(model, "identity", None))
+    todo, results, order = scenes_to_do(inputs, out, resume, provenance(model, cfg, threshold, gsd))
     for src, name in todo:
         interrupt.check()
         results.append(predict_scene(model, src, name, out, cfg, threshold, progress, gsd))

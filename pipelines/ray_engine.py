@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from geomoe.config import PredictConfig
 from geomoe.pipelines.inference import ModelSpec
-from geomoe.pipelines.outputs import InputResult, write_run_summary
+from geomoe.pipelines.outputs import InputResult, Provenance, run_settings, write_run_summary
 from geomoe.pipelines.predict import predict_scene, scenes_to_do
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,10 @@ def _worker_class():
 
             return predict_strip(self.model, strip, cfg, threshold, gsd)
 
-        def merge(self, results, out: str, cfg: PredictConfig, started: float) -> InputResult:
+        def merge(self, results, out: str, cfg: PredictConfig, made_by: Provenance, started: float) -> InputResult:
             from geomoe.pipelines.strips import merge_strips
 
-            return merge_strips(results, Path(out), cfg, getattr(self.model, "identity", None), started)
+            return merge_strips(results, Path(out), cfg, made_by, started)
 
     return SceneWorker
 
@@ -131,7 +131,9 @@ def predict_many_ray(spec: ModelSpec, model_id: str, inputs: list[Path], out: Pa
 
     t0 = time.perf_counter()
     out = out.resolve()
-    todo, results, order = scenes_to_do(inputs, out, resume, model_id)
+    # what the workers' summaries will record: their models are loaded from ``spec``, so they have its options
+    made_by = Provenance(model_id, run_settings(cfg, threshold, gsd, spec.options))
+    todo, results, order = scenes_to_do(inputs, out, resume, made_by)
     if todo:
         worker = _worker_class().options(num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker)
         threads = max(1, int(opts.cpus_per_worker))
@@ -156,7 +158,7 @@ def predict_many_ray(spec: ModelSpec, model_id: str, inputs: list[Path], out: Pa
                 return actor.plan.remote(str(src.resolve()), item[2], str(out), cfg, opts.strip_rows, gsd)
             if kind == "strip":
                 return actor.strip.remote(item[2], cfg, threshold, gsd)
-            return actor.merge.remote(item[2], str(out), cfg, strips[src]["started"])
+            return actor.merge.remote(item[2], str(out), cfg, made_by, strips[src]["started"])
 
         def finish(res: InputResult) -> None:
             if not res.ok:

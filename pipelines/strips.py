@@ -29,7 +29,7 @@ from shapely.geometry import box
 from geomoe.config import PredictConfig
 from geomoe.pipelines.footprints import Piece, _UnionFind, scene_area_crs
 from geomoe.pipelines.inference import RoutingLayer, TileModel
-from geomoe.pipelines.outputs import InputResult, Outputs, RunStats, outputs_for, write_scene_summary
+from geomoe.pipelines.outputs import InputResult, Outputs, Provenance, RunStats, outputs_for, write_scene_summary
 from geomoe.pipelines.predict import RowSpan, cell_index, stream_rows
 from geomoe.pipelines.tile_source import open_tiles
 from geomoe.pipelines.tiling import TileGrid
@@ -199,10 +199,11 @@ def join_boundary_pieces(results: list[StripResult], width: int) -> list[Piece]:
     return joined
 
 
-def merge_strips(results: list[StripResult], out: Path, cfg: PredictConfig, model_id: str | None,
+def merge_strips(results: list[StripResult], out: Path, cfg: PredictConfig, made_by: Provenance | None = None,
                  started: float | None = None) -> InputResult:
     """The scene's outputs from its strips: rasters copied row by row into the COGs, footprints appended in chunks,
-    the boundary pieces joined; every output appears under its final name only when complete."""
+    the boundary pieces joined; every output appears under its final name only when complete. ``made_by``: the
+    run's bundle and settings, for the scene's summary (resume compares them)."""
     results = sorted(results, key=lambda r: r.strip.index)
     first = results[0]
     src, name = first.strip.src, first.strip.name
@@ -246,7 +247,7 @@ def merge_strips(results: list[StripResult], out: Path, cfg: PredictConfig, mode
             writers.abort()
             raise
         stats.seconds = time.time() - started if started is not None else 0.0  # wall clock: strips ran elsewhere
-        write_scene_summary(outs, src, model_id, stats, len(grid), {
+        write_scene_summary(outs, src, made_by or Provenance(None, {}), stats, len(grid), {
             "routing": cfg.routing, "unfamiliar_action": cfg.unfamiliar, "gsd": first.gsd, "model_gsd": first.target,
             "crs": str(ds.crs) if ds.crs else None, "strips": len(results)})
     shutil.rmtree(first.strip.work, ignore_errors=True)

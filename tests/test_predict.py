@@ -289,6 +289,15 @@ def test_interrupted_run_leaves_no_output_and_resume_skips_complete(tmp_path):
     assert [p.name for p in out.iterdir() if ".partial" in p.name] == []
     res = predict_many(RedModel(fail_after=0), [src], out, CFG, 0.5, resume=True, progress=False)
     assert res[0].ok and "skipped" in res[0].message
+    # settings that only change speed resume; those that change the outputs redo the scene
+    faster = CFG.model_copy(update={"batch_size": 16, "write_behind": False})
+    assert "skipped" in predict_many(RedModel(fail_after=0), [src], out, faster, 0.5, resume=True,
+                                     progress=False)[0].message
+    for cfg, threshold in ((CFG.model_copy(update={"tta": True}), 0.5), (CFG.model_copy(update={"min_area_m2": 8.0}), 0.5),
+                           (CFG, 0.6)):
+        res = predict_many(RedModel(), [src], out, cfg, threshold, resume=True, progress=False)
+        assert res[0].ok and "skipped" not in res[0].message
+        assert json.loads(outputs_for(src, out).summary.read_text())["settings"]["threshold"] == threshold
 
 
 def test_cli_predict_with_a_trained_bundle(tmp_path, synth_root, bundle_dir):

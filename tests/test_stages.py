@@ -15,6 +15,7 @@ from rasterio.windows import Window
 from geomoe.bundle import load_bundle
 from geomoe.pipelines.background import Consumer, read_ahead
 from geomoe.pipelines.inference import BundleModel
+from geomoe.pipelines.outputs import provenance
 from geomoe.pipelines.predict import predict_raster
 from geomoe.pipelines.tiling import BandBlender
 from geomoe.raster import open_raster, valid_window_mask
@@ -251,7 +252,7 @@ def test_a_scene_in_strips_gives_the_whole_scene_outputs(routing, real_crop, bun
     assert len(plan.strips) >= 3
     parts = [predict_strip(model, s, cfg, b.threshold) for s in reversed(plan.strips)]  # any order
     assert sum(len(p.boundary) for p in parts) > 0  # buildings do cross the strip borders here
-    res = merge_strips(parts, tmp_path / "strips", cfg, model.identity)
+    res = merge_strips(parts, tmp_path / "strips", cfg, provenance(model, cfg, b.threshold, None))
     assert res.ok and res.stats.tiles == whole[4].tiles and res.stats.per_expert == whole[4].per_expert
     with rasterio.open(tmp_path / "strips" / "banepa_crop_prob.tif") as p, \
             rasterio.open(tmp_path / "strips" / "banepa_crop_mask.tif") as m:
