@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import torch
@@ -320,6 +321,10 @@ def test_cli_evaluate_show_lr_find_and_finetune(bundle_dir, synth_root, tmp_path
     res = r.invoke(app, ["evaluate", str(synth_root), "-b", str(bundle_dir), "-o", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "ev" / "evaluation.json").exists()
+    res = r.invoke(app, ["evaluate", str(synth_root), "-b", str(bundle_dir), "-o", str(tmp_path / "ev_tta"), "--tta"])
+    assert res.exit_code == 0, res.output
+    plain, flips = (pd.read_csv(tmp_path / d / "evaluation.csv") for d in ("ev", "ev_tta"))
+    assert plain.shape == flips.shape and not np.allclose(plain.iou, flips.iou)  # the models' answers changed
     res = r.invoke(app, ["show-results", str(synth_root), "-b", str(bundle_dir), "-o", str(tmp_path / "show.png"), "--n", "3"])
     assert res.exit_code == 0, res.output
     res = r.invoke(app, ["lr-find", str(synth_root), "-o", str(tmp_path / "lr.png"), "-c", "tiny", "--steps", "8"])
