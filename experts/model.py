@@ -91,6 +91,7 @@ def predict_channels(model: Expert, images: torch.Tensor, device: torch.device, 
     mean over the tile and its flips (:data:`FLIPS`, four passes)."""
     if not tta:
         return torch.sigmoid(predict_logits(model, images, device)).cpu()
+    images = images.to(device, non_blocking=True)  # one copy to the device; the flips are made there
     total = None
     for dims in FLIPS:
         p = torch.sigmoid(predict_logits(model, images.flip(dims) if dims else images, device))
