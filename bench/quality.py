@@ -24,7 +24,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 from skimage.measure import label
 from common import SHARED, record, write_json
 
@@ -219,7 +218,6 @@ def main() -> None:
     parts = [p.strip() for p in a.parts.split(",")]
     cfg = load_config(a.config)
     dev = pick_device(cfg.device)
-    t0 = time.perf_counter()
     a.out.mkdir(parents=True, exist_ok=True)
     base = timed(a.out, "train", lambda: train_all(a.root, cfg, a.out / "bundle"))
     prep = prepare(a.root, cfg.data, cfg.seed)

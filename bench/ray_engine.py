@@ -21,6 +21,7 @@ from rasterio.windows import Window
 
 from geomoe.bundle import load_bundle
 from geomoe.pipelines.inference import BundleModel, ModelSpec
+from geomoe.pipelines.outputs import RunRequest
 from geomoe.pipelines.predict import predict_many
 from geomoe.pipelines.ray_engine import RayOptions, connect, predict_many_ray
 
@@ -52,12 +53,13 @@ def main() -> None:
         t0 = time.perf_counter()
         b = load_bundle(a.bundle, "cpu")
         model = BundleModel(b)
-        local = predict_many(model, scenes, Path(td) / "local", b.config.predict, b.threshold, progress=False)
+        local = predict_many(model, scenes, Path(td) / "local", RunRequest(b.config.predict, b.threshold),
+                             progress=False)
         t_local = time.perf_counter() - t0
         connect(RayOptions(num_cpus=a.cpus))
         t0 = time.perf_counter()
         remote = predict_many_ray(ModelSpec(str(a.bundle.resolve()), "cpu"), model.identity, scenes, Path(td) / "ray",
-                                  b.config.predict, b.threshold, RayOptions(), progress=False)
+                                  RunRequest(b.config.predict, b.threshold), RayOptions(), progress=False)
         t_ray = time.perf_counter() - t0
         tiles = sum(r.stats.tiles for r in local)
         same = True

@@ -120,7 +120,7 @@ def pure_model(model: BundleModel, scene: Path, cfg) -> tuple[float, int, Replay
     replay of the model's answers. Routed as prediction routes (``predict.routing``): under smoothed routing each
     row's experts run once the row below is routed."""
     with open_raster(scene) as ds:
-        tiles, _, _ = open_tiles(model, ds, scene, cfg, warn=False)
+        tiles = open_tiles(model, ds, scene, cfg, warn=False)
         rows = [tiles.read_row(iy) for iy in range(len(tiles.grid.ys))]
     stats = RunStats()
     model.predict(0, rows[0].tiles[:cfg.batch_size])  # warm-up

@@ -385,6 +385,7 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
     """Predict GeoTIFF/VRT/PNG/JPEG files, folders or .txt lists into COG masks, routing and footprints."""
     from geomoe.bundle import load_bundle
     from geomoe.pipelines.inference import ModelSpec
+    from geomoe.pipelines.outputs import RunRequest
     from geomoe.pipelines.predict import predict_many
 
     if unfamiliar not in (None, "route", "baseline", "skip"):
@@ -422,18 +423,19 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         pcfg = b.config.predict.model_validate({**b.config.predict.model_dump(), **upd})
     except ValueError as e:
         _fail(str(e))
+    req = RunRequest(pcfg, b.threshold, gsd)  # the same request for either engine
     if engine == "local":
         model.tta = pcfg.tta
-        results = predict_many(model, inputs, out, pcfg, b.threshold, resume=resume, gsd=gsd)
+        results = predict_many(model, inputs, out, req, resume=resume)
     else:
         from geomoe.pipelines.inference import BundleModel
         from geomoe.pipelines.ray_engine import EngineError, RayOptions, predict_many_ray
 
         spec.tta = pcfg.tta
         try:
-            results = predict_many_ray(spec, BundleModel(b).identity, inputs, out, pcfg, b.threshold,
+            results = predict_many_ray(spec, BundleModel(b).identity, inputs, out, req,
                                        RayOptions(address, workers, cpus_per_worker, gpus_per_worker, strip_rows=strip_rows),
-                                       resume=resume, gsd=gsd)
+                                       resume=resume)
         except EngineError as e:
             _fail(str(e))
     t = Table(title="predict")

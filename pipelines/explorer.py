@@ -102,7 +102,7 @@ def scene_points(bundle: Bundle, image: Path, cfg: PredictConfig, limit: int = 4
     model = BundleModel(bundle)
     vectors, thumbs, where = [], [], []
     with open_raster(image) as ds, torch.no_grad():
-        tiles, _, _ = open_tiles(model, ds, image, cfg, warn=False)
+        tiles = open_tiles(model, ds, image, cfg, warn=False)
         rows, cols = len(tiles.grid.ys), len(tiles.grid.xs)
         step = max(1, int(np.ceil(np.sqrt(rows * cols / limit))))
         for iy in range(0, rows, step):

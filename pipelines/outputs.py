@@ -93,22 +93,31 @@ def input_identity(src: Path) -> dict:
 @dataclass(frozen=True)
 class Provenance:
     """What, beside the input file, made a scene's outputs: the bundle (its path and manifest hash) and the settings
-    that change them (:func:`run_settings`)."""
+    that change them (:meth:`RunRequest.settings`)."""
 
     bundle: str | None
     settings: dict
 
 
-def run_settings(cfg: PredictConfig, threshold: float, gsd: float | None, options: dict) -> dict:
-    """A run's settings as its scene summaries record them: the prediction settings that change outputs, the
-    threshold, ``--gsd`` and the model's options (soft routing, bands, bit depth), in JSON's own types."""
-    return json.loads(json.dumps({**cfg.output_settings(), "threshold": threshold, "gsd": gsd, **options}))
+@dataclass(frozen=True)
+class RunRequest:
+    """What a prediction run asks of each of its scenes, whichever engine runs them: the prediction settings, the
+    mask threshold, the ground resolution given for rasters without a CRS (``--gsd``) and the vector format."""
 
+    cfg: PredictConfig
+    threshold: float
+    gsd: float | None = None
+    fmt: str = "gpkg"
 
-def provenance(model, cfg: PredictConfig, threshold: float, gsd: float | None) -> Provenance:
-    """The provenance of what ``model`` predicts with these settings (a model without identity: none)."""
-    return Provenance(getattr(model, "identity", None),
-                      run_settings(cfg, threshold, gsd, getattr(model, "options", {})))
+    def settings(self, options: dict) -> dict:
+        """The settings its scene summaries record: those of ``cfg`` that change outputs, the threshold, ``--gsd``
+        and the model's ``options`` (soft routing, bands, bit depth), in JSON's own types."""
+        return json.loads(json.dumps({**self.cfg.output_settings(), "threshold": self.threshold, "gsd": self.gsd,
+                                      **options}))
+
+    def provenance(self, model) -> Provenance:
+        """The provenance of what ``model`` predicts for this request (a model without identity: none)."""
+        return Provenance(getattr(model, "identity", None), self.settings(getattr(model, "options", {})))
 
 
 def is_complete(src: Path, out: Path, fmt: str = "gpkg", name: str | None = None,

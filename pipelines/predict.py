@@ -33,8 +33,8 @@ from geomoe.config import PredictConfig
 from geomoe.pipelines.background import Consumer
 from geomoe.pipelines.inference import (InlineSmoothing, RoutingLayer, TileModel, predict_batches, route_row,
                                         route_scene)
-from geomoe.pipelines.outputs import (InputResult, Outputs, Provenance, RunStats, expand_inputs, is_complete,
-                                      output_names, outputs_for, provenance, write_run_summary, write_scene_summary)
+from geomoe.pipelines.outputs import (InputResult, Outputs, Provenance, RunRequest, RunStats, expand_inputs,
+                                      is_complete, output_names, outputs_for, write_run_summary, write_scene_summary)
 from geomoe.pipelines.footprints import Piece
 from geomoe.pipelines.tile_source import TileSource, open_tiles
 from geomoe.pipelines.tiling import BandBlender, TileGrid
@@ -79,26 +79,27 @@ def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, t
 
     ``gsd`` (m/pixel) is used when the raster has no CRS; otherwise a locations.csv above it is asked.
     """
+    return predict_file(model, src, out, RunRequest(cfg, threshold, gsd, fmt), name, progress)
+
+
+def predict_file(model: TileModel, src: Path, out: Path, req: RunRequest, name: str | None = None,
+                 progress: bool = True) -> tuple[Outputs, RunStats]:
+    """:func:`predict_raster` for a run's request; ``name``: the outputs' name (default the file's stem)."""
     t0 = time.perf_counter()
-    with rasterio.Env(GDAL_CACHEMAX=cfg.gdal_cache_mb):  # raised to what the input's blocks need once it is open
+    with rasterio.Env(GDAL_CACHEMAX=req.cfg.gdal_cache_mb):  # raised to what the input's blocks need once it is open
         ds = open_raster(src)
         try:
-            return _predict(model, ds, src, out, cfg, threshold, progress, fmt, t0, gsd, name,
-                            provenance(model, cfg, threshold, gsd))
+            tiles = open_tiles(model, ds, src, req.cfg, req.gsd, pin=_on_cuda(model) and torch.cuda.is_available())
+            try:
+                need = block_cache_bytes(ds, tiles.t_src, reader_threads(req.cfg, model))
+                outs = outputs_for(src, out, req.fmt, geojson=ds.crs is not None, name=name,
+                                   parquet=req.cfg.geoparquet)
+                with rasterio.Env(GDAL_CACHEMAX=max(req.cfg.gdal_cache_mb, int(need / 2**20) + 16)):
+                    return _run_scene(model, tiles, outs, req, progress, t0)
+            finally:
+                tiles.close()
         finally:
             ds.close()
-
-
-def _predict(model: TileModel, ds, src: Path, out: Path, cfg: PredictConfig, threshold: float, progress: bool,
-             fmt: str, t0: float, given_gsd: float | None, name: str | None,
-             made_by: Provenance) -> tuple[Outputs, RunStats]:
-    tiles, gsd, target = open_tiles(model, ds, src, cfg, given_gsd, pin=_on_cuda(model) and torch.cuda.is_available())
-    need = block_cache_bytes(ds, tiles.t_src, reader_threads(cfg, model))
-    try:
-        with rasterio.Env(GDAL_CACHEMAX=max(cfg.gdal_cache_mb, int(need / 2**20) + 16)):
-            return _run_scene(model, tiles, src, out, cfg, threshold, progress, fmt, t0, gsd, target, name, made_by)
-    finally:
-        tiles.close()
 
 
 @dataclass
@@ -132,15 +133,16 @@ def cell_index(grid: TileGrid) -> Callable[[np.ndarray, np.ndarray], tuple[np.nd
     return index
 
 
-def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: PredictConfig, threshold: float,
-                layer: RoutingLayer, writers: SceneWriters, progress: bool = False, desc: str = "",
+def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, req: RunRequest, layer: RoutingLayer,
+                writers: SceneWriters, progress: bool = False,
                 emit: Callable[[list[Piece]], None] | None = None) -> RunStats:
     """Read, route, predict and blend the tile rows of ``span``; its finished output rows go to ``writers`` (their
     row 0 is ``span.y0``) on the write-behind worker, footprints to ``emit`` (default: the writers)."""
+    cfg = req.cfg
     grid, readers = tiles.grid, reader_threads(cfg, model)
     cells = cell_index(grid)
     # the bundle's calibrated separation of touching buildings (a plain TileModel: the defaults)
-    band_writer = BandWriter(writers, grid.width, threshold, emit, getattr(model, "separation", None))
+    band_writer = BandWriter(writers, grid.width, req.threshold, emit, getattr(model, "separation", None))
     # one band written while the model works on the next tile row: each band is a tile row x width (tens of MB for
     # a wide raster), and one more waiting would only hold a copy of it whenever the model is the slower
     consumer = Consumer(band_writer, depth=0, threaded=cfg.write_behind)
@@ -162,7 +164,7 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: Predict
     blender = BandBlender(grid, sink, flush_rows=None if channels > 1 else 64, channels=channels,
                           top=int(grid.ys[span.first]))
     total = len(grid.xs) * (span.b - span.a)
-    bar = tqdm(total=total, desc=desc, unit="tile", disable=not progress)
+    bar = tqdm(total=total, desc=tiles.path.name, unit="tile", disable=not progress)
     # smoothed routing settles a row once the row below is routed; a strip also routes (only) the row above its
     # context row and the row below its last, so its routes are the whole scene's
     smoothing = InlineSmoothing(layer) if cfg.routing == "smoothed" else None
@@ -198,12 +200,10 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, cfg: Predict
     return stats
 
 
-def _run_scene(model: TileModel, tiles: TileSource, src: Path, out: Path, cfg: PredictConfig, threshold: float,
-               progress: bool, fmt: str, t0: float, gsd: float | None, target: float | None,
-               name: str | None, made_by: Provenance) -> tuple[Outputs, RunStats]:
-    ds, grid = tiles.ds, tiles.grid
-    out.mkdir(parents=True, exist_ok=True)
-    outs = outputs_for(src, out, fmt, geojson=ds.crs is not None, name=name, parquet=cfg.geoparquet)
+def _run_scene(model: TileModel, tiles: TileSource, outs: Outputs, req: RunRequest, progress: bool,
+               t0: float) -> tuple[Outputs, RunStats]:
+    ds, grid, src, cfg = tiles.ds, tiles.grid, tiles.path, req.cfg
+    outs.summary.parent.mkdir(parents=True, exist_ok=True)
     if cfg.routing == "scene":  # one expert for the scene: every tile routed first
         layer = route_scene(model, tiles, cfg.routing, cfg, reader_threads(cfg, model), progress, src.name)
     else:  # tile by tile, or smoothed within the one pass (stream_rows)
@@ -215,9 +215,9 @@ def _run_scene(model: TileModel, tiles: TileSource, src: Path, out: Path, cfg: P
         ix, iy = cells(cols, rows)
         return layer.ran[iy, ix]
 
-    writers = SceneWriters(ds, outs, gsd, cfg, expert_at)
+    writers = SceneWriters(ds, outs, tiles.gsd, cfg, expert_at)
     try:
-        stats = stream_rows(model, tiles, RowSpan.whole(grid), cfg, threshold, layer, writers, progress, src.name)
+        stats = stream_rows(model, tiles, RowSpan.whole(grid), req, layer, writers, progress)
         write_routing(outs.routing, grid, layer, ds, getattr(model, "baseline_id", None))
         writers.finish()
         stats.footprints = writers.count  # after finish: the last batches are written there
@@ -225,15 +225,15 @@ def _run_scene(model: TileModel, tiles: TileSource, src: Path, out: Path, cfg: P
         writers.abort()
         raise
     stats.seconds = time.perf_counter() - t0
-    write_scene_summary(outs, src, made_by, stats, len(grid), {
-        "routing": cfg.routing, "unfamiliar_action": cfg.unfamiliar, "gsd": gsd, "model_gsd": target,
+    write_scene_summary(outs, src, req.provenance(model), stats, len(grid), {
+        "routing": cfg.routing, "unfamiliar_action": cfg.unfamiliar, "gsd": tiles.gsd, "model_gsd": tiles.model_gsd,
         "crs": str(ds.crs) if ds.crs else None})
     if stats.tiles == 0:
         warnings.warn(f"{src}: no valid data (all nodata); outputs are empty", stacklevel=3)
     return outs, stats
 
 
-def scenes_to_do(inputs: list[Path], out: Path, resume: bool, made_by: Provenance | None
+def scenes_to_do(inputs: list[Path], out: Path, resume: bool, made_by: Provenance | None, fmt: str = "gpkg"
                  ) -> tuple[list[tuple[Path, str]], list[InputResult], dict[Path, int]]:
     """(input, output name) of each scene to predict, the results of those skipped as complete (``resume``), and
     each input's place in the run (results are reported in that order)."""
@@ -241,21 +241,21 @@ def scenes_to_do(inputs: list[Path], out: Path, resume: bool, made_by: Provenanc
     names = output_names(srcs)
     todo, skipped = [], []
     for src in srcs:
-        if resume and is_complete(src, out, name=names[src], made_by=made_by):
+        if resume and is_complete(src, out, fmt, name=names[src], made_by=made_by):
             skipped.append(InputResult(src, True, "skipped (complete)"))
         else:
             todo.append((src, names[src]))
     return todo, skipped, {p: i for i, p in enumerate(srcs)}
 
 
-def predict_scene(model: TileModel, src: Path, name: str, out: Path, cfg: PredictConfig, threshold: float,
-                  progress: bool = True, gsd: float | None = None) -> InputResult:
+def predict_scene(model: TileModel, src: Path, name: str, out: Path, req: RunRequest,
+                  progress: bool = True) -> InputResult:
     """Predict one scene; a failure (unreadable file, out of memory, anything but an interrupt) comes back as a
     result with its reason, so the other scenes still run."""
     try:
         if not src.exists():
             raise RasterError(f"{src}: no such file")
-        _, st = predict_raster(model, src, out, cfg, threshold, progress, gsd=gsd, name=name)
+        _, st = predict_file(model, src, out, req, name, progress)
         return InputResult(src, True, f"{st.tiles} tiles, {st.footprints} footprints, "
                            f"{st.tiles / max(st.seconds, 1e-9):.1f} tiles/s"
                            + (f", {st.unfamiliar} unfamiliar" if st.unfamiliar else ""), st.seconds, st)
@@ -265,14 +265,14 @@ def predict_scene(model: TileModel, src: Path, name: str, out: Path, cfg: Predic
         return InputResult(src, False, msg)
 
 
-def predict_many(model: TileModel, inputs: list[Path], out: Path, cfg: PredictConfig, threshold: float,
-                 resume: bool = False, progress: bool = True, gsd: float | None = None) -> list[InputResult]:
+def predict_many(model: TileModel, inputs: list[Path], out: Path, req: RunRequest, resume: bool = False,
+                 progress: bool = True) -> list[InputResult]:
     """Predict each input in this process (the local engine); writes OUT/run_summary.json."""
     t0 = time.perf_counter()
-    todo, results, order = scenes_to_do(inputs, out, resume, provenance(model, cfg, threshold, gsd))
+    todo, results, order = scenes_to_do(inputs, out, resume, req.provenance(model), req.fmt)
     for src, name in todo:
         interrupt.check()
-        results.append(predict_scene(model, src, name, out, cfg, threshold, progress, gsd))
+        results.append(predict_scene(model, src, name, out, req, progress))
     results.sort(key=lambda r: order.get(r.path, 0))
     write_run_summary(out, results, time.perf_counter() - t0)
     return results

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from geomoe.config import PredictConfig
 from geomoe.pipelines.inference import ModelSpec
-from geomoe.pipelines.outputs import InputResult, Provenance, run_settings, write_run_summary
+from geomoe.pipelines.outputs import InputResult, Provenance, RunRequest, write_run_summary
 from geomoe.pipelines.predict import predict_scene, scenes_to_do
 
 log = logging.getLogger(__name__)
@@ -87,24 +86,23 @@ def _worker_class():
             torch.set_num_threads(max(1, threads))
             self.model = spec.load()
 
-        def predict(self, src: str, name: str, out: str, cfg: PredictConfig, threshold: float,
-                    gsd: float | None) -> InputResult:
-            return predict_scene(self.model, Path(src), name, Path(out), cfg, threshold, progress=False, gsd=gsd)
+        def predict(self, src: str, name: str, out: str, req: RunRequest) -> InputResult:
+            return predict_scene(self.model, Path(src), name, Path(out), req, progress=False)
 
-        def plan(self, src: str, name: str, out: str, cfg: PredictConfig, rows: int, gsd: float | None):
+        def plan(self, src: str, name: str, out: str, req: RunRequest, rows: int):
             from geomoe.pipelines.strips import plan_strips
 
-            return plan_strips(self.model, Path(src), name, Path(out), cfg, rows, gsd)
+            return plan_strips(self.model, Path(src), name, Path(out), req, rows)
 
-        def strip(self, strip, cfg: PredictConfig, threshold: float, gsd: float | None):
+        def strip(self, strip, req: RunRequest):
             from geomoe.pipelines.strips import predict_strip
 
-            return predict_strip(self.model, strip, cfg, threshold, gsd)
+            return predict_strip(self.model, strip, req)
 
-        def merge(self, results, out: str, cfg: PredictConfig, made_by: Provenance, started: float) -> InputResult:
+        def merge(self, results, out: str, req: RunRequest, made_by: Provenance, started: float) -> InputResult:
             from geomoe.pipelines.strips import merge_strips
 
-            return merge_strips(results, Path(out), cfg, made_by, started)
+            return merge_strips(results, Path(out), req, made_by, started)
 
     return SceneWorker
 
@@ -121,9 +119,8 @@ def _worker_count(opts: RayOptions, scenes: int) -> int:
     return max(1, min(n, scenes))
 
 
-def predict_many_ray(spec: ModelSpec, model_id: str, inputs: list[Path], out: Path, cfg: PredictConfig,
-                     threshold: float, opts: RayOptions, resume: bool = False, progress: bool = True,
-                     gsd: float | None = None) -> list[InputResult]:
+def predict_many_ray(spec: ModelSpec, model_id: str, inputs: list[Path], out: Path, req: RunRequest,
+                     opts: RayOptions, resume: bool = False, progress: bool = True) -> list[InputResult]:
     """Predict each input on the Ray cluster; the same outputs, resume and run summary as ``predict_many``."""
     connect(opts)
     import ray
@@ -132,8 +129,8 @@ def predict_many_ray(spec: ModelSpec, model_id: str, inputs: list[Path], out: Pa
     t0 = time.perf_counter()
     out = out.resolve()
     # what the workers' summaries will record: their models are loaded from ``spec``, so they have its options
-    made_by = Provenance(model_id, run_settings(cfg, threshold, gsd, spec.options))
-    todo, results, order = scenes_to_do(inputs, out, resume, made_by)
+    made_by = Provenance(model_id, req.settings(spec.options))
+    todo, results, order = scenes_to_do(inputs, out, resume, made_by, req.fmt)
     if todo:
         worker = _worker_class().options(num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker)
         threads = max(1, int(opts.cpus_per_worker))
@@ -153,12 +150,12 @@ def predict_many_ray(spec: ModelSpec, model_id: str, inputs: list[Path], out: Pa
         def submit(item, actor):
             kind, src = item[0], item[1]
             if kind == "scene":
-                return actor.predict.remote(str(src.resolve()), item[2], str(out), cfg, threshold, gsd)
+                return actor.predict.remote(str(src.resolve()), item[2], str(out), req)
             if kind == "plan":
-                return actor.plan.remote(str(src.resolve()), item[2], str(out), cfg, opts.strip_rows, gsd)
+                return actor.plan.remote(str(src.resolve()), item[2], str(out), req, opts.strip_rows)
             if kind == "strip":
-                return actor.strip.remote(item[2], cfg, threshold, gsd)
-            return actor.merge.remote(item[2], str(out), cfg, made_by, strips[src]["started"])
+                return actor.strip.remote(item[2], req)
+            return actor.merge.remote(item[2], str(out), req, made_by, strips[src]["started"])
 
         def finish(res: InputResult) -> None:
             if not res.ok:

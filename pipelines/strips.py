@@ -26,10 +26,10 @@ from rasterio.windows import Window
 from shapely.affinity import translate
 from shapely.geometry import box
 
-from geomoe.config import PredictConfig
 from geomoe.pipelines.footprints import Piece, _UnionFind, scene_area_crs
 from geomoe.pipelines.inference import RoutingLayer, TileModel
-from geomoe.pipelines.outputs import InputResult, Outputs, Provenance, RunStats, outputs_for, write_scene_summary
+from geomoe.pipelines.outputs import (InputResult, Outputs, Provenance, RunRequest, RunStats, outputs_for,
+                                      write_scene_summary)
 from geomoe.pipelines.predict import RowSpan, cell_index, stream_rows
 from geomoe.pipelines.tile_source import open_tiles
 from geomoe.pipelines.tiling import TileGrid
@@ -68,15 +68,13 @@ class StripPlan:
     strips: list[Strip] = field(default_factory=list)  # empty: the scene is small enough to run whole
 
 
-def plan_strips(model: TileModel, src: Path, name: str, out: Path, cfg: PredictConfig, rows_per_strip: int,
-                gsd: float | None = None) -> StripPlan:
+def plan_strips(model: TileModel, src: Path, name: str, out: Path, req: RunRequest, rows_per_strip: int) -> StripPlan:
     """Strips of ``rows_per_strip`` tile rows; none when the scene has no more rows than that or its routing looks
     at the whole scene (per-scene routing)."""
     with open_raster(src) as ds:
-        tiles, _, _ = open_tiles(model, ds, src, cfg, gsd, warn=False)
-    grid = tiles.grid
+        grid = open_tiles(model, ds, src, req.cfg, req.gsd, warn=False).grid
     n = len(grid.ys)
-    if n <= rows_per_strip or cfg.routing == "scene":
+    if n <= rows_per_strip or req.cfg.routing == "scene":
         return StripPlan()
     cuts = list(range(0, n, rows_per_strip)) + [n]
     work = out / ".strips" / name
@@ -84,14 +82,13 @@ def plan_strips(model: TileModel, src: Path, name: str, out: Path, cfg: PredictC
     return StripPlan([Strip(src, name, i, len(spans), s, work) for i, s in enumerate(spans)])
 
 
-def predict_strip(model: TileModel, strip: Strip, cfg: PredictConfig, threshold: float,
-                  gsd: float | None = None) -> StripResult:
+def predict_strip(model: TileModel, strip: Strip, req: RunRequest) -> StripResult:
     """Predict one strip into its part rasters and footprints; held-back boundary pieces come back."""
-    span = strip.span
+    span, cfg = strip.span, req.cfg
     strip.work.mkdir(parents=True, exist_ok=True)
     base = strip.work / f"strip{strip.index:05d}"
     with open_raster(strip.src) as ds:
-        tiles, scene_gsd, target = open_tiles(model, ds, strip.src, cfg, gsd, warn=False)
+        tiles = open_tiles(model, ds, strip.src, cfg, req.gsd, warn=False)
         try:
             grid = tiles.grid
             layer = RoutingLayer.empty(len(grid.ys), len(grid.xs))
@@ -106,7 +103,7 @@ def predict_strip(model: TileModel, strip: Strip, cfg: PredictConfig, threshold:
 
             outs = Outputs(Path(f"{base}_prob.tif"), Path(f"{base}_mask.tif"), Path(f"{base}_routing.gpkg"),
                            Path(f"{base}_footprints.gpkg"), None, Path(f"{base}_summary.json"))
-            writers = SceneWriters(view, outs, scene_gsd, cfg, expert_at)  # part rasters: the strip's rows only
+            writers = SceneWriters(view, outs, tiles.gsd, cfg, expert_at)  # part rasters: the strip's rows only
             # footprints in the scene's pixel grid (the whole run's coordinates), areas measured as the whole scene's,
             # and the scene's edge, not the strip's
             writers.spec = replace(writers.spec, transform=ds.transform, size=(ds.width, ds.height),
@@ -127,7 +124,7 @@ def predict_strip(model: TileModel, strip: Strip, cfg: PredictConfig, threshold:
                     writers.write_pieces(own)
 
             try:
-                stats = stream_rows(model, tiles, span, cfg, threshold, layer, writers, emit=emit)
+                stats = stream_rows(model, tiles, span, req, layer, writers, emit=emit)
             except BaseException:
                 writers.abort()
                 raise
@@ -138,7 +135,7 @@ def predict_strip(model: TileModel, strip: Strip, cfg: PredictConfig, threshold:
     return StripResult(strip, writers.raw_prob, writers.raw_mask,
                        writers.vec_tmp if writers.vec_tmp.exists() else None, held,
                        {k: getattr(layer, k)[rows].copy() for k in ("experts", "distance", "unfamiliar", "ran")},
-                       stats, (grid.width, grid.height, grid.tile, grid.overlap), scene_gsd, target,
+                       stats, (grid.width, grid.height, grid.tile, grid.overlap), tiles.gsd, tiles.model_gsd,
                        getattr(model, "baseline_id", None), writers.count)
 
 
@@ -199,12 +196,12 @@ def join_boundary_pieces(results: list[StripResult], width: int) -> list[Piece]:
     return joined
 
 
-def merge_strips(results: list[StripResult], out: Path, cfg: PredictConfig, made_by: Provenance | None = None,
+def merge_strips(results: list[StripResult], out: Path, req: RunRequest, made_by: Provenance | None = None,
                  started: float | None = None) -> InputResult:
     """The scene's outputs from its strips: rasters copied row by row into the COGs, footprints appended in chunks,
     the boundary pieces joined; every output appears under its final name only when complete. ``made_by``: the
     run's bundle and settings, for the scene's summary (resume compares them)."""
-    results = sorted(results, key=lambda r: r.strip.index)
+    results, cfg = sorted(results, key=lambda r: r.strip.index), req.cfg
     first = results[0]
     src, name = first.strip.src, first.strip.name
     grid = TileGrid(*first.grid)
@@ -227,7 +224,7 @@ def merge_strips(results: list[StripResult], out: Path, cfg: PredictConfig, made
             stats.per_expert[e] = stats.per_expert.get(e, 0) + n
     out.mkdir(parents=True, exist_ok=True)
     with open_raster(src) as ds:
-        outs = outputs_for(src, out, geojson=ds.crs is not None, name=name, parquet=cfg.geoparquet)
+        outs = outputs_for(src, out, req.fmt, geojson=ds.crs is not None, name=name, parquet=cfg.geoparquet)
         writers = SceneWriters(ds, outs, first.gsd, cfg, expert_at)
         try:
             for r in results:

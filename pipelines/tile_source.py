@@ -53,6 +53,8 @@ class TileSource:
     use_alpha: bool = True  # the bundle's data.alpha: "mask" (transparent pixels are nodata) or "drop"
     top: float = 255.0  # the largest value of the imagery's bit depth, scaled to 255 as in training
     pin: bool = False  # page-locked tiles, so copies to a GPU run asynchronously
+    gsd: float | None = None  # the raster's ground resolution (m/pixel; None: unknown)
+    model_gsd: float | None = None  # the resolution the model runs at (the raster is resampled to it)
     _local: threading.local = field(default_factory=threading.local, repr=False)
     _opened: list = field(default_factory=list, repr=False)
     _owner: int = field(default_factory=threading.get_ident, repr=False)
@@ -111,9 +113,9 @@ class TileSource:
 
 
 def open_tiles(model, ds, src: Path, cfg: PredictConfig, given_gsd: float | None = None,
-               warn: bool = True, pin: bool = False) -> tuple[TileSource, float | None, float | None]:
-    """The tiles the model sees in ``ds`` (bands, bit depth and resolution as in training), the raster's GSD and
-    the GSD the model runs at."""
+               warn: bool = True, pin: bool = False) -> TileSource:
+    """The tiles the model sees in ``ds`` (bands, bit depth and resolution as in training); ``given_gsd`` is the
+    resolution of a raster without a CRS (else a locations.csv above it is asked)."""
     bands, alpha = image_bands(ds, src, getattr(model, "bands", None))
     top = bit_depth(ds, bands, getattr(model, "bit_depth", None))  # as in training: [0, top] scaled to 8 bits
     gsd = ground_sampling_distance(grid_of(ds))
@@ -132,4 +134,5 @@ def open_tiles(model, ds, src: Path, cfg: PredictConfig, given_gsd: float | None
     T = model.tile_size
     t_src = max(1, int(round(T * scale)))
     grid = TileGrid(ds.width, ds.height, t_src, int(round(cfg.overlap * scale)))
-    return TileSource(Path(src), ds, bands, alpha, grid, T, t_src, getattr(model, "use_alpha", True), top, pin), gsd, target
+    return TileSource(Path(src), ds, bands, alpha, grid, T, t_src, getattr(model, "use_alpha", True), top, pin, gsd,
+                      target)

@@ -15,6 +15,7 @@ from geomoe.config import PredictConfig
 from geomoe.data.synthetic import write_geotiff
 from geomoe.metrics import Scores
 from geomoe.pipelines.inference import BundleModel
+from geomoe.pipelines.outputs import RunRequest
 from geomoe.pipelines.predict import predict_raster
 from geomoe.raster import fill_invalid
 
@@ -143,14 +144,14 @@ def test_same_file_names_in_two_folders_get_their_own_outputs_and_resume_checks_
     names = output_names(srcs)
     assert names[srcs[0]] != names[srcs[1]]
     out = tmp_path / "out"
-    res = predict_many(_Flat(), [tmp_path / "north", tmp_path / "south"], out, cfg, 0.5, progress=False)
+    res = predict_many(_Flat(), [tmp_path / "north", tmp_path / "south"], out, RunRequest(cfg, 0.5), progress=False)
     assert [r.ok for r in res] == [True, True]  # the AppleDouble file is skipped, not a failure
     assert all(is_complete(s, out, name=names[s]) for s in srcs)
     assert len({outputs_for(s, out, name=names[s]).prob for s in srcs}) == 2
     # the input changes after its outputs were written: resume predicts it again
     write_geotiff(srcs[0], np.full((3, 80, 80), 90, np.uint8), "EPSG:32633", from_origin(500000, 4000000, 0.5, 0.5))
     assert not is_complete(srcs[0], out, name=names[srcs[0]])
-    res = predict_many(_Flat(), srcs, out, cfg, 0.5, resume=True, progress=False)
+    res = predict_many(_Flat(), srcs, out, RunRequest(cfg, 0.5), resume=True, progress=False)
     assert [r.message for r in res][1] == "skipped (complete)" and "skipped" not in res[0].message
 
 
@@ -160,7 +161,7 @@ def test_one_scene_failing_with_any_error_does_not_end_the_run(tmp_path):
     cfg = PredictConfig(tile_size=64, overlap=16, batch_size=4, regularize=False)
     src = tmp_path / "a.tif"
     write_geotiff(src, np.full((3, 80, 80), 50, np.uint8), "EPSG:32633", from_origin(500000, 4000000, 0.5, 0.5))
-    res = predict_many(_Flat(fail=OSError("disk full")), [src, tmp_path / "missing.tif"], tmp_path / "o", cfg, 0.5,
+    res = predict_many(_Flat(fail=OSError("disk full")), [src, tmp_path / "missing.tif"], tmp_path / "o", RunRequest(cfg, 0.5),
                        progress=False)
     assert [r.ok for r in res] == [False, False]
     assert "OSError: disk full" in res[0].message and "no such file" in res[1].message

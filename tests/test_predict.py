@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from geomoe.config import PredictConfig
 from geomoe.data.synthetic import write_geotiff
 from geomoe.pipelines.footprints import FootprintCollector
-from geomoe.pipelines.outputs import is_complete, outputs_for
+from geomoe.pipelines.outputs import RunRequest, is_complete, outputs_for
 from geomoe.pipelines.predict import predict_many, predict_raster
 from geomoe.pipelines.tiling import BandBlender, TileGrid
 
@@ -159,9 +159,10 @@ def test_a_building_cut_by_the_scene_edge_is_kept_though_small(tmp_path):
     # in strips (the Ray engine's cut of a large scene) the strips' borders are inside the scene: the same layer
     from geomoe.pipelines.strips import merge_strips, plan_strips, predict_strip
 
-    plan = plan_strips(RedModel(), src, "e", tmp_path / "strips", cfg, 1)
+    plan = plan_strips(RedModel(), src, "e", tmp_path / "strips", RunRequest(cfg, 0.5), 1)
     assert len(plan.strips) >= 3
-    res = merge_strips([predict_strip(RedModel(), s, cfg, 0.5) for s in plan.strips], tmp_path / "strips", cfg, None)
+    res = merge_strips([predict_strip(RedModel(), s, RunRequest(cfg, 0.5)) for s in plan.strips], tmp_path / "strips",
+                       RunRequest(cfg, 0.5), None)
     assert res.ok
     sp = gpd.read_file(tmp_path / "strips" / "e_footprints.gpkg")
     assert sorted(zip(sp.area_m2.round(2), sp.at_edge)) == sorted(zip(fp.area_m2.round(2), fp.at_edge))
@@ -186,9 +187,10 @@ def test_a_building_cut_by_nodata_inside_the_raster_is_kept_though_small(tmp_pat
     assert sorted(zip(fp.area_m2.round(2), fp.at_edge)) == [(10.0, True), (10.0, True), (400.0, False)]
     from geomoe.pipelines.strips import merge_strips, plan_strips, predict_strip
 
-    plan = plan_strips(RedModel(), src, "c", tmp_path / "strips", cfg, 1)
+    plan = plan_strips(RedModel(), src, "c", tmp_path / "strips", RunRequest(cfg, 0.5), 1)
     assert 192 in {s.span.y0 for s in plan.strips}  # the piece above the collar and the collar in different strips
-    res = merge_strips([predict_strip(RedModel(), s, cfg, 0.5) for s in plan.strips], tmp_path / "strips", cfg, None)
+    res = merge_strips([predict_strip(RedModel(), s, RunRequest(cfg, 0.5)) for s in plan.strips], tmp_path / "strips",
+                       RunRequest(cfg, 0.5), None)
     assert res.ok
     sp = gpd.read_file(tmp_path / "strips" / "c_footprints.gpkg")
     assert sorted(zip(sp.area_m2.round(2), sp.at_edge)) == sorted(zip(fp.area_m2.round(2), fp.at_edge))
@@ -252,7 +254,7 @@ def test_bad_inputs_each_handled(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(p.name for p in (ok, broken, two, tiny, nodata)) + "\nmissing.tif\n")
     with pytest.warns(UserWarning, match="all nodata"):
-        res = {r.path.name: r for r in predict_many(RedModel(), [listing], tmp_path / "out", CFG, 0.5, progress=False)}
+        res = {r.path.name: r for r in predict_many(RedModel(), [listing], tmp_path / "out", RunRequest(CFG, 0.5), progress=False)}
     assert res["ok.tif"].ok and res["tiny.tif"].ok and res["nodata.tif"].ok
     assert not res["broken.tif"].ok and "broken.tif" in res["broken.tif"].message
     assert not res["two.tif"].ok and "2 bands" in res["two.tif"].message
@@ -284,18 +286,18 @@ def test_interrupted_run_leaves_no_output_and_resume_skips_complete(tmp_path):
         predict_raster(RedModel(fail_after=5), src, out, CFG, 0.5, progress=False)
     assert not any(p.exists() for p in outputs_for(src, out).all())
     assert not is_complete(src, out)
-    predict_many(RedModel(), [src], out, CFG, 0.5, progress=False)
+    predict_many(RedModel(), [src], out, RunRequest(CFG, 0.5), progress=False)
     assert is_complete(src, out)
     assert [p.name for p in out.iterdir() if ".partial" in p.name] == []
-    res = predict_many(RedModel(fail_after=0), [src], out, CFG, 0.5, resume=True, progress=False)
+    res = predict_many(RedModel(fail_after=0), [src], out, RunRequest(CFG, 0.5), resume=True, progress=False)
     assert res[0].ok and "skipped" in res[0].message
     # settings that only change speed resume; those that change the outputs redo the scene
     faster = CFG.model_copy(update={"batch_size": 16, "write_behind": False})
-    assert "skipped" in predict_many(RedModel(fail_after=0), [src], out, faster, 0.5, resume=True,
+    assert "skipped" in predict_many(RedModel(fail_after=0), [src], out, RunRequest(faster, 0.5), resume=True,
                                      progress=False)[0].message
     for cfg, threshold in ((CFG.model_copy(update={"tta": True}), 0.5), (CFG.model_copy(update={"min_area_m2": 8.0}), 0.5),
                            (CFG, 0.6)):
-        res = predict_many(RedModel(), [src], out, cfg, threshold, resume=True, progress=False)
+        res = predict_many(RedModel(), [src], out, RunRequest(cfg, threshold), resume=True, progress=False)
         assert res[0].ok and "skipped" not in res[0].message
         assert json.loads(outputs_for(src, out).summary.read_text())["settings"]["threshold"] == threshold
 

@@ -15,6 +15,7 @@ from rasterio.windows import Window
 
 from geomoe.bundle import load_bundle
 from geomoe.pipelines.inference import BundleModel, ModelSpec
+from geomoe.pipelines.outputs import RunRequest
 from geomoe.pipelines.predict import predict_many
 
 from conftest import ROOT
@@ -57,9 +58,9 @@ def test_four_scenes_on_ray_equal_the_local_engine(scenes, bundle_dir, cluster, 
     b = load_bundle(bundle_dir)
     cfg = b.config.predict.model_copy(update={"min_area_m2": 0.0})
     inputs = sorted(scenes.glob("scene*.tif"))
-    local = predict_many(BundleModel(b), inputs, tmp_path / "local", cfg, b.threshold, progress=False)
+    local = predict_many(BundleModel(b), inputs, tmp_path / "local", RunRequest(cfg, b.threshold), progress=False)
     spec = ModelSpec(str(bundle_dir), "cpu")
-    remote = predict_many_ray(spec, BundleModel(b).identity, inputs, tmp_path / "ray", cfg, b.threshold,
+    remote = predict_many_ray(spec, BundleModel(b).identity, inputs, tmp_path / "ray", RunRequest(cfg, b.threshold),
                               RayOptions(), progress=False)
     assert [r.ok for r in remote] == [True] * 4 and [r.path for r in remote] == inputs
     for a, c in zip(local, remote):
@@ -74,7 +75,7 @@ def test_four_scenes_on_ray_equal_the_local_engine(scenes, bundle_dir, cluster, 
     assert summary["footprints"] == sum(r.stats.footprints for r in local)
 
     # the same scenes cut into strips of one tile row, spread over the workers and merged: the same outputs
-    strips = predict_many_ray(spec, BundleModel(b).identity, inputs, tmp_path / "strips", cfg, b.threshold,
+    strips = predict_many_ray(spec, BundleModel(b).identity, inputs, tmp_path / "strips", RunRequest(cfg, b.threshold),
                               RayOptions(strip_rows=1), progress=False)
     assert [r.ok for r in strips] == [True] * 4 and all("strips" in r.message for r in strips)
     for src in inputs:
@@ -91,13 +92,13 @@ def test_a_bad_scene_is_reported_and_a_rerun_skips_finished_ones(scenes, bundle_
     bad.write_bytes(b"II*\x00 not really a tiff")
     inputs = [*sorted(scenes.glob("scene*.tif"))[:2], bad]
     spec, ident = ModelSpec(str(bundle_dir), "cpu"), BundleModel(b).identity
-    res = predict_many_ray(spec, ident, inputs, tmp_path / "out", b.config.predict, b.threshold, RayOptions(),
+    res = predict_many_ray(spec, ident, inputs, tmp_path / "out", RunRequest(b.config.predict, b.threshold), RayOptions(),
                            progress=False)
     assert [r.ok for r in res] == [True, True, False]
     assert "broken.tif" in res[2].message and "\n" not in res[2].message
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert summary["predicted"] == 2 and summary["failed"][0]["input"].endswith("broken.tif")
-    again = predict_many_ray(spec, ident, inputs, tmp_path / "out", b.config.predict, b.threshold, RayOptions(),
+    again = predict_many_ray(spec, ident, inputs, tmp_path / "out", RunRequest(b.config.predict, b.threshold), RayOptions(),
                              resume=True, progress=False)
     assert [r.message for r in again[:2]] == ["skipped (complete)"] * 2 and not again[2].ok
 

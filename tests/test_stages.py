@@ -15,7 +15,7 @@ from rasterio.windows import Window
 from geomoe.bundle import load_bundle
 from geomoe.pipelines.background import Consumer, read_ahead
 from geomoe.pipelines.inference import BundleModel
-from geomoe.pipelines.outputs import provenance
+from geomoe.pipelines.outputs import RunRequest
 from geomoe.pipelines.predict import predict_raster
 from geomoe.pipelines.tiling import BandBlender
 from geomoe.raster import open_raster, valid_window_mask
@@ -91,7 +91,7 @@ def test_blended_valid_mask_equals_reading_the_mask_for_the_band(real_crop):
         tile_size, gsd = 128, None
 
     with open_raster(real_crop) as ds:
-        tiles, _, _ = open_tiles(M(), ds, real_crop, PredictConfig(tile_size=128, overlap=32))
+        tiles = open_tiles(M(), ds, real_crop, PredictConfig(tile_size=128, overlap=32))
         got = np.zeros((ds.height, ds.width), bool)
 
         def sink(r0, values, valid):
@@ -248,11 +248,12 @@ def test_a_scene_in_strips_gives_the_whole_scene_outputs(routing, real_crop, bun
         route = model.route
         model.route = lambda tiles: _by_content(route(tiles), tiles, b.k)
     whole = _outputs(model, real_crop, tmp_path / "whole", cfg, b.threshold)
-    plan = plan_strips(model, real_crop, "banepa_crop", tmp_path / "strips", cfg, 1)
+    req = RunRequest(cfg, b.threshold)
+    plan = plan_strips(model, real_crop, "banepa_crop", tmp_path / "strips", req, 1)
     assert len(plan.strips) >= 3
-    parts = [predict_strip(model, s, cfg, b.threshold) for s in reversed(plan.strips)]  # any order
+    parts = [predict_strip(model, s, req) for s in reversed(plan.strips)]  # any order
     assert sum(len(p.boundary) for p in parts) > 0  # buildings do cross the strip borders here
-    res = merge_strips(parts, tmp_path / "strips", cfg, provenance(model, cfg, b.threshold, None))
+    res = merge_strips(parts, tmp_path / "strips", req, req.provenance(model))
     assert res.ok and res.stats.tiles == whole[4].tiles and res.stats.per_expert == whole[4].per_expert
     with rasterio.open(tmp_path / "strips" / "banepa_crop_prob.tif") as p, \
             rasterio.open(tmp_path / "strips" / "banepa_crop_mask.tif") as m:
