@@ -29,8 +29,10 @@ from geomoe.router.smoothing import smooth_routes
 # smoothed: the router's choice, then the majority over each tile and its neighbours (router/smoothing.py);
 # location_oracle: each location's majority region; best_expert: per tile, the expert with the fewest wrong pixels
 # (the upper bound of any router that picks one expert on pixel accuracy; not on IoU, which does not add up tile by
-# tile: on sparse tiles fewest wrong pixels picks the expert that predicts least); soft: top-k experts by distance.
-METHODS = ("single", "generalist", "random", "embedding", "smoothed", "location_oracle", "best_expert", "soft")
+# tile: on sparse tiles fewest wrong pixels picks the expert that predicts least); soft: top-k experts by distance;
+# fallback: smoothed, but the tiles the router flags unfamiliar get the single network (predict --unfamiliar baseline).
+METHODS = ("single", "generalist", "random", "embedding", "smoothed", "location_oracle", "best_expert", "soft",
+           "fallback")
 # Scored again as the footprints a user gets (polygons, specks dropped, pinholes filled, squared) rasterised back:
 # rows "<method>_footprints". The other rows score masks, which squaring can move (bench/footprints.py).
 DELIVERED = ("single", "embedding", "smoothed")
@@ -64,6 +66,7 @@ class RoutedBatch:
     aux: torch.Tensor | None = None  # (k, N, 2, H, W): boundary, contact
     baseline_aux: torch.Tensor | None = None  # (N, 2, H, W)
     generalist_aux: torch.Tensor | None = None  # (N, 2, H, W)
+    unfamiliar: np.ndarray | None = None  # (N,) bool: beyond its region's training distances
 
     def best_expert(self, truth: np.ndarray, valid: np.ndarray, threshold: float) -> np.ndarray:
         """Per tile, the expert with the fewest misclassified valid pixels."""
@@ -84,6 +87,14 @@ class RoutedBatch:
                "location_oracle": oracle_ids, "best_expert": best_ids}
         if method in ids:
             return None if ids[method] is None else stack[torch.from_numpy(ids[method]), n]
+        if method == "fallback":
+            if self.smoothed is None or single is None:
+                return None
+            out = stack[torch.from_numpy(self.smoothed), n]
+            if self.unfamiliar is not None and self.unfamiliar.any():
+                u = torch.from_numpy(self.unfamiliar)
+                out[u] = single[u]
+            return out
         if method == "soft":
             w = torch.from_numpy(self.soft_w).reshape(*self.soft_w.shape, *([1] * (stack.ndim - 2)))
             return (stack[torch.from_numpy(self.soft_ids), n[:, None]] * w).sum(1)
@@ -255,7 +266,7 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
     routes = route_windows(bundle, prep, refs, batch_size, progress)
     # threshold, separation and smallest footprint as chosen on validation, the single network's its own
     calib = {"experts": bundle.calibration("experts"), "single": bundle.calibration("single")}
-    methods = [m for m in METHODS if not (m == "single" and bundle.baseline is None)
+    methods = [m for m in METHODS if not (m in ("single", "fallback") and bundle.baseline is None)
                and not (m == "generalist" and bundle.generalist is None)
                and not (m == "location_oracle" and oracle is None)]
     delivered = [m for m in DELIVERED if m in methods]
@@ -272,7 +283,7 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
         locs = [prep.locations[i] for i in b["location"].tolist()]
         rids = rand.route(len(locs))
         oids = oracle.route(locs) if oracle else None
-        unf = bundle.unfamiliar(rb.embedding, rb.distance)
+        unf = rb.unfamiliar = bundle.unfamiliar(rb.embedding, rb.distance)
         for li, e, u in zip(b["location"].tolist(), rb.embedding, unf):
             routing[li, e] += 1
             flagged[li] += int(u)

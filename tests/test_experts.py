@@ -292,7 +292,7 @@ def test_incomplete_or_inconsistent_bundle_is_named(bundle_dir, tmp_path):
 def test_evaluation_table_has_every_method(bundle_dir, synth_root, tmp_path):
     ev = evaluate(load_bundle(bundle_dir), synth_root, progress=False)
     assert set(ev.table.method) == {"single", "generalist", "random", "embedding", "smoothed", "location_oracle",
-                                    "best_expert", "soft", "single_footprints", "embedding_footprints",
+                                    "best_expert", "soft", "fallback", "single_footprints", "embedding_footprints",
                                     "smoothed_footprints"}  # the last three: polygons as a user gets them
     assert set(ev.table.location) == {"loc0", "loc1", "loc2", "overall"}
     for col in ("iou", "accuracy", "precision", "recall", "f1", "building_f1", "boundary_iou"):
@@ -302,6 +302,10 @@ def test_evaluation_table_has_every_method(bundle_dir, synth_root, tmp_path):
     experts = ev.routing[[c for c in ev.routing if c.startswith("expert ")]]
     assert experts.values.sum() == ev.table[(ev.table.method == "embedding") & (ev.table.location == "overall")].patches.item()
     assert ((ev.routing.unfamiliar >= 0) & (ev.routing.unfamiliar <= 1)).all()
+    # fallback is the smoothed routing but on tiles flagged unfamiliar: where a location has none, the same scores
+    iou = ev.pivot("iou")
+    known = [loc for loc in ev.routing.index if ev.routing.unfamiliar[loc] == 0]
+    assert known and np.allclose(iou.loc[known, "fallback"], iou.loc[known, "smoothed"])
     # every true building is counted once, in one kind; the same buildings for every method
     kinds = ["matched", "missed", "merged", "split", "partial", "outline"]
     assert (ev.table[kinds].sum(1) == ev.table.buildings).all()

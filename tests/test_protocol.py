@@ -132,6 +132,29 @@ def test_best_expert_oracle_is_at_least_as_good_as_every_expert_on_every_tile():
     assert len(set(best.tolist())) > 1  # it really chooses per tile
 
 
+def test_fallback_gives_unfamiliar_tiles_the_single_network_and_the_others_their_smoothed_expert():
+    rng = np.random.default_rng(1)
+    probs = torch.from_numpy(rng.random((3, 5, 8, 8)).astype(np.float32))
+    aux = torch.from_numpy(rng.random((3, 5, 2, 8, 8)).astype(np.float32))
+    single = torch.from_numpy(rng.random((5, 8, 8)).astype(np.float32))
+    single_aux = torch.from_numpy(rng.random((5, 2, 8, 8)).astype(np.float32))
+    rb = RoutedBatch(probs, single, np.array([0, 1, 2, 0, 1]), np.zeros(5), np.zeros((5, 1), np.int64),
+                     np.ones((5, 1)), aux=aux, baseline_aux=single_aux)
+    rb.smoothed = np.array([2, 1, 2, 0, 0])
+    rb.unfamiliar = np.array([False, True, False, False, True])
+    none = np.zeros(5, np.int64)
+    got = rb.method_probs("fallback", none, None)
+    for t, (e, u) in enumerate(zip(rb.smoothed, rb.unfamiliar)):
+        assert torch.equal(got[t], single[t] if u else probs[e, t])
+    got_aux = rb._select(rb.aux, rb.baseline_aux, None, "fallback", none, None, None)
+    assert torch.equal(got_aux[1], single_aux[1]) and torch.equal(got_aux[0], aux[2, 0])
+    assert torch.equal(rb.probs, probs)  # the experts' answers are not overwritten
+    rb.unfamiliar = np.zeros(5, bool)  # nothing flagged: the smoothed routing itself
+    assert torch.equal(rb.method_probs("fallback", none, None), rb.method_probs("smoothed", none, None))
+    no_single = RoutedBatch(probs, None, rb.embedding, rb.distance, rb.soft_ids, rb.soft_w, smoothed=rb.smoothed)
+    assert no_single.method_probs("fallback", none, None) is None
+
+
 def test_expert_budget_is_proportional_with_a_floor_and_adds_up_for_the_single_network():
     from geomoe.pipelines.train import expert_steps
 
