@@ -29,12 +29,12 @@ class Outputs:
                             self.summary) if p]
 
 
-def outputs_for(src: Path, out: Path, fmt: str = "gpkg", geojson: bool = True, name: str | None = None,
+def outputs_for(src: Path, out: Path, geojson: bool = True, name: str | None = None,
                 parquet: bool = False) -> Outputs:
     """Output paths of ``src``; ``name`` (default: the file's stem) keeps inputs of the same name apart."""
     s = name or src.stem
     return Outputs(out / f"{s}_prob.tif", out / f"{s}_mask.tif", out / f"{s}_routing.gpkg",
-                   out / f"{s}_footprints.{fmt}", out / f"{s}_footprints.geojson" if geojson else None,
+                   out / f"{s}_footprints.gpkg", out / f"{s}_footprints.geojson" if geojson else None,
                    out / f"{s}_summary.json", out / f"{s}_footprints.parquet" if parquet else None)
 
 
@@ -102,12 +102,11 @@ class Provenance:
 @dataclass(frozen=True)
 class RunRequest:
     """What a prediction run asks of each of its scenes, whichever engine runs them: the prediction settings, the
-    mask threshold, the ground resolution given for rasters without a CRS (``--gsd``) and the vector format."""
+    mask threshold and the ground resolution given for rasters without a CRS (``--gsd``)."""
 
     cfg: PredictConfig
     threshold: float
     gsd: float | None = None
-    fmt: str = "gpkg"
 
     def settings(self, options: dict) -> dict:
         """The settings its scene summaries record: those of ``cfg`` that change outputs, the threshold, ``--gsd``
@@ -120,12 +119,12 @@ class RunRequest:
         return Provenance(getattr(model, "identity", None), self.settings(getattr(model, "options", {})))
 
 
-def is_complete(src: Path, out: Path, fmt: str = "gpkg", name: str | None = None,
+def is_complete(src: Path, out: Path, name: str | None = None,
                 made_by: Provenance | None = None) -> bool:
     """True when every output of ``src`` exists and was made from this very file (path, size, modification
     time) and, given ``made_by``, by the same bundle with the same settings; outputs of another input, bundle or
     setting (``--tta``, ``--min-area``, a threshold...) under the same names are redone."""
-    s = outputs_for(src, out, fmt, name=name)
+    s = outputs_for(src, out, name=name)
     if not s.summary.exists():
         return False
     try:

@@ -73,13 +73,13 @@ def block_cache_bytes(ds, tile: int, readers: int) -> int:
 
 
 def predict_raster(model: TileModel, src: Path, out: Path, cfg: PredictConfig, threshold: float,
-                   progress: bool = True, fmt: str = "gpkg", gsd: float | None = None,
+                   progress: bool = True, gsd: float | None = None,
                    name: str | None = None) -> tuple[Outputs, RunStats]:
     """Predict one raster; every output appears under its final name only when complete.
 
     ``gsd`` (m/pixel) is used when the raster has no CRS; otherwise a locations.csv above it is asked.
     """
-    return predict_file(model, src, out, RunRequest(cfg, threshold, gsd, fmt), name, progress)
+    return predict_file(model, src, out, RunRequest(cfg, threshold, gsd), name, progress)
 
 
 def predict_file(model: TileModel, src: Path, out: Path, req: RunRequest, name: str | None = None,
@@ -92,7 +92,7 @@ def predict_file(model: TileModel, src: Path, out: Path, req: RunRequest, name: 
             tiles = open_tiles(model, ds, src, req.cfg, req.gsd, pin=_on_cuda(model) and torch.cuda.is_available())
             try:
                 need = block_cache_bytes(ds, tiles.t_src, reader_threads(req.cfg, model))
-                outs = outputs_for(src, out, req.fmt, geojson=ds.crs is not None, name=name,
+                outs = outputs_for(src, out, geojson=ds.crs is not None, name=name,
                                    parquet=req.cfg.geoparquet)
                 with rasterio.Env(GDAL_CACHEMAX=max(req.cfg.gdal_cache_mb, int(need / 2**20) + 16)):
                     return _run_scene(model, tiles, outs, req, progress, t0)
@@ -233,7 +233,7 @@ def _run_scene(model: TileModel, tiles: TileSource, outs: Outputs, req: RunReque
     return outs, stats
 
 
-def scenes_to_do(inputs: list[Path], out: Path, resume: bool, made_by: Provenance | None, fmt: str = "gpkg"
+def scenes_to_do(inputs: list[Path], out: Path, resume: bool, made_by: Provenance | None
                  ) -> tuple[list[tuple[Path, str]], list[InputResult], dict[Path, int]]:
     """(input, output name) of each scene to predict, the results of those skipped as complete (``resume``), and
     each input's place in the run (results are reported in that order)."""
@@ -241,7 +241,7 @@ def scenes_to_do(inputs: list[Path], out: Path, resume: bool, made_by: Provenanc
     names = output_names(srcs)
     todo, skipped = [], []
     for src in srcs:
-        if resume and is_complete(src, out, fmt, name=names[src], made_by=made_by):
+        if resume and is_complete(src, out, name=names[src], made_by=made_by):
             skipped.append(InputResult(src, True, "skipped (complete)"))
         else:
             todo.append((src, names[src]))
@@ -269,7 +269,7 @@ def predict_many(model: TileModel, inputs: list[Path], out: Path, req: RunReques
                  progress: bool = True) -> list[InputResult]:
     """Predict each input in this process (the local engine); writes OUT/run_summary.json."""
     t0 = time.perf_counter()
-    todo, results, order = scenes_to_do(inputs, out, resume, req.provenance(model), req.fmt)
+    todo, results, order = scenes_to_do(inputs, out, resume, req.provenance(model))
     for src, name in todo:
         interrupt.check()
         results.append(predict_scene(model, src, name, out, req, progress))

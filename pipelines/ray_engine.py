@@ -130,7 +130,7 @@ def predict_many_ray(spec: ModelSpec, model_id: str, inputs: list[Path], out: Pa
     out = out.resolve()
     # what the workers' summaries will record: their models are loaded from ``spec``, so they have its options
     made_by = Provenance(model_id, req.settings(spec.options))
-    todo, results, order = scenes_to_do(inputs, out, resume, made_by, req.fmt)
+    todo, results, order = scenes_to_do(inputs, out, resume, made_by)
     if todo:
         worker = _worker_class().options(num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker)
         threads = max(1, int(opts.cpus_per_worker))

@@ -224,7 +224,7 @@ def merge_strips(results: list[StripResult], out: Path, req: RunRequest, made_by
             stats.per_expert[e] = stats.per_expert.get(e, 0) + n
     out.mkdir(parents=True, exist_ok=True)
     with open_raster(src) as ds:
-        outs = outputs_for(src, out, req.fmt, geojson=ds.crs is not None, name=name, parquet=cfg.geoparquet)
+        outs = outputs_for(src, out, geojson=ds.crs is not None, name=name, parquet=cfg.geoparquet)
         writers = SceneWriters(ds, outs, first.gsd, cfg, expert_at)
         try:
             for r in results:
