@@ -76,19 +76,24 @@ def main() -> None:
     val = evaluate(bundle, prep=held, split="val")
     test = evaluate(bundle, prep=held, split="test")
     flagged = {s: float(ev.routing.loc[loc, "unfamiliar"]) for s, ev in (("val", val), ("test", test))}
+    routed = {s: {c: int(n) for c, n in ev.routing.loc[loc].items() if c != "unfamiliar"}
+              for s, ev in (("val", val), ("test", test))}
     figures = {"left_out": loc, "bundle": str(bundle_dir), "val": scores(val, loc), "test": scores(test, loc),
-               "unfamiliar_share": flagged}
-    # decided on the validation windows only: does the single network on unfamiliar tiles beat routing them?
+               "unfamiliar_share": flagged, "tiles_per_expert": routed,
+               "region_of_location": bundle.region_of_location}
+    # decided on the validation windows only, by IoU (building F1 breaks ties): does the single network on
+    # unfamiliar tiles beat routing them?
     v = figures["val"]
     fallback_wins = (v["fallback"]["iou"], v["fallback"]["building_f1"]) > (v["smoothed"]["iou"], v["smoothed"]["building_f1"])
     figures["validation_prefers"] = "baseline" if fallback_wins else "route"
-    seen_line = ""
     if a.seen and (a.seen / "manifest.json").exists():
         seen = evaluate(load_bundle(a.seen, dev), prep=held, split="test")
         figures["seen_test"] = scores(seen, loc)
         figures["seen_bundle"] = str(a.seen)
+    per = ", ".join(f"{c}: {routed['val'][c]} / {routed['test'][c]}" for c in routed["val"])
     lines = [f"**{loc}, left out of training: IoU / building F1 on its windows** (share flagged unfamiliar: "
-             f"validation {flagged['val']:.2f}, test {flagged['test']:.2f})", "",
+             f"validation {flagged['val']:.2f}, test {flagged['test']:.2f}; tiles routed, validation / test: {per}; "
+             f"regions of the locations it trained on: {bundle.region_of_location})", "",
              "| method | validation (decides) | test (reported) |" + (" test, bundle that saw it |" if "seen_test" in figures else ""),
              "|---|---|---|" + ("---|" if "seen_test" in figures else "")]
     for m in figures["test"]:
@@ -100,11 +105,11 @@ def main() -> None:
             row += " |"
         lines.append(row)
     t = figures["test"]
-    lines += ["", f"Validation prefers `predict.unfamiliar: {figures['validation_prefers']}` on the unseen place "
+    lines += ["", f"Validation IoU prefers `predict.unfamiliar: {figures['validation_prefers']}` on the unseen place "
               f"(fallback {v['fallback']['iou']:.4f} / {v['fallback']['building_f1']:.4f} against smoothed "
               f"{v['smoothed']['iou']:.4f} / {v['smoothed']['building_f1']:.4f}); on test: routed (smoothed) minus "
               f"single {100 * (t['smoothed']['iou'] - t['single']['iou']):+.2f} IoU points, fallback minus single "
-              f"{100 * (t['fallback']['iou'] - t['single']['iou']):+.2f}." + seen_line,
+              f"{100 * (t['fallback']['iou'] - t['single']['iou']):+.2f}.",
               "", "Methods as in `geomoe evaluate`; fallback = smoothed routing with the single network on the tiles "
               "the router flags unfamiliar (`predict --unfamiliar baseline`). Everything the bundle chose "
               "(checkpoints, threshold, separation, familiarity thresholds) it chose on the other locations' "
