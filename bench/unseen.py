@@ -6,7 +6,7 @@ locations is scored on the left-out location's windows: its validation windows d
 flags unfamiliar should get the single network (``predict.unfamiliar``: route or baseline; evaluate's ``fallback``
 row), its test windows are reported. Beside it, a bundle that did train on the location (the quality bench's) on
 the same test windows: what not having seen the place costs.
-Writes bench/results/unseen.json.
+Writes bench/results/unseen_LOCATION.json.
 Usage: uv run python bench/unseen.py [--leave-out banepa] [--config medium] [--out bench/runs/unseen]
        [--bundle B (one trained without the location: reused)] [--seen bench/runs/quality/bundle]
 """
@@ -114,7 +114,7 @@ def main() -> None:
               "the router flags unfamiliar (`predict --unfamiliar baseline`). Everything the bundle chose "
               "(checkpoints, threshold, separation, familiarity thresholds) it chose on the other locations' "
               "validation windows."]
-    write_json("unseen", figures, {"config": a.config, "left_out": loc})
+    write_json(f"unseen_{loc}", figures, {"config": a.config, "left_out": loc})
     record(f"A place never seen: {loc} left out of training", "\n".join(lines),
            f"`{a.config}`, bundle `{bundle_dir}` trained on every location of {a.data} but {loc}")
 
