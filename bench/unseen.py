@@ -35,6 +35,8 @@ def linked_root(data: Path, folder: Path, keep) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with (data / "locations.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if keep(r["location"])]
+    if not rows:
+        raise SystemExit(f"{data / 'locations.csv'}: no location to link here (is --leave-out one of its locations?)")
     for r in rows:
         link = folder / r["location"]
         if not link.exists():
