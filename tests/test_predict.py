@@ -159,10 +159,10 @@ def test_a_building_cut_by_the_scene_edge_is_kept_though_small(tmp_path):
     # in strips (the Ray engine's cut of a large scene) the strips' borders are inside the scene: the same layer
     from geomoe.pipelines.strips import merge_strips, plan_strips, predict_strip
 
-    plan = plan_strips(RedModel(), src, "e", tmp_path / "strips", RunRequest(cfg, 0.5), 1)
+    req = RunRequest(cfg, 0.5)
+    plan = plan_strips(RedModel(), src, "e", tmp_path / "strips", req, 1)
     assert len(plan.strips) >= 3
-    res = merge_strips([predict_strip(RedModel(), s, RunRequest(cfg, 0.5)) for s in plan.strips], tmp_path / "strips",
-                       RunRequest(cfg, 0.5), None)
+    res = merge_strips([predict_strip(RedModel(), s, req) for s in plan.strips], tmp_path / "strips", req, None)
     assert res.ok
     sp = gpd.read_file(tmp_path / "strips" / "e_footprints.gpkg")
     assert sorted(zip(sp.area_m2.round(2), sp.at_edge)) == sorted(zip(fp.area_m2.round(2), fp.at_edge))
@@ -187,10 +187,10 @@ def test_a_building_cut_by_nodata_inside_the_raster_is_kept_though_small(tmp_pat
     assert sorted(zip(fp.area_m2.round(2), fp.at_edge)) == [(10.0, True), (10.0, True), (400.0, False)]
     from geomoe.pipelines.strips import merge_strips, plan_strips, predict_strip
 
-    plan = plan_strips(RedModel(), src, "c", tmp_path / "strips", RunRequest(cfg, 0.5), 1)
+    req = RunRequest(cfg, 0.5)
+    plan = plan_strips(RedModel(), src, "c", tmp_path / "strips", req, 1)
     assert 192 in {s.span.y0 for s in plan.strips}  # the piece above the collar and the collar in different strips
-    res = merge_strips([predict_strip(RedModel(), s, RunRequest(cfg, 0.5)) for s in plan.strips], tmp_path / "strips",
-                       RunRequest(cfg, 0.5), None)
+    res = merge_strips([predict_strip(RedModel(), s, req) for s in plan.strips], tmp_path / "strips", req, None)
     assert res.ok
     sp = gpd.read_file(tmp_path / "strips" / "c_footprints.gpkg")
     assert sorted(zip(sp.area_m2.round(2), sp.at_edge)) == sorted(zip(fp.area_m2.round(2), fp.at_edge))
