@@ -361,6 +361,9 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
             batch_size: Optional[int] = typer.Option(None, "--batch-size"), device: str = "auto",
             tta: bool = typer.Option(False, help="average flipped predictions"),
             soft: bool = typer.Option(False, help="blend the top-k experts by distance instead of the nearest"),
+            model_: str = typer.Option("experts", "--model", help="what runs on every tile: experts (each tile's "
+                                       "routed expert), single (the single network) or generalist (what the experts "
+                                       "were fine-tuned from: the best of the three on places the bundle never saw)"),
             routing: Optional[str] = typer.Option(None, help="tile (each tile to its nearest region's expert), smoothed "
                                                   "(majority of each tile and its neighbours) or scene (one expert per scene)"),
             unfamiliar: Optional[str] = typer.Option(None, help="on tiles unlike the training data: route (the nearest "
@@ -384,10 +387,14 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
                                                      "tile rows than this into strips over several workers")) -> None:
     """Predict GeoTIFF/VRT/PNG/JPEG files, folders or .txt lists into COG masks, routing and footprints."""
     from geomoe.bundle import load_bundle
-    from geomoe.pipelines.inference import ModelSpec
+    from geomoe.pipelines.inference import MODELS, ModelSpec
     from geomoe.pipelines.outputs import RunRequest
     from geomoe.pipelines.predict import predict_many
 
+    if model_ not in MODELS:
+        _fail(f"--model {model_}: choose {', '.join(MODELS)}")
+    if model_ != "experts" and soft:
+        _fail(f"--soft blends experts; it cannot be combined with --model {model_}")
     if unfamiliar not in (None, "route", "baseline", "skip"):
         _fail(f"--unfamiliar {unfamiliar}: choose route, baseline or skip")
     if routing not in (None, "tile", "smoothed", "scene"):
@@ -401,10 +408,14 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         except ValueError:
             _fail(f"--bands {bands}: give three band numbers, e.g. 3,2,1")
     spec = ModelSpec(str(bundle.resolve()), device, soft, tta, with_baseline=unfamiliar == "baseline", bands=band_list,
-                     bit_depth=bit_depth)
+                     bit_depth=bit_depth, use=model_)
     try:
         model = spec.load() if engine == "local" else None
-        b = model.b if model is not None else load_bundle(bundle, "cpu", with_baseline=unfamiliar == "baseline")
+        b = model.b if model is not None else load_bundle(bundle, "cpu", with_baseline=spec.with_baseline or model_ != "experts")
+        if model is None:
+            from geomoe.pipelines.inference import BundleModel
+
+            BundleModel(b, use=model_)  # a bundle without the asked network fails here, before any Ray worker starts
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     _out_dir(out)
@@ -417,13 +428,16 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         _fail(f"--soft blends experts per tile; it cannot be combined with --routing {routing}")
     if soft:
         routing = "tile"  # whatever the bundle's default: soft routing weighs each tile's own nearest experts
+    # the single network's threshold and smallest footprint as calibrated on its own validation outputs
+    cal = b.calibration("single" if model_ == "single" else "experts")
     upd = {k: v for k, v in {"overlap": overlap, "batch_size": batch_size, "tta": tta or None, "routing": routing, "unfamiliar": unfamiliar,
-                             "min_area_m2": min_area, "regularize": False if no_regularize else None}.items() if v is not None}
+                             "min_area_m2": cal.min_area_m2 if min_area is None else min_area,
+                             "regularize": False if no_regularize else None}.items() if v is not None}
     try:
         pcfg = b.config.predict.model_validate({**b.config.predict.model_dump(), **upd})
     except ValueError as e:
         _fail(str(e))
-    req = RunRequest(pcfg, b.threshold, gsd)  # the same request for either engine
+    req = RunRequest(pcfg, cal.threshold, gsd)  # the same request for either engine
     if engine == "local":
         model.tta = pcfg.tta
         results = predict_many(model, inputs, out, req, resume=resume)
@@ -433,7 +447,7 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
 
         spec.tta = pcfg.tta
         try:
-            results = predict_many_ray(spec, BundleModel(b).identity, inputs, out, req,
+            results = predict_many_ray(spec, BundleModel(b, use=model_).identity, inputs, out, req,
                                        RayOptions(address, workers, cpus_per_worker, gpus_per_worker, strip_rows=strip_rows),
                                        resume=resume)
         except EngineError as e:

@@ -40,19 +40,36 @@ class TileModel(Protocol):
         """Probabilities (n, T, T), or (n, channels, T, T), for uint8 tiles (n, 3, T, T)."""
 
 
-class BundleModel:
-    """A bundle as a TileModel: embeds the centre patch (what the embedding saw in training), routes by FAISS."""
+# What ``predict --model`` can run on every tile: the routed experts (the default), or one of the bundle's two
+# networks trained on every location: the single network, or the generalist the experts were fine-tuned from (the
+# better of the three on places the bundle never saw: README, "Places the bundle never saw").
+MODELS = ("experts", "single", "generalist")
 
-    def __init__(self, bundle: Bundle, soft: bool = False, tta: bool = False):
-        self.b, self.soft, self.tta = bundle, soft, tta
+
+class BundleModel:
+    """A bundle as a TileModel: embeds the centre patch (what the embedding saw in training), routes by FAISS.
+
+    With ``use`` "single" or "generalist" that network runs on every tile instead of the routed expert; the tiles
+    are still routed, so the routing layer shows where the experts would have run and which tiles are unfamiliar.
+    """
+
+    def __init__(self, bundle: Bundle, soft: bool = False, tta: bool = False, use: str = "experts"):
+        if use not in MODELS:
+            raise ValueError(f"model {use!r}: choose {', '.join(MODELS)}")
+        missing = {"single": bundle.baseline, "generalist": bundle.generalist}.get(use, True) is None
+        if missing:
+            raise ValueError(f"{bundle.root}: this bundle has no {'single network' if use == 'single' else 'generalist'}"
+                             f" loaded ({'train with --baseline' if use == 'single' else 'its experts were trained from scratch'})")
+        self.b, self.soft, self.tta, self.use = bundle, soft, tta, use
         # what was asked of the model beyond its bundle: scene summaries record it, and resume compares it
-        self.options = {"soft": soft, "bands": None, "bit_depth": None}
+        self.options = {"soft": soft, "bands": None, "bit_depth": None, "model": use}
         self.tile_size = bundle.config.predict.tile_size
         self.patch = min(bundle.config.data.patch_size, self.tile_size)
         self.gsd = bundle.gsd
         self.device = bundle.device  # pinned tiles and more readers when it is a GPU
         self.channels = 3 if all(e.classes >= 3 for e in bundle.experts) else 1
-        self.separation = bundle.separation
+        # the single network's footprints are cut as calibrated on its own validation outputs
+        self.separation = bundle.calibration("single" if use == "single" else "experts").separation
         self.use_alpha = bundle.config.data.alpha == "mask"  # as in training
         self.bands, self.bit_depth = bundle.config.data.bands, bundle.config.data.bit_depth
         # resume only trusts outputs of the same bundle: its manifest (which holds every file's checksum) and its place
@@ -65,6 +82,16 @@ class BundleModel:
     def baseline_id(self) -> int | None:
         """The id ``predict`` takes for the single network (after the experts), when the bundle has one loaded."""
         return self.b.k if self.b.baseline is not None else None
+
+    @property
+    def fixed_id(self) -> int | None:
+        """The id of the network that runs on every tile (``use``), None when the routed experts run."""
+        return {"single": self.b.k, "generalist": self.b.k + 1}.get(self.use)
+
+    @property
+    def run_names(self) -> dict[int, str]:
+        """What the routing layer calls the networks beyond the experts."""
+        return {self.b.k: "single network", self.b.k + 1: "generalist"}
 
     def unfamiliar(self, ids: np.ndarray, dist: np.ndarray) -> np.ndarray:
         return self.b.unfamiliar(ids, dist)
@@ -84,7 +111,7 @@ class BundleModel:
         return ids[:, None], np.ones((len(ids), 1), np.float32), dist
 
     def predict(self, expert: int, tiles: torch.Tensor) -> torch.Tensor:
-        model = self.b.baseline if expert == self.b.k else self.b.experts[expert]
+        model = self.b.experts[expert] if expert < self.b.k else self.b.baseline if expert == self.b.k else self.b.generalist
         return predict_channels(model, tiles, self.b.device, self.tta)[:, :self.channels]
 
 
@@ -99,18 +126,20 @@ class ModelSpec:
     with_baseline: bool = True
     bands: list[int] | None = None  # None: the bundle's
     bit_depth: int | None = None  # None: the bundle's (NBITS tag, else detected)
+    use: str = "experts"  # what runs on every tile (MODELS)
 
     @property
     def options(self) -> dict:
         """What is asked of the model beyond its bundle (as the loaded model's ``options``)."""
-        return {"soft": self.soft, "bands": self.bands, "bit_depth": self.bit_depth}
+        return {"soft": self.soft, "bands": self.bands, "bit_depth": self.bit_depth, "model": self.use}
 
     def load(self) -> BundleModel:
         from geomoe.backbone import pick_device
         from geomoe.bundle import load_bundle
 
         device = pick_device(self.device)  # "auto" is resolved where the model runs (a Ray worker may hold a GPU)
-        model = BundleModel(load_bundle(self.bundle, device, with_baseline=self.with_baseline), self.soft, self.tta)
+        model = BundleModel(load_bundle(self.bundle, device, with_baseline=self.with_baseline or self.use != "experts"),
+                            self.soft, self.tta, self.use)
         if self.bands is not None:
             model.bands = self.bands
         if self.bit_depth is not None:
@@ -255,6 +284,9 @@ def route_row(model: TileModel, row: TileRow, cfg: PredictConfig, layer: Routing
             ids[unf] = base
             weights[unf] = 0
             weights[unf, 0] = 1
+    fixed = getattr(model, "fixed_id", None)
+    if fixed is not None:  # one network on every tile (predict --model): routed above for the layer's record only
+        ids, weights = np.full((len(keep), 1), fixed, np.int64), np.ones((len(keep), 1), np.float32)
     layer.ran[iy, keep] = ids[:, 0]
     for e in np.unique(ids):
         stats.per_expert[int(e)] = stats.per_expert.get(int(e), 0) + int((ids[:, 0] == e).sum())

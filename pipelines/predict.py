@@ -218,7 +218,7 @@ def _run_scene(model: TileModel, tiles: TileSource, outs: Outputs, req: RunReque
     writers = SceneWriters(ds, outs, tiles.gsd, cfg, expert_at)
     try:
         stats = stream_rows(model, tiles, RowSpan.whole(grid), req, layer, writers, progress)
-        write_routing(outs.routing, grid, layer, ds, getattr(model, "baseline_id", None))
+        write_routing(outs.routing, grid, layer, ds, getattr(model, "run_names", {}))
         writers.finish()
         stats.footprints = writers.count  # after finish: the last batches are written there
     except BaseException:

@@ -59,7 +59,7 @@ class StripResult:
     grid: tuple[int, int, int, int]  # the scene's TileGrid (width, height, tile, overlap)
     gsd: float | None = None
     target: float | None = None
-    baseline_id: int | None = None
+    run_names: dict[int, str] = field(default_factory=dict)  # the networks beyond the experts (routing layer)
     footprints_written: int = 0
 
 
@@ -136,7 +136,7 @@ def predict_strip(model: TileModel, strip: Strip, req: RunRequest) -> StripResul
                        writers.vec_tmp if writers.vec_tmp.exists() else None, held,
                        {k: getattr(layer, k)[rows].copy() for k in ("experts", "distance", "unfamiliar", "ran")},
                        stats, (grid.width, grid.height, grid.tile, grid.overlap), tiles.gsd, tiles.model_gsd,
-                       getattr(model, "baseline_id", None), writers.count)
+                       getattr(model, "run_names", {}), writers.count)
 
 
 def _void_rows(r: StripResult) -> tuple[np.ndarray, np.ndarray]:
@@ -237,7 +237,7 @@ def merge_strips(results: list[StripResult], out: Path, req: RunRequest, made_by
             joined = join_boundary_pieces(results, grid.width)
             if joined:
                 writers.write_pieces(joined)
-            write_routing(outs.routing, grid, layer, ds, first.baseline_id)
+            write_routing(outs.routing, grid, layer, ds, first.run_names)
             writers.finish()
             stats.footprints = writers.count  # after finish: the last batches are written there
         except BaseException:

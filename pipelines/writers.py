@@ -127,9 +127,9 @@ class SceneWriters:
             p.unlink(missing_ok=True)
 
 
-def write_routing(path: Path, grid: TileGrid, layer: "RoutingLayer", ds, baseline_id: int | None) -> None:
+def write_routing(path: Path, grid: TileGrid, layer: "RoutingLayer", ds, names: dict[int, str]) -> None:
     """One polygon per tile's cell (its true footprint, rotated grids included): the region's expert, its distance,
-    whether the tile was unfamiliar and what ran on it."""
+    whether the tile was unfamiliar and what ran on it (``names``: the networks beyond the experts, by id)."""
     ex, ey = grid.cell_edges("x"), grid.cell_edges("y")
     rows = []
     t = ds.transform
@@ -142,7 +142,7 @@ def write_routing(path: Path, grid: TileGrid, layer: "RoutingLayer", ds, baselin
             corners = [t @ (ex[a], ey[b]) for a, b in ((ix, iy), (ix + 1, iy), (ix + 1, iy + 1), (ix, iy + 1))]
             rows.append({"expert": e, "distance": float(layer.distance[iy, ix]),
                          "unfamiliar": bool(layer.unfamiliar[iy, ix]),
-                         "ran": "skipped" if ran == -2 else "single network" if ran == baseline_id else f"expert {ran}",
+                         "ran": "skipped" if ran == -2 else names.get(ran, f"expert {ran}"),
                          "tile_col": ix, "tile_row": iy, "geometry": Polygon(corners)})
     cols = {"expert": [], "distance": [], "unfamiliar": [], "ran": [], "tile_col": [], "tile_row": []}
     gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=ds.crs) if rows else gpd.GeoDataFrame(cols, geometry=[], crs=ds.crs)

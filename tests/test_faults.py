@@ -100,6 +100,42 @@ def test_unfamiliar_tiles_are_flagged_routed_to_the_baseline_or_skipped(bundle_d
         assert json.loads(outs.summary.read_text())["unfamiliar_tiles"] == st.tiles
 
 
+def test_predict_model_runs_the_single_network_or_the_generalist_on_every_tile(bundle_dir, synth_root, tmp_path):
+    """--model single / generalist: that network's probabilities on every tile, exactly what the routed path gives
+    when every expert is that network; the tiles are still routed for the routing layer's record."""
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    from geomoe.bundle import load_bundle
+    from geomoe.cli import app
+
+    b = load_bundle(bundle_dir)
+    scene = sorted((synth_root / "loc1" / "images").glob("*.tif"))[0]
+    cfg = b.config.predict
+    names = {"single": "single network", "generalist": "generalist"}
+    for use, net in (("single", b.baseline), ("generalist", b.generalist)):
+        outs, st = predict_raster(BundleModel(b, use=use), scene, tmp_path / use, cfg, b.threshold, progress=False)
+        same, _ = predict_raster(BundleModel(replace(b, experts=[net] * b.k)), scene, tmp_path / f"{use}_as_experts",
+                                 cfg, b.threshold, progress=False)
+        with rasterio.open(outs.prob) as a, rasterio.open(same.prob) as c:
+            assert np.array_equal(a.read(), c.read())
+        layer = gpd.read_file(outs.routing)
+        assert set(layer.ran) == {names[use]} and (layer.expert < b.k).all()  # routed all the same
+        summary = json.loads(outs.summary.read_text())
+        assert summary["tiles_per_expert"] == {str(b.k + (use == "generalist")): st.tiles}
+        assert summary["settings"]["model"] == use
+    # the experts' own answer differs from the generalist's (else the comparison above proves nothing)
+    routed, _ = predict_raster(BundleModel(b), scene, tmp_path / "experts", cfg, b.threshold, progress=False)
+    with rasterio.open(routed.prob) as a, rasterio.open(tmp_path / "generalist" / routed.prob.name) as c:
+        assert not np.array_equal(a.read(), c.read())
+    with pytest.raises(ValueError, match="no generalist"):
+        BundleModel(replace(b, generalist=None), use="generalist")
+    r = CliRunner().invoke(app, ["predict", str(scene), "-b", str(bundle_dir), "-o", str(tmp_path / "cli"),
+                                 "--model", "biggest"])
+    assert r.exit_code == 1 and "--model biggest: choose experts, single, generalist" in r.output
+
+
 def test_evaluate_reports_the_unfamiliar_share_per_location(bundle_dir, synth_root):
     from geomoe.bundle import load_bundle
     from geomoe.pipelines.evaluate import evaluate
