@@ -125,6 +125,11 @@ class ExpertConfig(_Strict):
                                           "exported model use the average, which is less at the mercy of the last "
                                           "few batches than the weights themselves. None: off (0.99 lowered the "
                                           "medium run's validation IoU by 0.8 points).")
+    colour_jitter: float = Field(
+        0.0, ge=0.0, le=0.5, description="Random colour changes of every training patch (every expert-type job): "
+                                         "saturation, contrast and brightness within 1 +- this, a gain per band "
+                                         "within 1 +- half of it (e.g. 0.2): roofs as another sensor, season or sun "
+                                         "shows them. 0: off (the paper: flips only).")
     keep_start: bool = Field(
         True, description="A job that starts from a trained network also scores that start on its validation windows "
                           "and keeps it when no fine-tuned checkpoint beats it (choice on validation, never test).")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
@@ -248,6 +249,29 @@ def test_augment_moves_image_mask_and_valid_together():
     for _ in range(8):
         a, m, v = augment(rng, img, mask, mask.astype(bool))
         assert np.array_equal(a[0] > 0, m.astype(bool)) and np.array_equal(m.astype(bool), v)
+
+
+def test_colour_jitter_changes_colours_only_and_keeps_the_patches_it_always_drew():
+    """experts.colour_jitter: the same windows, flips and masks as without it (the geometry is drawn first), other
+    colours within the stated factors, and the same colours again for the same (seed, index)."""
+    prep = prepare(SAMPLE, DataConfig(patch_size=128))
+    plain, jit = RandomPatchDataset(prep, 12, seed=4), RandomPatchDataset(prep, 12, seed=4, colour_jitter=0.2)
+    changed = 0
+    for i in range(12):
+        a, b = plain[i], jit[i]
+        assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["valid"], b["valid"])
+        x, y = a["image"].float(), b["image"].float()
+        changed += int(not torch.equal(x, y))
+        # brightness, contrast and saturation within 0.8-1.2 and a band's gain within 0.9-1.1: a band's mean moves
+        # by at most about their product
+        ratio = (y.mean((1, 2)) + 1) / (x.mean((1, 2)) + 1)
+        assert ((ratio > 0.6) & (ratio < 1.5)).all()
+        assert torch.equal(b["image"], jit[i]["image"])
+    assert changed == 12
+    # without augmentation (validation, statistics) nothing is jittered
+    still = RandomPatchDataset(prep, 3, seed=4, augment=False, colour_jitter=0.2)
+    bare = RandomPatchDataset(prep, 3, seed=4, augment=False)
+    assert all(torch.equal(still[i]["image"], bare[i]["image"]) for i in range(3))
 
 
 def test_grid_dataset_and_normalisation_stats():

@@ -35,6 +35,20 @@ def augment(rng: np.random.Generator, *planes: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def jitter_colours(rng: np.random.Generator, image: np.ndarray, strength: float) -> np.ndarray:
+    """A uint8 image (bands, H, W) with random saturation, contrast and brightness, each a factor within
+    1 +- ``strength``, and a gain per band within 1 +- ``strength`` / 2 (another sensor's colour balance): the same
+    roofs as another camera, season or sun would show them."""
+    s = strength
+    x = image.astype(np.float32)
+    grey = x.mean(0, keepdims=True)
+    x = grey + (x - grey) * rng.uniform(1 - s, 1 + s)
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(1 - s, 1 + s) + mean
+    x = x * rng.uniform(1 - s, 1 + s) * rng.uniform(1 - s / 2, 1 + s / 2, size=(len(x), 1, 1))
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def to_sample(image: np.ndarray, mask: np.ndarray | None, valid: np.ndarray, location: int, index: int,
               instances: np.ndarray | None = None) -> dict:
     return {
@@ -150,8 +164,9 @@ class RandomPatchDataset(Dataset):
 
     def __init__(self, prep: Prepared, length: int, seed: int = 0, augment: bool = True, min_valid: float = 0.5,
                  refs: list[PatchRef] | None = None, cycle_locations: bool = False, instance_targets: TargetWidths | None = None,
-                 replay: float = 0.0, weights: list[float] | None = None):
+                 replay: float = 0.0, weights: list[float] | None = None, colour_jitter: float = 0.0):
         self.prep, self.length, self.seed, self.aug, self.min_valid = prep, length, seed, augment, min_valid
+        self.colour_jitter = colour_jitter if augment else 0.0
         self.instance_targets = instance_targets  # add building / boundary / contact channels ("targets") this wide
         # Given windows (a region's share) are drawn shifted inside their blocks; otherwise anywhere in the train blocks.
         balanced = BalancedSampler(prep.readers, prep.blocks, prep.patch_size) if refs is None or replay > 0 else None
@@ -175,6 +190,8 @@ class RandomPatchDataset(Dataset):
         image, mask, valid, ids = p.image, p.mask, p.valid, p.instances
         if self.aug:
             image, mask, valid, ids = augment(rng, image, mask, valid, ids)
+        if self.colour_jitter > 0:  # drawn after the geometry: without it, every patch is the one it always was
+            image = jitter_colours(rng, image, self.colour_jitter)
         sample = to_sample(image, mask, valid, self.prep.locations.index(self.prep.location_of(ref)), i, ids)
         if self.instance_targets is not None:
             from geomoe.experts.targets import building_targets

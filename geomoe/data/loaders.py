@@ -61,6 +61,7 @@ class PatchPlan:
     instance_targets: TargetWidths | None = None  # experts with building / boundary / contact outputs: how wide
     replay: float = 0.0  # with train_refs: the share of patches drawn from every location's train blocks instead
     train_weights: list[float] | None = None  # with train_refs: how often each is drawn (None: equally often)
+    colour_jitter: float = 0.0  # random colour changes of training patches (experts.colour_jitter)
 
 
 class PatchDataModule(L.LightningDataModule):
@@ -93,7 +94,8 @@ class PatchDataModule(L.LightningDataModule):
         per_epoch = p.steps_per_epoch * p.batch_size
         ds = RandomPatchDataset(self.prep, per_epoch * p.epochs, seed=self.seed, refs=p.train_refs,
                                 min_valid=self.min_valid, cycle_locations=p.cycle_locations,
-                                instance_targets=p.instance_targets, replay=p.replay, weights=p.train_weights)
+                                instance_targets=p.instance_targets, replay=p.replay, weights=p.train_weights,
+                                colour_jitter=p.colour_jitter)
         return self._loader(ds, EpochSampler(per_epoch, rank, world), self.per_device_batch())
 
     def val_dataloader(self) -> DataLoader | list:
