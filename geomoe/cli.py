@@ -411,11 +411,12 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
                      bit_depth=bit_depth, use=model_)
     try:
         model = spec.load() if engine == "local" else None
-        b = model.b if model is not None else load_bundle(bundle, "cpu", with_baseline=spec.with_baseline or model_ != "experts")
-        if model is None:
+        if model is None:  # the Ray engine: checked here (a missing network fails before any worker starts)
             from geomoe.pipelines.inference import BundleModel
 
-            BundleModel(b, use=model_)  # a bundle without the asked network fails here, before any Ray worker starts
+            model = BundleModel(load_bundle(bundle, "cpu", with_baseline=spec.with_baseline or model_ != "experts"),
+                                use=model_)
+        b = model.b
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     _out_dir(out)
@@ -428,8 +429,7 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         _fail(f"--soft blends experts per tile; it cannot be combined with --routing {routing}")
     if soft:
         routing = "tile"  # whatever the bundle's default: soft routing weighs each tile's own nearest experts
-    # the single network's threshold and smallest footprint as calibrated on its own validation outputs
-    cal = b.calibration("single" if model_ == "single" else "experts")
+    cal = model.calibration  # threshold and smallest footprint of the network that runs
     upd = {k: v for k, v in {"overlap": overlap, "batch_size": batch_size, "tta": tta or None, "routing": routing, "unfamiliar": unfamiliar,
                              "min_area_m2": cal.min_area_m2 if min_area is None else min_area,
                              "regularize": False if no_regularize else None}.items() if v is not None}
@@ -442,12 +442,11 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         model.tta = pcfg.tta
         results = predict_many(model, inputs, out, req, resume=resume)
     else:
-        from geomoe.pipelines.inference import BundleModel
         from geomoe.pipelines.ray_engine import EngineError, RayOptions, predict_many_ray
 
         spec.tta = pcfg.tta
         try:
-            results = predict_many_ray(spec, BundleModel(b, use=model_).identity, inputs, out, req,
+            results = predict_many_ray(spec, model.identity, inputs, out, req,
                                        RayOptions(address, workers, cpus_per_worker, gpus_per_worker, strip_rows=strip_rows),
                                        resume=resume)
         except EngineError as e:

@@ -56,10 +56,14 @@ class BundleModel:
     def __init__(self, bundle: Bundle, soft: bool = False, tta: bool = False, use: str = "experts"):
         if use not in MODELS:
             raise ValueError(f"model {use!r}: choose {', '.join(MODELS)}")
-        missing = {"single": bundle.baseline, "generalist": bundle.generalist}.get(use, True) is None
-        if missing:
-            raise ValueError(f"{bundle.root}: this bundle has no {'single network' if use == 'single' else 'generalist'}"
-                             f" loaded ({'train with --baseline' if use == 'single' else 'its experts were trained from scratch'})")
+        # the networks beyond the experts, by the id prediction gives them (after the experts' 0..k-1): the one
+        # place that knows these ids
+        k = bundle.k
+        self.networks = {k: ("single network", bundle.baseline), k + 1: ("generalist", bundle.generalist)}
+        self.fixed_id = {"single": k, "generalist": k + 1}.get(use)  # what runs on every tile; None: the experts
+        if self.fixed_id is not None and self.networks[self.fixed_id][1] is None:
+            raise ValueError(f"{bundle.root}: this bundle has no {self.networks[self.fixed_id][0]} loaded "
+                             f"({'train with --baseline' if use == 'single' else 'its experts were trained from scratch'})")
         self.b, self.soft, self.tta, self.use = bundle, soft, tta, use
         # what was asked of the model beyond its bundle: scene summaries record it, and resume compares it
         self.options = {"soft": soft, "bands": None, "bit_depth": None, "model": use}
@@ -68,8 +72,10 @@ class BundleModel:
         self.gsd = bundle.gsd
         self.device = bundle.device  # pinned tiles and more readers when it is a GPU
         self.channels = 3 if all(e.classes >= 3 for e in bundle.experts) else 1
-        # the single network's footprints are cut as calibrated on its own validation outputs
-        self.separation = bundle.calibration("single" if use == "single" else "experts").separation
+        # threshold, watershed seeds and smallest footprint: the single network's as calibrated on its own
+        # validation outputs, the experts' for the experts and the generalist they were fine-tuned from
+        self.calibration = bundle.calibration("single" if use == "single" else "experts")
+        self.separation = self.calibration.separation
         self.use_alpha = bundle.config.data.alpha == "mask"  # as in training
         self.bands, self.bit_depth = bundle.config.data.bands, bundle.config.data.bit_depth
         # resume only trusts outputs of the same bundle: its manifest (which holds every file's checksum) and its place
@@ -84,14 +90,9 @@ class BundleModel:
         return self.b.k if self.b.baseline is not None else None
 
     @property
-    def fixed_id(self) -> int | None:
-        """The id of the network that runs on every tile (``use``), None when the routed experts run."""
-        return {"single": self.b.k, "generalist": self.b.k + 1}.get(self.use)
-
-    @property
     def run_names(self) -> dict[int, str]:
         """What the routing layer calls the networks beyond the experts."""
-        return {self.b.k: "single network", self.b.k + 1: "generalist"}
+        return {i: name for i, (name, _) in self.networks.items()}
 
     def unfamiliar(self, ids: np.ndarray, dist: np.ndarray) -> np.ndarray:
         return self.b.unfamiliar(ids, dist)
@@ -111,7 +112,7 @@ class BundleModel:
         return ids[:, None], np.ones((len(ids), 1), np.float32), dist
 
     def predict(self, expert: int, tiles: torch.Tensor) -> torch.Tensor:
-        model = self.b.experts[expert] if expert < self.b.k else self.b.baseline if expert == self.b.k else self.b.generalist
+        model = self.b.experts[expert] if expert < self.b.k else self.networks[expert][1]
         return predict_channels(model, tiles, self.b.device, self.tta)[:, :self.channels]
 
 
