@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -373,6 +374,9 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
                                                     "NBITS tag, else detected)"),
             gsd: Optional[float] = typer.Option(None, help="metres per pixel of inputs without a CRS (default: a "
                                                 "locations.csv above them, else not resampled)"),
+            mosaic: Optional[str] = typer.Option(None, help="predict the inputs as tiles of one scene named NAME (a "
+                                                 "VRT over them in OUT): buildings across tile borders become one "
+                                                 "footprint; tiles must share CRS, pixel size and pixel grid"),
             resume: bool = typer.Option(False, help="skip inputs whose outputs are complete"),
             no_regularize: bool = typer.Option(False, "--no-regularize"),
             min_area: Optional[float] = typer.Option(None, help="drop footprints smaller than this (m^2)"),
@@ -420,6 +424,8 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     _out_dir(out)
+    if mosaic is not None:
+        inputs = [_mosaic(inputs, mosaic, out)]
     if unfamiliar == "baseline" and b.baseline is None:
         _fail(f"{bundle}: --unfamiliar baseline needs the single network, which this bundle does not have "
               f"(train with --baseline, or use --unfamiliar route or skip)")
@@ -461,6 +467,26 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
     console.print(f"{len(results) - failed} done, {failed} failed; outputs in {out} (run summary: {out / 'run_summary.json'})")
     if failed:
         raise typer.Exit(1)
+
+
+def _mosaic(inputs: list[Path], name: str, out: Path) -> Path:
+    """The VRT of ``inputs``' tiles as OUT/NAME.vrt, or one line naming the tile that cannot join it."""
+    from geomoe.pipelines.mosaic import write_mosaic
+    from geomoe.pipelines.outputs import expand_inputs
+    from geomoe.raster import RasterError
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        _fail(f"--mosaic {name}: give a plain name (letters, digits, '.', '_', '-'); the scene's outputs are named after it")
+    tiles = expand_inputs(inputs)
+    missing = [p for p in tiles if not p.exists()]
+    if missing:
+        _fail(f"{missing[0]}: no such file")
+    try:
+        vrt = write_mosaic(tiles, out / f"{name}.vrt")
+    except RasterError as e:
+        _fail(str(e))
+    console.print(f"mosaic of {len(tiles)} tiles: {vrt}")
+    return vrt
 
 
 @app.command()
