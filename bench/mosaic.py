@@ -5,8 +5,9 @@ one grid, this takes the tiles whose every window lies in the test split (never 
 `geomoe predict` on them as the CLI does, once tile by tile and once with `--mosaic`, and scores both sets of
 footprint polygons on the stitched labels: IoU, building F1 at IoU 0.5 (true buildings from the location's
 outlines where it has them), footprints, and how many true buildings the tile borders cross.
+Without a bundle it only counts, on every labelled tile, the true buildings the tile borders cross.
 Writes bench/results/mosaic.json and appends to bench/RESULTS.md.
-Usage: uv run python bench/mosaic.py --bundle BUNDLE [--root ../shared/data] [--out bench/runs/mosaic]
+Usage: uv run python bench/mosaic.py [--bundle BUNDLE] [--root ../shared/data] [--out bench/runs/mosaic]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from rasterio import features
 from scipy import ndimage
 
 from geomoe.bundle import load_bundle
+from geomoe.config import load_config
 from geomoe.data.datasets import prepare
 from geomoe.metrics import Scores
 from geomoe.pipelines.evaluate import markdown_table
@@ -63,65 +65,81 @@ def truth_ids(scenes: list, shape: tuple[int, int], transform, crs) -> np.ndarra
                               dtype="int32")
 
 
+def crossing(scenes: list, out: Path) -> dict[str, int] | None:
+    """How many of the true buildings on ``scenes`` (tiles of one grid) the tile borders cross: their pixels lie in
+    more than one tile, so tile by tile they come out as several footprints. None: not tiles of one grid."""
+    try:
+        vrt = write_mosaic([s.label for s in scenes], out / "truth.vrt")
+    except RasterError as e:  # no CRS, or scenes of different grids: nothing to stitch
+        print(f"{scenes[0].location}: not tiles of one grid ({e})")
+        return None
+    with rasterio.open(vrt) as ds:
+        truth, t, crs = ds.read(1) > 0, ds.transform, ds.crs
+        tile_of = np.zeros(truth.shape, np.int32)
+        for k, s in enumerate(scenes):
+            with rasterio.open(s.label) as tile:
+                c, r = (round(v) for v in ~t * (tile.transform.c, tile.transform.f))
+                tile_of[r:r + tile.height, c:c + tile.width] = k
+    ids = truth_ids(scenes, truth.shape, t, crs)
+    inst = np.where(truth, ids if ids is not None else ndimage.label(truth)[0], 0)
+    pairs = np.unique(np.stack([inst[inst > 0], tile_of[inst > 0]]), axis=1)
+    per_building = np.bincount(pairs[0])[np.unique(pairs[0])]
+    return {"tiles": len(scenes), "buildings": int(len(per_building)), "crossing": int((per_building > 1).sum()),
+            "pieces tile by tile": int(per_building.sum())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--bundle", type=Path, help="without it, only the buildings the tile borders cross")
     ap.add_argument("--root", type=Path, default=SHARED)
     ap.add_argument("--out", type=Path, default=Path("bench/runs/mosaic"))
     a = ap.parse_args()
-    b = load_bundle(a.bundle, "cpu")
-    prep = prepare(a.root, b.config.data, b.config.seed)
-    rows, figures = [], {}
+    cfg = load_bundle(a.bundle, "cpu").config if a.bundle else load_config("medium")
+    prep = prepare(a.root, cfg.data, cfg.seed)
+    labelled = [r.scene for r in prep.readers if r.scene.label_kind == "mask"]
+    every, rows, figures = {}, [], {}
     for loc in prep.locations:
+        c = crossing([s for s in labelled if s.location == loc], a.out / loc / "all")
+        if c is not None:
+            every[loc] = c
+    md = ["**True buildings the tile borders cross, every labelled tile** (true buildings from the location's "
+          "outlines where it has them, else the mask's connected components)\n\n"
+          + markdown_table(pd.DataFrame(every).T.rename_axis("location"))]
+    figures["every_tile"] = every
+    for loc in prep.locations if a.bundle else []:
         scenes = [s for s in test_tiles(prep, loc) if s.label_kind == "mask"]
-        if len(scenes) < 2:
+        if len(scenes) < 2 or loc not in every:
             continue
-        imgs = [s.image for s in scenes]
-        out = a.out / loc
-        try:
-            truth_vrt = write_mosaic([s.label for s in scenes], out / "truth.vrt")
-        except RasterError as e:  # not tiles of one grid (no CRS, scenes of different grids): nothing to stitch
-            print(f"{loc}: skipped ({e})")
-            continue
+        imgs, out = [s.image for s in scenes], a.out / loc
         secs = {"tile by tile": predict(a.bundle, imgs, out / "each", None),
                 "mosaic": predict(a.bundle, imgs, out / "one", "tiles")}
-        with rasterio.open(truth_vrt) as ds:
+        c = crossing(scenes, out)
+        with rasterio.open(out / "truth.vrt") as ds:
             truth, valid, t, crs = ds.read(1) > 0, ds.read_masks(1) > 0, ds.transform, ds.crs
         ids = truth_ids(scenes, truth.shape, t, crs)
-        # true buildings the tile borders cross: their pixels lie in more than one tile
-        tile_of = np.zeros(truth.shape, np.int32)
-        with rasterio.open(truth_vrt) as ds:
-            for k, p in enumerate(imgs):
-                with rasterio.open(p) as tile:
-                    c, r = (round(v) for v in ~ds.transform * (tile.transform.c, tile.transform.f))
-                    tile_of[r:r + tile.height, c:c + tile.width] = k
-        inst = ids if ids is not None else ndimage.label(truth)[0]
-        inst = np.where(truth, inst, 0)
-        pairs = np.unique(np.stack([inst[inst > 0], tile_of[inst > 0]]), axis=1)
-        crossing = int((np.bincount(pairs[0]) > 1).sum())
         for mode, folder in (("tile by tile", out / "each"), ("mosaic", out / "one")):
             gdf = pd.concat([gpd.read_file(f) for f in sorted(folder.glob("*_footprints.gpkg"))], ignore_index=True)
             gdf = gpd.GeoDataFrame(gdf, geometry="geometry", crs=crs)
-            pred = rasterise_footprints(gdf, t, truth.shape)
             s = Scores()
-            s.update(pred & valid, truth, valid, truth_ids=ids)
-            sm = s.summary()
-            row = {"location": loc, "footprints as": mode, "tiles": len(imgs), "true buildings": int(s.b_tp + s.b_fn),
-                   "crossing a tile border": crossing, "footprints": len(gdf), "iou": sm["iou"],
-                   "building_f1": sm["building_f1"], "merged": s.error_counts()["merged"],
-                   "split": s.error_counts()["split"], "seconds": secs[mode]}
+            s.update(rasterise_footprints(gdf, t, truth.shape) & valid, truth, valid, truth_ids=ids)
+            sm, err = s.summary(), s.error_counts()
+            row = {"location": loc, "footprints as": mode, "tiles": len(imgs), "true buildings": err["buildings"],
+                   "crossing a tile border": c["crossing"], "footprints": len(gdf), "iou": sm["iou"],
+                   "building_f1": sm["building_f1"], "merged": err["merged"], "split": err["split"],
+                   "seconds": secs[mode]}
             rows.append(row)
-            figures.setdefault(loc, {})[mode] = {k: v for k, v in row.items() if k not in ("location", "footprints as")}
+            figures.setdefault("test_tiles", {}).setdefault(loc, {})[mode] = {
+                k: v for k, v in row.items() if k not in ("location", "footprints as")}
         print(pd.DataFrame(rows[-2:]).to_string())
-    table = pd.DataFrame(rows).set_index(["location", "footprints as"])
-    body = ("Test tiles only (every window of each in the test split), predicted with `geomoe predict` as a user "
-            "runs it: each tile on its own, and the same tiles with `--mosaic` (one VRT scene). Footprint polygons "
-            "rasterised onto the stitched labels and scored; true buildings from the location's outlines where it "
-            "has them. merged / split: true buildings under one footprint with others / under several footprints.\n\n"
-            + markdown_table(table.round(4)))
-    record("Map tiles as one scene (`predict --mosaic`) against tile by tile, test tiles", body, f"bundle `{a.bundle}`")
-    write_json("mosaic", figures, {"bundle": str(a.bundle), "root": str(a.root)})
-
+    if rows:
+        md.append("**Test tiles predicted by `geomoe predict`, tile by tile and with `--mosaic`** (tiles every window "
+                  "of which is in the test split, never used to choose anything; footprint polygons rasterised onto "
+                  "the stitched labels and scored; merged / split: true buildings under one footprint with others / "
+                  "under several footprints)\n\n"
+                  + markdown_table(pd.DataFrame(rows).set_index(["location", "footprints as"]).round(4)))
+    record("Map tiles as one scene (`predict --mosaic`) against tile by tile", "\n\n".join(md),
+           f"bundle `{a.bundle}`" if a.bundle else "labels only")
+    write_json("mosaic", figures, {"bundle": str(a.bundle) if a.bundle else None, "root": str(a.root)})
 
 if __name__ == "__main__":
     main()
