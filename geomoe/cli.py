@@ -472,17 +472,19 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
 def _mosaic(inputs: list[Path], name: str, out: Path) -> Path:
     """The VRT of ``inputs``' tiles as OUT/NAME.vrt, or one line naming the tile that cannot join it."""
     from geomoe.pipelines.mosaic import write_mosaic
-    from geomoe.pipelines.outputs import expand_inputs
+    from geomoe.pipelines.outputs import expand_inputs, outputs_for
     from geomoe.raster import RasterError
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         _fail(f"--mosaic {name}: give a plain name (letters, digits, '.', '_', '-'); the scene's outputs are named after it")
-    tiles = expand_inputs(inputs)
+    dst = out / f"{name}.vrt"
+    made = {q.resolve() for q in (dst, *outputs_for(dst, out).all())}  # a rerun's inputs may hold its own outputs
+    tiles = [p for p in expand_inputs(inputs) if p.resolve() not in made]
     missing = [p for p in tiles if not p.exists()]
     if missing:
         _fail(f"{missing[0]}: no such file")
     try:
-        vrt = write_mosaic(tiles, out / f"{name}.vrt")
+        vrt = write_mosaic(tiles, dst)
     except RasterError as e:
         _fail(str(e))
     console.print(f"mosaic of {len(tiles)} tiles: {vrt}")

@@ -4,6 +4,7 @@ across tile borders, one clear line for tiles that do not fit."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import geopandas as gpd
 import numpy as np
@@ -104,14 +105,19 @@ def test_a_tile_off_the_grid_is_named_with_what_differs(tmp_path, odd, why):
 def test_cli_predict_mosaic_with_a_trained_bundle(tmp_path, bundle_dir):
     from geomoe.cli import app
 
-    src = BANEPA / "images"
-    r = CliRunner().invoke(app, ["predict", *(str(src / n) for n in BLOCK), "-b", str(bundle_dir),
-                                 "-o", str(tmp_path / "pred"), "--mosaic", "block"])
+    src, here = BANEPA / "images", tmp_path / "tiles"  # outputs written among the tiles, as a user may
+    here.mkdir()
+    for n in BLOCK:
+        shutil.copy(src / n, here / n)
+    run = ["predict", str(here), "-b", str(bundle_dir), "-o", str(here), "--mosaic", "block", "--resume"]
+    r = CliRunner().invoke(app, run)
     assert r.exit_code == 0, r.output
     assert "mosaic of 4 tiles" in r.output and "1 done, 0 failed" in r.output
-    with rasterio.open(tmp_path / "pred" / "block_prob.tif") as ds:
+    with rasterio.open(here / "block_prob.tif") as ds:
         assert (ds.width, ds.height) == (1024, 1024) and ds.crs.to_epsg() == 3857
         assert ds.transform.almost_equals(Affine(*rasterio.open(src / BLOCK[0]).transform[:6]))
+    r = CliRunner().invoke(app, run)  # the run's own outputs are not tiles; the unchanged mosaic is complete
+    assert r.exit_code == 0 and "mosaic of 4 tiles" in r.output and "skipped (complete)" in r.output, r.output
     _tile(tmp_path / "utm.tif")
     r = CliRunner().invoke(app, ["predict", str(src / BLOCK[0]), str(tmp_path / "utm.tif"), "-b", str(bundle_dir),
                                  "-o", str(tmp_path / "pred2"), "--mosaic", "block"])
