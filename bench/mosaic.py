@@ -16,6 +16,7 @@ import argparse
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import geopandas as gpd
@@ -24,6 +25,7 @@ import pandas as pd
 import rasterio
 from common import SHARED, record, write_json
 from rasterio import features
+from rasterio.transform import Affine
 from scipy import ndimage
 
 from geomoe.bundle import load_bundle
@@ -32,7 +34,7 @@ from geomoe.data.datasets import prepare
 from geomoe.metrics import Scores
 from geomoe.pipelines.evaluate import markdown_table
 from geomoe.pipelines.footprints import rasterise_footprints
-from geomoe.pipelines.mosaic import write_mosaic
+from geomoe.pipelines.mosaic import mosaic_grid, tile_info, write_mosaic
 from geomoe.raster import RasterError
 
 
@@ -65,26 +67,42 @@ def truth_ids(scenes: list, shape: tuple[int, int], transform, crs) -> np.ndarra
                               dtype="int32")
 
 
-def crossing(scenes: list, out: Path) -> dict[str, int] | None:
-    """How many of the true buildings on ``scenes`` (tiles of one grid) the tile borders cross: their pixels lie in
-    more than one tile, so tile by tile they come out as several footprints. None: not tiles of one grid."""
+@dataclass
+class Stitched:
+    """The labels of tiles of one grid as one raster, and which tile each pixel comes from."""
+
+    truth: np.ndarray
+    valid: np.ndarray
+    transform: Affine
+    crs: object
+    ids: np.ndarray | None  # one id per true building (None: the mask's connected components)
+    tile_of: np.ndarray
+
+
+def stitch(scenes: list, out: Path) -> Stitched | None:
+    """The labels of ``scenes`` stitched through the mosaic's own VRT (None: not tiles of one grid)."""
     try:
-        vrt = write_mosaic([s.label for s in scenes], out / "truth.vrt")
+        tiles = [tile_info(s.label) for s in scenes]
+        grid = mosaic_grid(tiles)
     except RasterError as e:  # no CRS, or scenes of different grids: nothing to stitch
         print(f"{scenes[0].location}: not tiles of one grid ({e})")
         return None
-    with rasterio.open(vrt) as ds:
-        truth, t, crs = ds.read(1) > 0, ds.transform, ds.crs
-        tile_of = np.zeros(truth.shape, np.int32)
-        for k, s in enumerate(scenes):
-            with rasterio.open(s.label) as tile:
-                c, r = (round(v) for v in ~t * (tile.transform.c, tile.transform.f))
-                tile_of[r:r + tile.height, c:c + tile.width] = k
-    ids = truth_ids(scenes, truth.shape, t, crs)
-    inst = np.where(truth, ids if ids is not None else ndimage.label(truth)[0], 0)
-    pairs = np.unique(np.stack([inst[inst > 0], tile_of[inst > 0]]), axis=1)
+    with rasterio.open(write_mosaic([s.label for s in scenes], out / "truth.vrt")) as ds:
+        truth, valid = ds.read(1) > 0, ds.read_masks(1) > 0
+    tile_of = np.zeros(truth.shape, np.int32)
+    for k, (tile, (c, r)) in enumerate(zip(tiles, grid.offsets)):
+        tile_of[r:r + tile.height, c:c + tile.width] = k
+    return Stitched(truth, valid, grid.transform, grid.crs,
+                    truth_ids(scenes, truth.shape, grid.transform, grid.crs), tile_of)
+
+
+def crossing(st: Stitched, n_tiles: int) -> dict[str, int]:
+    """How many true buildings the tile borders cross: their pixels lie in more than one tile, so tile by tile they
+    come out as several footprints."""
+    inst = np.where(st.truth, st.ids if st.ids is not None else ndimage.label(st.truth)[0], 0)
+    pairs = np.unique(np.stack([inst[inst > 0], st.tile_of[inst > 0]]), axis=1)
     per_building = np.bincount(pairs[0])[np.unique(pairs[0])]
-    return {"tiles": len(scenes), "buildings": int(len(per_building)), "crossing": int((per_building > 1).sum()),
+    return {"tiles": n_tiles, "buildings": int(len(per_building)), "crossing": int((per_building > 1).sum()),
             "pieces tile by tile": int(per_building.sum())}
 
 
@@ -99,9 +117,10 @@ def main() -> None:
     labelled = [r.scene for r in prep.readers if r.scene.label_kind == "mask"]
     every, rows, figures = {}, [], {}
     for loc in prep.locations:
-        c = crossing([s for s in labelled if s.location == loc], a.out / loc / "all")
-        if c is not None:
-            every[loc] = c
+        scenes = [s for s in labelled if s.location == loc]
+        st = stitch(scenes, a.out / loc / "all")
+        if st is not None:
+            every[loc] = crossing(st, len(scenes))
     md = ["**True buildings the tile borders cross, every labelled tile** (true buildings from the location's "
           "outlines where it has them, else the mask's connected components)\n\n"
           + markdown_table(pd.DataFrame(every).T.rename_axis("location"))]
@@ -113,10 +132,9 @@ def main() -> None:
         imgs, out = [s.image for s in scenes], a.out / loc
         secs = {"tile by tile": predict(a.bundle, imgs, out / "each", None),
                 "mosaic": predict(a.bundle, imgs, out / "one", "tiles")}
-        c = crossing(scenes, out)
-        with rasterio.open(out / "truth.vrt") as ds:
-            truth, valid, t, crs = ds.read(1) > 0, ds.read_masks(1) > 0, ds.transform, ds.crs
-        ids = truth_ids(scenes, truth.shape, t, crs)
+        st = stitch(scenes, out)
+        c = crossing(st, len(scenes))
+        truth, valid, t, crs, ids = st.truth, st.valid, st.transform, st.crs, st.ids
         for mode, folder in (("tile by tile", out / "each"), ("mosaic", out / "one")):
             gdf = pd.concat([gpd.read_file(f) for f in sorted(folder.glob("*_footprints.gpkg"))], ignore_index=True)
             gdf = gpd.GeoDataFrame(gdf, geometry="geometry", crs=crs)

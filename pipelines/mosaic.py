@@ -14,8 +14,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import rasterio
+from rasterio import dtypes
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
@@ -113,10 +113,6 @@ def _source(parent: ET.Element, tile: TileInfo, band: str, dtype: str, at: tuple
     ET.SubElement(s, "DstRect", xOff=str(at[0]), yOff=str(at[1]), xSize=str(tile.width), ySize=str(tile.height))
 
 
-_GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
-               "int32": "Int32", "float32": "Float32", "float64": "Float64"}
-
-
 def mosaic_vrt(tiles: list[TileInfo], grid: MosaicGrid) -> str:
     """The VRT document of ``tiles`` on ``grid``: each band from the tiles' bands, and a dataset mask from the
     tiles' masks (nodata where no tile lies)."""
@@ -126,7 +122,7 @@ def mosaic_vrt(tiles: list[TileInfo], grid: MosaicGrid) -> str:
     ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in (t.c, t.a, t.b, t.f, t.d, t.e))
     ref = tiles[0]
     for b in range(ref.count):
-        dtype = _GDAL_TYPES[np.dtype(ref.dtypes[b]).name]
+        dtype = dtypes.typename_fwd[dtypes.dtype_rev[ref.dtypes[b]]]  # GDAL's name of the type
         band = ET.SubElement(root, "VRTRasterBand", dataType=dtype, band=str(b + 1))
         if ref.colorinterp[b] not in ("undefined",):
             ET.SubElement(band, "ColorInterp").text = ref.colorinterp[b].capitalize()
