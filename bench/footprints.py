@@ -45,7 +45,7 @@ def main() -> None:
     refs = prep.windows(a.split)
     routes = route_windows(b, prep, refs, progress=False)
     method = "embedding" if b.config.predict.routing == "tile" else "smoothed"
-    c, pc = b.calibration("experts"), b.config.predict
+    pc = b.config.predict
     variants = {"mask": None, "outlines, not squared": None,
                 **{f"squared {tol:g} / {par:g} m, guard {g:g}": Regularisation(pc.allow_diagonals, tol, par, g)
                    for tol, par in SETTINGS for g in GUARDS}}
@@ -56,11 +56,12 @@ def main() -> None:
         i = batch["index"].numpy()
         rb = route_batch(b, batch["image"], (routes.ids[i], routes.distance[i], routes.soft_ids[i], routes.soft_w[i]))
         rb.smoothed = routes.smoothed[i]
-        masks = rb.method_masks(method, c.threshold, None, None, None, c.separation)
+        masks, cals = rb.method_masks(method, b.calibrations("experts"), None, None, None)
         truth, valid, ids = batch["mask"].numpy() > 0, batch["valid"].numpy().astype(bool), batch["instances"].numpy()
         for j, li in enumerate(batch["location"].tolist()):
             reader = prep.readers[refs[i[j]].scene]
             gsd = reader.target_gsd or reader.gsd
+            c = cals[j]  # as the expert that ran on the window was calibrated
             small = min_pixels(reader, c.min_area_m2)
             m = masks[j] & valid[j]
             raw, t = window_footprints(m, gsd, c.min_area_m2, None, valid[j]) if gsd else (None, None)
@@ -97,8 +98,8 @@ def main() -> None:
     f1 = pd.DataFrame({v: {loc: by_loc[(v, loc)].summary()["building_f1"] for loc in prep.locations}
                        for v in variants}).rename_axis("location")
     body = (f"Routed experts ({method}), {len(refs)} {a.split} windows, {len(fit)} outlines; footprints "
-            f"rasterised back onto each window and scored as the masks are (threshold {c.threshold:g}, smallest "
-            f"{c.min_area_m2:g} m2; squared by buildingregulariser at a tolerance / parallel-edge distance, "
+            f"rasterised back onto each window and scored as the masks are (each expert's calibrated threshold and "
+            f"smallest footprint; squared by buildingregulariser at a tolerance / parallel-edge distance, "
             f"and a guard). Median IoU of a squared outline with its mask's: "
             + ", ".join(f"{np.median(f) if len(f) else float('nan'):.3f} at {t:g} / {p:g} m" for (t, p), f in fits.items())
             + ".\n\n" + markdown_table(table)

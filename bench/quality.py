@@ -137,11 +137,12 @@ def dense_picture(bundle, prep, out: Path, routed_by: str) -> Path:
 
     squaring = Regularisation.of(bundle.config.predict)
 
-    def footprints(method: str, which: str) -> tuple[np.ndarray, list]:
+    rules = bundle.calibrations("experts")  # each network's calibration, as evaluate and predict use them
+
+    def footprints(method: str) -> tuple[np.ndarray, list]:
         """The mask as evaluate scores it, and the polygons a user gets of it (as rows and columns)."""
-        c = bundle.calibration(which)
-        m = rb.method_masks(method, c.threshold, none, None, separation=c.separation)[0]
-        m = m & valid
+        masks, cals = rb.method_masks(method, rules, none, None)
+        m, c = masks[0] & valid, cals[0]
         scored, gsd = drop_small(m, min_pixels(px_of, c.min_area_m2), ~valid), px_of.target_gsd or px_of.gsd
         if not gsd:
             return scored, []
@@ -149,7 +150,7 @@ def dense_picture(bundle, prep, out: Path, routed_by: str) -> Path:
         rings = [np.asarray(p.exterior.coords) for g in gdf.geometry for p in getattr(g, "geoms", [g])]
         return scored, [np.c_[~t * (r[:, 0], r[:, 1])] for r in rings]  # back to columns and rows
 
-    routed, single = footprints(routed_by, "experts"), footprints("single", "single")
+    routed, single = footprints(routed_by), footprints("single")
     truth = d["mask"].numpy() > 0
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
     rgb = d["image"].permute(1, 2, 0).numpy()
@@ -244,6 +245,8 @@ def main() -> None:
     pic = dense_picture(main_bundle, prep, Path("docs") / f"{a.results}_dense_test_area.png", routed_by)
     # threshold, separation and smallest footprint as chosen on the validation windows (pipelines/calibrate.py)
     calib = {w: main_bundle.calibration(w).as_dict() for w in ("experts", "single")}
+    calib |= {f"expert {i}": c for i, c in enumerate((main_bundle.manifest.get("calibration") or {}).get("each_expert")
+                                                     or [])}
     times = json.loads((a.out / "times.json").read_text())
     minutes = sum(times.values()) / 60
 
@@ -268,7 +271,8 @@ def main() -> None:
         md.append(f"**What became of the test split's true buildings** ({ERRORS_LEGEND})\n\n" + markdown_table(errors))
     for name, r in routing.items():
         md.append(f"**{name}: embedding routing, test tiles per expert**\n\n" + markdown_table(r))
-    md.append("Footprints chosen on the validation windows (never the test split): " + "; ".join(
+    md.append("Footprints chosen on the validation windows (never the test split; experts: the shared choice, then "
+              "each expert's own, which prediction and evaluation use): " + "; ".join(
         f"{w}: threshold {c['threshold']:g}, seeds {c['separation']['seed_threshold']:g} / "
         f"{c['separation']['seed_distance']:g} px, smallest {c['min_area_m2']:g} m2" for w, c in calib.items()) + ".")
     md.append(f"Targets (k = {cfg.regions.k}, `predict.routing: {cfg.predict.routing}`): " + targets_line(targets))

@@ -190,13 +190,27 @@ class Bundle:
     def calibration(self, model: str = "experts"):
         """How ``model``'s probabilities become footprints (geomoe.pipelines.calibrate.Calibration): "experts" (what
         prediction uses) or "single" (the single network's own choice on validation, else the experts')."""
-        from geomoe.pipelines.calibrate import Calibration
+        from geomoe.pipelines.calibration import Calibration
 
         own = (self.manifest.get("calibration") or {}).get(model) if model == "single" else None
         if own:
             return Calibration.from_dict(own)
         # the experts' choice is the manifest's threshold and separation and the (calibrated) config's smallest area
         return Calibration(self.threshold, self.separation, self.config.predict.min_area_m2)
+
+    def calibrations(self, use: str = "experts"):
+        """How each network's outputs become footprints (geomoe.pipelines.calibrate.Calibrations), by the id
+        prediction gives it: each expert its own where the bundle chose one per expert (else the experts' shared
+        choice), the single network (id k) its own, the generalist (k + 1) the experts' shared choice. ``use``
+        "single" or "generalist": that network runs everywhere, so its calibration is the default."""
+        from geomoe.pipelines.calibration import Calibration, Calibrations
+
+        shared, single = self.calibration("experts"), self.calibration("single")
+        each = (self.manifest.get("calibration") or {}).get("each_expert") or []
+        by_id = {i: Calibration.from_dict(d) for i, d in enumerate(each[:self.k])}
+        by_id[self.k] = single
+        default = {"single": single, "generalist": shared}.get(use, shared)
+        return Calibrations(default, {} if use in ("single", "generalist") else by_id)
 
     @property
     def gsd(self) -> float | None:

@@ -133,6 +133,12 @@ class ExpertConfig(_Strict):
                                          "left out of training it lifted every network on the unseen place (routed "
                                          "+4 and +28 validation IoU points) at a cost of 1.1 to 1.4 on the places "
                                          "trained on (bench/RESULTS.md, sessions 21 and 22).")
+    calibration: Literal["each", "shared"] = Field(
+        "each", description="each: every expert gets its own threshold, watershed seeds and smallest footprint, "
+                            "chosen on the validation windows routed to it (the shared choice where they hold under "
+                            "100 true buildings); shared: one choice for all experts. Each: the medium bundle's "
+                            "validation building F1 0.229 -> 0.250, test 0.218 -> 0.240, merged buildings 283 -> 213 "
+                            "of 1390, test IoU -0.3 points (bench/RESULTS.md, session 24).")
     keep_start: bool = Field(
         True, description="A job that starts from a trained network also scores that start on its validation windows "
                           "and keeps it when no fine-tuned checkpoint beats it (choice on validation, never test).")

@@ -5,15 +5,17 @@ Three choices decide the footprints a user gets: the probability threshold, how 
 long and on what the experts trained) and the smallest footprint kept (undertrained experts leave specks that cost
 building F1). Every combination is scored by building F1 at IoU 0.5 on the validation windows: the routed experts'
 outputs for the experts, the single network's for the single network (so the baseline is not judged with the
-experts' choice). The experts' choice goes into the bundle's manifest, which ``predict`` and ``evaluate`` use; the
-single network's is used by ``evaluate`` for its row.
+experts' choice). The experts' shared choice goes into the bundle's manifest; with ``experts.calibration: each``
+(the default) each expert also gets its own, scored on the validation windows routed to it: a region's resolution
+and buildings set where its seeds belong (12 pixels inside a roof is 1.6 m at 0.13 m, 6.5 m at 0.54 m). ``predict``
+and ``evaluate`` cut each pixel as the network that ran there chose (:class:`Calibrations`).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ from geomoe.config import load_config
 from geomoe.data.datasets import GridDataset, Prepared
 from geomoe.metrics import match_by_size, truth_instances
 from geomoe.pipelines.evaluate import _channels, min_pixels, route_windows
+from geomoe.pipelines.calibration import Calibration
 from geomoe.pipelines.instances import Separation, footprint_mask
 
 log = logging.getLogger(__name__)
@@ -36,26 +39,9 @@ log = logging.getLogger(__name__)
 SEPARATIONS = tuple(Separation(s, d) for s in (0.5, 0.3, 0.2) for d in (0.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0))
 THRESHOLD_STEPS = (0.0, -0.1, 0.1)  # around the configured threshold
 AREA_FACTORS = (1.0, 2.0, 4.0, 8.0)  # times the configured smallest footprint (4 m2 -> 8, 16, 32 m2: sheds, not specks)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """How one model's probabilities become footprints."""
-
-    threshold: float
-    separation: Separation
-    min_area_m2: float
-
-    def key(self) -> str:
-        return f"t{self.threshold:g}/s{self.separation.seed_threshold:g}/d{self.separation.seed_distance:g}" \
-               f"/a{self.min_area_m2:g}"
-
-    def as_dict(self) -> dict:
-        return {"threshold": self.threshold, "separation": asdict(self.separation), "min_area_m2": self.min_area_m2}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Calibration":
-        return cls(float(d["threshold"]), Separation(**d["separation"]), float(d["min_area_m2"]))
+# an expert whose validation windows hold fewer true buildings keeps the shared choice: too few to choose among
+# 250 candidates
+MIN_BUILDINGS = 100
 
 
 def candidates(threshold: float, min_area_m2: float, instances: bool = True) -> list[Calibration]:
@@ -80,12 +66,21 @@ def _probs(bundle: Bundle, which: str, images: torch.Tensor, ids: np.ndarray) ->
     return out
 
 
-def validation_f1(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibration], which: str = "experts",
-                  batch_size: int = 8, progress: bool = True) -> list[float]:
-    """Building F1 at IoU 0.5 on ``refs`` of each candidate, scored window by window (no window's outputs are kept,
-    so memory does not grow with the validation set). ``which``: "experts" (routed) or "single"."""
+def f1_of(counts: np.ndarray) -> np.ndarray:
+    """Building F1 from (..., 3) counts of true positives, false positives and false negatives."""
+    tp, fp, fn = np.moveaxis(counts, -1, 0)
+    denom = 2 * tp + fp + fn
+    return np.divide(2 * tp, denom, out=np.zeros(denom.shape), where=denom > 0)
+
+
+def validation_counts(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibration], which: str = "experts",
+                      batch_size: int = 8, progress: bool = True) -> np.ndarray:
+    """(groups, candidates, 3) counts of matched, false and missed buildings on ``refs`` for each candidate,
+    scored window by window (no window's outputs are kept, so memory does not grow with the validation set).
+    ``which``: "experts" (routed as prediction routes by default, smoothed; a group per expert) or "single" (one
+    group)."""
     routes = route_windows(bundle, prep, refs, batch_size, progress=False) if which == "experts" else None
-    counts = np.zeros((len(cands), 3), np.int64)  # TP, FP, FN
+    counts = np.zeros((bundle.k if routes is not None else 1, len(cands), 3), np.int64)  # TP, FP, FN
     areas = sorted({c.min_area_m2 for c in cands})
     cuts = {(c.threshold, c.separation) for c in cands}
     index = {(c.threshold, c.separation, c.min_area_m2): n for n, c in enumerate(cands)}
@@ -93,30 +88,52 @@ def validation_f1(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibr
     for b in tqdm(DataLoader(GridDataset(prep, refs), batch_size=batch_size), unit="batch", disable=not progress,
                   desc=f"calibrating footprints ({which})"):
         i = b["index"].numpy()
-        probs = _probs(bundle, which, b["image"], routes.ids[i] if routes is not None else i)
+        group = routes.smoothed[i] if routes is not None else np.zeros(len(i), np.int64)
+        probs = _probs(bundle, which, b["image"], group)
         truth, valid, ids = b["mask"].numpy() > 0, b["valid"].numpy().astype(bool), b["instances"].numpy()
         for j, k in enumerate(i):
             t = truth_instances(truth[j] & valid[j], ids[j])
             px = tuple(min_pixels(prep.readers[refs[k].scene], a) for a in areas)
             for th, sep in cuts:  # one watershed and one labelling per threshold and separation; areas filter it
-                counts[rows[(th, sep)]] += match_by_size(footprint_mask(probs[j], th, sep) & valid[j], t, px,
-                                                          void=~valid[j])
-    tp, fp, fn = counts.T
-    denom = 2 * tp + fp + fn
-    return [float(2 * a / d) if d else 0.0 for a, d in zip(tp, denom)]
+                counts[group[j], rows[(th, sep)]] += match_by_size(footprint_mask(probs[j], th, sep) & valid[j], t,
+                                                                    px, void=~valid[j])
+    return counts
 
 
-def choose(bundle: Bundle, prep: Prepared, refs: list, which: str, progress: bool) -> tuple[Calibration, dict]:
-    """The best candidate for ``which`` and every candidate's validation F1."""
+def validation_f1(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibration], which: str = "experts",
+                  batch_size: int = 8, progress: bool = True) -> list[float]:
+    """Building F1 at IoU 0.5 on ``refs`` of each candidate, all groups together (:func:`validation_counts`)."""
+    return f1_of(validation_counts(bundle, prep, refs, cands, which, batch_size, progress).sum(0)).tolist()
+
+
+def _describe(c: Calibration) -> str:
+    return (f"threshold {c.threshold:.2f}, seeds {c.separation.seed_threshold:.2f} / {c.separation.seed_distance:.0f} "
+            f"px, smallest {c.min_area_m2:g} m2")
+
+
+def choose(bundle: Bundle, prep: Prepared, refs: list, which: str, progress: bool
+           ) -> tuple[Calibration, dict, list[dict]]:
+    """The best candidate for ``which``, every candidate's validation F1, and for the experts each one's own choice
+    (the shared one where its windows hold fewer than :data:`MIN_BUILDINGS` true buildings) with its figures."""
     cfg = load_config(BundlePaths(bundle.root).config)  # as trained, not as calibrated before
     model = bundle.baseline if which == "single" else bundle.experts[0]
     cands = candidates(cfg.experts.threshold, cfg.predict.min_area_m2, instances=model.classes >= 3)
-    scores = validation_f1(bundle, prep, refs, cands, which, progress=progress)
-    best = cands[int(np.argmax(scores))]  # the first of equals: the configured values stay on a tie
-    log.info("%s: footprints from threshold %.2f, seeds %.2f / %.0f px, smallest %g m2: validation building F1 "
-             "%.4f (configured values %.4f)", which, best.threshold, best.separation.seed_threshold,
-             best.separation.seed_distance, best.min_area_m2, max(scores), scores[0])
-    return best, {c.key(): round(f, 4) for c, f in zip(cands, scores)}
+    counts = validation_counts(bundle, prep, refs, cands, which, progress=progress)
+    scores = f1_of(counts.sum(0))
+    g = int(np.argmax(scores))  # the first of equals: the configured values stay on a tie
+    best = cands[g]
+    log.info("%s: footprints from %s: validation building F1 %.4f (configured values %.4f)", which, _describe(best),
+             scores[g], scores[0])
+    each = []
+    if which == "experts":
+        for e, c in enumerate(counts):
+            own, buildings = f1_of(c), int(c[0, 0] + c[0, 2])  # true buildings: matched + missed
+            pick = int(np.argmax(own)) if buildings >= MIN_BUILDINGS else g
+            each.append({**cands[pick].as_dict(), "validation_buildings": buildings,
+                         "validation_f1": round(float(own[pick]), 4), "shared_validation_f1": round(float(own[g]), 4)})
+            log.info("expert %d: footprints from %s: validation building F1 %.4f on %d true buildings (shared choice "
+                     "%.4f)", e, _describe(cands[pick]), own[pick], buildings, own[g])
+    return best, {c.key(): round(float(f), 4) for c, f in zip(cands, scores)}, each
 
 
 def calibrate(bundle: Bundle, prep: Prepared, progress: bool = True) -> Calibration | None:
@@ -126,12 +143,14 @@ def calibrate(bundle: Bundle, prep: Prepared, progress: bool = True) -> Calibrat
     if not refs:
         log.warning("no validation windows: threshold, separation and smallest footprint left as configured")
         return None
-    best, tried = choose(bundle, prep, refs, "experts", progress)
+    best, tried, each = choose(bundle, prep, refs, "experts", progress)
     m = bundle.manifest
     m.update(threshold=best.threshold, separation=asdict(best.separation), min_area_m2=best.min_area_m2)
-    m["calibration"] = {"experts": {"validation_f1": tried}}  # the choice itself is the fields above
+    m["calibration"] = {"experts": {"validation_f1": tried}}  # the shared choice itself is the fields above
+    if bundle.config.experts.calibration == "each":
+        m["calibration"]["each_expert"] = each
     if bundle.baseline is not None:
-        single, tried = choose(bundle, prep, refs, "single", progress)
+        single, tried, _ = choose(bundle, prep, refs, "single", progress)
         m["calibration"]["single"] = {**single.as_dict(), "validation_f1": tried}
     m.pop("separation_validation_f1", None)  # written by earlier versions
     save_manifest(bundle.root, m)

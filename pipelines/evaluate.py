@@ -19,6 +19,7 @@ from geomoe.embedding.model import embed_batches
 from geomoe.experts.model import predict_channels
 from geomoe.metrics import ERRORS, ERRORS_LEGEND, Scores
 from geomoe.data.sampling import space_of, world_box
+from geomoe.pipelines.calibration import Calibration, Calibrations
 from geomoe.pipelines.footprints import as_delivered
 from geomoe.pipelines.regularise import Regularisation
 from geomoe.router.routing import OracleRouter, RandomRouter
@@ -105,19 +106,36 @@ class RoutedBatch:
         """The building probability (N, H, W) that ``method`` gives each tile."""
         return self._select(self.probs, self.baseline, self.generalist, method, random_ids, oracle_ids, best_ids)
 
-    def method_masks(self, method: str, threshold: float, random_ids: np.ndarray, oracle_ids: np.ndarray | None,
-                     best_ids: np.ndarray | None = None, separation=None) -> np.ndarray | None:
-        """Building masks (N, H, W); separated into instances (one-pixel cuts) where the experts give aux channels."""
+    def method_ids(self, method: str, random_ids: np.ndarray, oracle_ids: np.ndarray | None,
+                   best_ids: np.ndarray | None = None) -> np.ndarray | None:
+        """Per tile, the network whose output ``method`` gives it, by the ids prediction uses (experts 0..k-1, k the
+        single network, k + 1 the generalist; soft: the nearest of the experts it blends)."""
+        k, n = self.probs.shape[0], len(self.embedding)
+        if method in ("single", "generalist"):
+            return np.full(n, k if method == "single" else k + 1)
+        if method == "fallback":
+            if self.smoothed is None:
+                return None
+            return np.where(self.unfamiliar, k, self.smoothed) if self.unfamiliar is not None else self.smoothed
+        ids = {"embedding": self.embedding, "smoothed": self.smoothed, "random": random_ids,
+               "location_oracle": oracle_ids, "best_expert": best_ids, "soft": self.soft_ids[:, 0]}
+        return ids[method]
+
+    def method_masks(self, method: str, rules: Calibrations, random_ids: np.ndarray, oracle_ids: np.ndarray | None,
+                     best_ids: np.ndarray | None = None) -> tuple[np.ndarray, list[Calibration]] | None:
+        """Building masks (N, H, W), each cut as the network that gave it is calibrated in ``rules`` (separated
+        into instances, one-pixel cuts, where the experts give aux channels), and those calibrations."""
         p = self.method_probs(method, random_ids, oracle_ids, best_ids)
         if p is None:
             return None
+        cals = [rules.of(i) for i in self.method_ids(method, random_ids, oracle_ids, best_ids)]
         aux = self._select(self.aux, self.baseline_aux, self.generalist_aux, method, random_ids, oracle_ids, best_ids)
         if aux is None:
-            return (p >= threshold).numpy()
+            return np.stack([(q >= c.threshold).numpy() for q, c in zip(p, cals)]), cals
         from geomoe.pipelines.instances import separate
 
         full = torch.cat([p[:, None], aux], 1).numpy()
-        return np.stack([separate(f, threshold, separation) for f in full])
+        return np.stack([separate(f, c.threshold, c.separation) for f, c in zip(full, cals)]), cals
 
 
 def _channels(model, images: torch.Tensor, device: torch.device,
@@ -264,8 +282,8 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
     oracle = OracleRouter(bundle.region_of_location) if set(prep.locations) <= known else None
     rand = RandomRouter(bundle.k, seed)
     routes = route_windows(bundle, prep, refs, batch_size, progress)
-    # threshold, separation and smallest footprint as chosen on validation, the single network's its own
-    calib = {"experts": bundle.calibration("experts"), "single": bundle.calibration("single")}
+    # threshold, separation and smallest footprint as chosen on validation: each expert's, the single network's own
+    rules = bundle.calibrations("experts")
     methods = [m for m in METHODS if not (m in ("single", "fallback") and bundle.baseline is None)
                and not (m == "generalist" and bundle.generalist is None)
                and not (m == "location_oracle" and oracle is None)]
@@ -290,9 +308,9 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
         truth, valid, ids = b["mask"].numpy() > 0, b["valid"].numpy(), b["instances"].numpy()
         bids = rb.best_expert(truth, valid, bundle.threshold)
         for m in methods:
-            c = calib["single" if m == "single" else "experts"]
-            pred = rb.method_masks(m, c.threshold, rids, oids, bids, c.separation)
+            pred, cals = rb.method_masks(m, rules, rids, oids, bids)
             for j, loc in enumerate(locs):
+                c = cals[j]
                 reader = prep.readers[refs[i[j]].scene]
                 small = min_pixels(reader, c.min_area_m2)
                 scores[(m, loc)].update(pred[j], truth[j], valid[j], min_pixels=small, truth_ids=ids[j])

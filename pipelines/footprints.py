@@ -28,6 +28,7 @@ from shapely.affinity import affine_transform
 from shapely.geometry import shape
 
 from geomoe.metrics import held_size, touch_void
+from geomoe.pipelines.calibration import Calibrations
 from geomoe.pipelines.pool import submit
 from geomoe.pipelines.regularise import MIN_CHUNK, Regularisation, balanced_chunks, regularise
 
@@ -204,6 +205,18 @@ class FrameSpec:
     regularize: Regularisation | None  # None: outlines as polygonised
     area_crs: CRS | None = None  # areas are measured here (the scene's UTM zone; None: the batch's, or no CRS)
     size: tuple[int, int] | None = None  # the scene's (width, height) in pixels: its edge cuts buildings
+    rules: Calibrations | None = None  # each network's own smallest footprint, by its id (None: min_area_m2)
+
+    def min_areas(self, ran: np.ndarray) -> np.ndarray | float:
+        """The smallest footprint (m2) of footprints made by networks ``ran``."""
+        return self.min_area_m2 if self.rules is None else self.rules.min_area(ran)
+
+    @property
+    def least_area(self) -> float:
+        """The smallest of the smallest footprints (what no footprint can be under)."""
+        if self.rules is None:
+            return self.min_area_m2
+        return min([self.rules.default.min_area_m2, *(c.min_area_m2 for c in self.rules.by_id.values())])
 
 
 def scene_area_crs(crs: CRS | None, transform: Affine, width: int, height: int) -> CRS | None:
@@ -241,9 +254,11 @@ def footprint_chunk(frame: gpd.GeoDataFrame, spec: FrameSpec) -> gpd.GeoDataFram
         work, unit, scale = (gdf.to_crs(spec.area_crs) if len(gdf) else gdf), 1.0, 1.0
     work["area_m2"] = work.geometry.area * scale
     # a piece on the scene's edge may be a building the scene cuts, of any size: held against a quarter of the area
-    work = work[held_size(work.area_m2.to_numpy(), work.at_edge.to_numpy()) >= spec.min_area_m2]
+    least = spec.min_areas(work.expert.to_numpy())  # as the network under each footprint was calibrated
+    keep = held_size(work.area_m2.to_numpy(), work.at_edge.to_numpy()) >= least
+    work, least = work[keep], (least[keep] if isinstance(least, np.ndarray) else least)
     if len(work):  # pinholes are noise in a roof, not courtyards; they also cost the regulariser most of its time
-        work[work.geometry.name] = fill_holes(work.geometry.to_numpy(), spec.min_area_m2 / scale)
+        work[work.geometry.name] = fill_holes(work.geometry.to_numpy(), least / scale)
     if spec.regularize is not None and len(work):
         try:
             work = regularise(work, *spec.regularize.in_units(gsd, unit), spec.regularize.diagonals,
@@ -297,7 +312,7 @@ def start_frame(pieces: list[Piece], spec: FrameSpec, expert_at: ExpertAt | None
     ``at_edge``."""
     geoms = np.array([p.geom for p in pieces], dtype=object)
     edge = on_edge(geoms, spec.size) | np.array([p.cut for p in pieces], bool)
-    keep = _not_specks(pieces, spec.gsd, spec.min_area_m2, edge)
+    keep = _not_specks(pieces, spec.gsd, spec.least_area, edge)
     pieces, geoms, edge = [p for p, k in zip(pieces, keep) if k], geoms[keep], edge[keep]
     cent = shapely.get_coordinates(shapely.centroid(geoms)) if len(pieces) else np.zeros((0, 2))
     experts = expert_at(cent[:, 0], cent[:, 1]) if expert_at is not None and len(pieces) else np.zeros(len(pieces))
@@ -343,21 +358,22 @@ def pieces_to_frame(pieces: list[Piece], spec: FrameSpec, expert_at: ExpertAt | 
     return start_frame(pieces, spec, expert_at, workers).result()
 
 
-def fill_holes(geoms: np.ndarray, min_area: float) -> np.ndarray:
-    """Polygons (and multipolygons' parts) without their holes smaller than ``min_area`` (in the geometries' units):
-    a building's holes under the smallest building kept are gaps in the mask, and each costs the regulariser as
-    much as a small building."""
+def fill_holes(geoms: np.ndarray, min_area: float | np.ndarray) -> np.ndarray:
+    """Polygons (and multipolygons' parts) without their holes smaller than ``min_area`` (in the geometries' units;
+    one value, or one per polygon): a building's holes under the smallest building kept are gaps in the mask, and
+    each costs the regulariser as much as a small building."""
 
-    def fill(g: shapely.Polygon) -> shapely.Polygon:
-        keep = [r for r in g.interiors if shapely.area(shapely.Polygon(r)) >= min_area]
+    def fill(g: shapely.Polygon, least: float) -> shapely.Polygon:
+        keep = [r for r in g.interiors if shapely.area(shapely.Polygon(r)) >= least]
         return g if len(keep) == len(g.interiors) else shapely.Polygon(g.exterior, keep)
 
     out = geoms.copy()
+    least = np.broadcast_to(np.asarray(min_area, float), geoms.shape)
     for i, g in enumerate(geoms):
         if g.geom_type == "Polygon" and len(g.interiors):
-            out[i] = fill(g)
+            out[i] = fill(g, least[i])
         elif g.geom_type == "MultiPolygon" and any(len(q.interiors) for q in g.geoms):
-            out[i] = shapely.MultiPolygon([fill(q) for q in g.geoms])
+            out[i] = shapely.MultiPolygon([fill(q, least[i]) for q in g.geoms])
     return out
 
 

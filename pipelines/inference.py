@@ -74,7 +74,10 @@ class BundleModel:
         self.channels = 3 if all(e.classes >= 3 for e in bundle.experts) else 1
         # threshold, watershed seeds and smallest footprint: the single network's as calibrated on its own
         # validation outputs, the experts' for the experts and the generalist they were fine-tuned from
-        self.calibration = bundle.calibration("single" if use == "single" else "experts")
+        # (``calibrations``: each network's own, by the id prediction gives it: each expert as chosen on the
+        # validation windows routed to it)
+        self.calibrations = bundle.calibrations(use)
+        self.calibration = self.calibrations.default
         self.separation = self.calibration.separation
         self.use_alpha = bundle.config.data.alpha == "mask"  # as in training
         self.bands, self.bit_depth = bundle.config.data.bands, bundle.config.data.bit_depth

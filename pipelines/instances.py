@@ -21,26 +21,34 @@ class Separation:
     """How touching buildings are cut apart. Seeds are building pixels whose boundary probability is under
     ``seed_threshold`` (and contact under half of it); with ``seed_distance`` only the pixels at least that many
     pixels inside such a region stay seeds, so roofs joined by a neck the boundary channel misses still get a seed
-    each. Chosen per bundle on its validation windows (``pipelines/calibrate.py``)."""
+    each. Chosen per bundle on its validation windows (``pipelines/calibrate.py``), one per expert. Either may be
+    an array of the probabilities' (H, W): each pixel then is cut as the expert that ran there chose
+    (:meth:`geomoe.pipelines.calibrate.Calibrations.at`)."""
 
-    seed_threshold: float = 0.5
-    seed_distance: float = 0.0
+    seed_threshold: float | np.ndarray = 0.5
+    seed_distance: float | np.ndarray = 0.0
+
+    def columns(self, a: int, b: int) -> "Separation":
+        """The separation of columns [a, b) of a band (per-pixel values sliced, single values kept)."""
+        return Separation(*(v[:, a:b] if isinstance(v, np.ndarray) else v
+                            for v in (self.seed_threshold, self.seed_distance)))
 
 
-def building_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
-    """The pixels instances are made of: building, and not in a contact zone."""
+def building_mask(prob: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
+    """The pixels instances are made of: building, and not in a contact zone (``threshold``: one value, or one per
+    pixel)."""
     return (prob[0] >= threshold) & (prob[2] < 0.5)
 
 
-def instance_labels(prob: np.ndarray, threshold: float = 0.5, separation: Separation | None = None,
+def instance_labels(prob: np.ndarray, threshold: float | np.ndarray = 0.5, separation: Separation | None = None,
                     min_seed_pixels: int = 4) -> np.ndarray:
     """Instance labels (H, W) int32 from ``prob`` (3, H, W): building, boundary, contact probabilities."""
     sep = separation or Separation()
     building, boundary, contact = prob[0], prob[1], prob[2]
     mask = building_mask(prob, threshold)
     seeds = mask & (boundary < sep.seed_threshold) & (contact < sep.seed_threshold * 0.5)
-    if sep.seed_distance > 0:
-        seeds = ndimage.distance_transform_edt(seeds) >= sep.seed_distance
+    if np.any(sep.seed_distance > 0):  # a seed keeps its pixels that far inside (a distance of 0 keeps them all)
+        seeds &= ndimage.distance_transform_edt(seeds) >= sep.seed_distance
     markers, n = ndimage.label(seeds)
     comps, n_comps = ndimage.label(mask)
     if n == 0:
@@ -81,7 +89,7 @@ def separated_mask(labels: np.ndarray) -> np.ndarray:
     return m & ~cut
 
 
-def separate(prob: np.ndarray, threshold: float = 0.5, separation: Separation | None = None,
+def separate(prob: np.ndarray, threshold: float | np.ndarray = 0.5, separation: Separation | None = None,
              chunk: int = 1024) -> np.ndarray:
     """``separated_mask(instance_labels(prob, ...))`` worked out in column chunks of about ``chunk`` pixels, so a
     band thousands of pixels wide costs the watershed's memory for ``chunk`` columns only.
@@ -95,17 +103,20 @@ def separate(prob: np.ndarray, threshold: float = 0.5, separation: Separation | 
         return separated_mask(instance_labels(prob, threshold, separation))
     empty = np.flatnonzero(~building_mask(prob, threshold).any(axis=0))
     out = np.zeros(prob.shape[1:], bool)
+    sep = separation or Separation()
     a = 0
     while True:
         nxt = empty[np.searchsorted(empty, a + chunk):]  # the first empty column at least ``chunk`` further on
         b = int(nxt[0]) + 1 if len(nxt) else width  # that column stays in this chunk (and starts the next)
-        out[:, a:b] = separated_mask(instance_labels(prob[:, :, a:b], threshold, separation))
+        th = threshold[:, a:b] if isinstance(threshold, np.ndarray) else threshold
+        out[:, a:b] = separated_mask(instance_labels(prob[:, :, a:b], th, sep.columns(a, b)))
         if b >= width:
             return out
         a = b - 1
 
 
-def footprint_mask(prob: np.ndarray, threshold: float, separation: Separation | None = None) -> np.ndarray:
+def footprint_mask(prob: np.ndarray, threshold: float | np.ndarray,
+                   separation: Separation | None = None) -> np.ndarray:
     """The building mask footprints come from, for a model's (C, H, W) probabilities: cut between touching
     buildings where the model has boundary and contact channels, the thresholded building channel where not."""
     return separate(prob, threshold, separation) if len(prob) >= 3 else prob[0] >= threshold

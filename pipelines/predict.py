@@ -31,11 +31,13 @@ from tqdm import tqdm
 from geomoe import interrupt
 from geomoe.config import PredictConfig
 from geomoe.pipelines.background import Consumer
+from geomoe.pipelines.calibration import Calibration, Calibrations
 from geomoe.pipelines.inference import (InlineSmoothing, RoutingLayer, TileModel, predict_batches, route_row,
                                         route_scene)
 from geomoe.pipelines.outputs import (InputResult, Outputs, Provenance, RunRequest, RunStats, expand_inputs,
                                       is_complete, output_names, outputs_for, write_run_summary, write_scene_summary)
 from geomoe.pipelines.footprints import Piece
+from geomoe.pipelines.instances import Separation
 from geomoe.pipelines.tile_source import TileSource, open_tiles
 from geomoe.pipelines.tiling import BandBlender, TileGrid
 from geomoe.pipelines.writers import OUT_BLOCK, Band, BandWriter, SceneWriters, write_routing
@@ -121,6 +123,17 @@ class RowSpan:
         return max(self.a - 1, 0)
 
 
+def footprint_rules(model: TileModel, req: RunRequest) -> Calibrations:
+    """How each network's outputs become footprints in this run: the model's calibrations (a bundle's: each expert
+    its own), with the request's smallest footprint for all where it is not the model's (``--min-area``); a plain
+    TileModel: the request's threshold and smallest footprint, its separation or the defaults."""
+    own = getattr(model, "calibrations", None)
+    if own is None:
+        return Calibrations(Calibration(req.threshold, getattr(model, "separation", None) or Separation(),
+                                        req.cfg.min_area_m2))
+    return own if own.default.min_area_m2 == req.cfg.min_area_m2 else own.with_min_area(req.cfg.min_area_m2)
+
+
 def cell_index(grid: TileGrid) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """(cols, rows) of pixels -> (tile column, tile row) of the cell each pixel falls in."""
     ex, ey = grid.cell_edges("x"), grid.cell_edges("y")
@@ -141,8 +154,9 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, req: RunRequ
     cfg = req.cfg
     grid, readers = tiles.grid, reader_threads(cfg, model)
     cells = cell_index(grid)
-    # the bundle's calibrated separation of touching buildings (a plain TileModel: the defaults)
-    band_writer = BandWriter(writers, grid.width, req.threshold, emit, getattr(model, "separation", None))
+    # thresholds and watershed seeds as calibrated for the network that ran at each pixel
+    rules = footprint_rules(model, req)
+    band_writer = BandWriter(writers, grid.width, rules, emit)
     # one band written while the model works on the next tile row: each band is a tile row x width (tens of MB for
     # a wide raster), and one more waiting would only hold a copy of it whenever the model is the slower
     consumer = Consumer(band_writer, depth=0, threaded=cfg.write_behind)
@@ -153,11 +167,15 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, req: RunRequ
         if lo >= hi:
             return
         prob, valid = prob[:, lo - row0:hi - row0], valid[lo - row0:hi - row0].copy()
-        if cfg.unfamiliar == "skip" and (layer.ran == -2).any():  # tiles skipped as unfamiliar: nodata cells
+        skipped = cfg.unfamiliar == "skip" and (layer.ran == -2).any()
+        ran = None
+        if skipped or not rules.uniform:  # what ran at each pixel: its cell's network
             cx, cy = cells(np.arange(grid.width), np.arange(lo, hi))
-            valid &= layer.ran[cy][:, cx] != -2
+            ran = layer.ran[cy][:, cx]
+        if skipped:  # tiles skipped as unfamiliar: nodata cells
+            valid &= ran != -2
         # copied (the blender reuses its band) only once the writer has room for it
-        consumer.put_made(lambda: Band(lo - span.y0, prob.copy(), valid))
+        consumer.put_made(lambda: Band(lo - span.y0, prob.copy(), valid, None if rules.uniform else ran))
 
     channels = getattr(model, "channels", 1)
     # the watershed must see whole buildings: instance outputs are flushed a tile row at a time, not in strips
@@ -215,7 +233,7 @@ def _run_scene(model: TileModel, tiles: TileSource, outs: Outputs, req: RunReque
         ix, iy = cells(cols, rows)
         return layer.ran[iy, ix]
 
-    writers = SceneWriters(ds, outs, tiles.gsd, cfg, expert_at)
+    writers = SceneWriters(ds, outs, tiles.gsd, cfg, expert_at, footprint_rules(model, req))
     try:
         stats = stream_rows(model, tiles, RowSpan.whole(grid), req, layer, writers, progress)
         write_routing(outs.routing, grid, layer, ds, getattr(model, "run_names", {}))

@@ -26,11 +26,12 @@ from rasterio.windows import Window
 from shapely.affinity import translate
 from shapely.geometry import box
 
+from geomoe.pipelines.calibration import Calibrations
 from geomoe.pipelines.footprints import Piece, _UnionFind, scene_area_crs
 from geomoe.pipelines.inference import RoutingLayer, TileModel
 from geomoe.pipelines.outputs import (InputResult, Outputs, Provenance, RunRequest, RunStats, outputs_for,
                                       write_scene_summary)
-from geomoe.pipelines.predict import RowSpan, cell_index, stream_rows
+from geomoe.pipelines.predict import RowSpan, cell_index, footprint_rules, stream_rows
 from geomoe.pipelines.tile_source import open_tiles
 from geomoe.pipelines.tiling import TileGrid
 from geomoe.pipelines.writers import NODATA, SceneWriters, write_routing
@@ -61,6 +62,7 @@ class StripResult:
     target: float | None = None
     run_names: dict[int, str] = field(default_factory=dict)  # the networks beyond the experts (routing layer)
     footprints_written: int = 0
+    rules: Calibrations | None = None  # how each network's outputs became footprints (the joined pieces' too)
 
 
 @dataclass
@@ -103,7 +105,8 @@ def predict_strip(model: TileModel, strip: Strip, req: RunRequest) -> StripResul
 
             outs = Outputs(Path(f"{base}_prob.tif"), Path(f"{base}_mask.tif"), Path(f"{base}_routing.gpkg"),
                            Path(f"{base}_footprints.gpkg"), None, Path(f"{base}_summary.json"))
-            writers = SceneWriters(view, outs, tiles.gsd, cfg, expert_at)  # part rasters: the strip's rows only
+            rules = footprint_rules(model, req)
+            writers = SceneWriters(view, outs, tiles.gsd, cfg, expert_at, rules)  # part rasters: the strip's rows only
             # footprints in the scene's pixel grid (the whole run's coordinates), areas measured as the whole scene's,
             # and the scene's edge, not the strip's
             writers.spec = replace(writers.spec, transform=ds.transform, size=(ds.width, ds.height),
@@ -136,7 +139,7 @@ def predict_strip(model: TileModel, strip: Strip, req: RunRequest) -> StripResul
                        writers.vec_tmp if writers.vec_tmp.exists() else None, held,
                        {k: getattr(layer, k)[rows].copy() for k in ("experts", "distance", "unfamiliar", "ran")},
                        stats, (grid.width, grid.height, grid.tile, grid.overlap), tiles.gsd, tiles.model_gsd,
-                       getattr(model, "run_names", {}), writers.count)
+                       getattr(model, "run_names", {}), writers.count, rules)
 
 
 def _void_rows(r: StripResult) -> tuple[np.ndarray, np.ndarray]:
@@ -225,7 +228,7 @@ def merge_strips(results: list[StripResult], out: Path, req: RunRequest, made_by
     out.mkdir(parents=True, exist_ok=True)
     with open_raster(src) as ds:
         outs = outputs_for(src, out, geojson=ds.crs is not None, name=name, parquet=cfg.geoparquet)
-        writers = SceneWriters(ds, outs, first.gsd, cfg, expert_at)
+        writers = SceneWriters(ds, outs, first.gsd, cfg, expert_at, first.rules)
         try:
             for r in results:
                 writers.copy_rows(r.prob, r.mask, r.strip.span.y0)

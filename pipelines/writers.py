@@ -18,11 +18,12 @@ from shapely.geometry import Polygon
 from geomoe.atomic import atomic_path, tmp_name
 from geomoe.config import PredictConfig
 from geomoe.pipelines.background import InOrder
+from geomoe.pipelines.calibration import Calibrations
 from geomoe.pipelines.footprints import (BandOutlines, FootprintCollector, FrameSpec, Piece, outline_band,
                                         scene_area_crs, start_frame)
 from geomoe.pipelines.geojson import gpkg_to_geojson
 from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
-from geomoe.pipelines.instances import Separation, footprint_mask
+from geomoe.pipelines.instances import footprint_mask
 from geomoe.pipelines.outputs import Outputs
 from geomoe.pipelines.pool import auto_workers, submit
 from geomoe.pipelines.regularise import MIN_CHUNK, Regularisation
@@ -48,7 +49,8 @@ def footprint_workers(cfg: PredictConfig) -> int:
 class SceneWriters:
     """The probability and mask GeoTIFFs (tiled, written window by window) and the footprint layer."""
 
-    def __init__(self, ds, outs: Outputs, gsd: float | None, cfg: PredictConfig, expert_at):
+    def __init__(self, ds, outs: Outputs, gsd: float | None, cfg: PredictConfig, expert_at,
+                 rules: Calibrations | None = None):
         self.workers = footprint_workers(cfg)
         # a machine with footprint workers has cores to spare: GDAL compresses the rasters' blocks on that many threads
         self.gdal_threads = str(max(1, self.workers))
@@ -63,8 +65,10 @@ class SceneWriters:
         self.vec_tmp.unlink(missing_ok=True)
         self.count = 0
         # how pieces become footprints; areas measured in the scene centre's UTM zone (once: a CRS query costs 0.2 s)
+        # (``rules``: each network's smallest footprint, held against the footprints it made)
         self.spec = FrameSpec(ds.transform, ds.crs, gsd, cfg.min_area_m2, Regularisation.of(cfg),
-                              scene_area_crs(ds.crs, ds.transform, ds.width, ds.height), (ds.width, ds.height))
+                              scene_area_crs(ds.crs, ds.transform, ds.width, ds.height), (ds.width, ds.height),
+                              None if rules is None or rules.uniform else rules)
         # batches whose footprint work runs in the pool while bands go on; written in order as they finish
         self.pending = InOrder(self.write_frame)
 
@@ -152,11 +156,13 @@ def write_routing(path: Path, grid: TileGrid, layer: "RoutingLayer", ds, names: 
 
 @dataclass
 class Band:
-    """Finished rows of a scene: blended probabilities (channels, n, width) and where the raster holds data."""
+    """Finished rows of a scene: blended probabilities (channels, n, width), where the raster holds data, and
+    which network ran at each pixel (None: one calibration covers the scene)."""
 
     row0: int
     prob: np.ndarray
     valid: np.ndarray
+    ran: np.ndarray | None = None
 
 
 @dataclass
@@ -170,11 +176,12 @@ class BandResult:
     outlines: BandOutlines
 
 
-def process_band(band: Band, threshold: float, separation: Separation | None) -> BandResult:
+def process_band(band: Band, rules: Calibrations) -> BandResult:
     """Everything one band needs that does not depend on the others: probability to uint8, the building mask
-    (with instance channels cut between touching buildings by the watershed; the cuts never fall on the band's
-    edges, so buildings still join across bands), and the outlines of its components. Pure, so it runs in a worker
-    process as well as in the writer's thread."""
+    (each pixel thresholded, and with instance channels cut between touching buildings by the watershed, as the
+    network that ran there was calibrated; the cuts never fall on the band's edges, so buildings still join across
+    bands), and the outlines of its components. Pure, so it runs in a worker process as well as in the writer's
+    thread."""
     prob, valid = band.prob, band.valid
     scaled = np.clip(prob[0], 0, 1)  # in place from here on: a band can be tens of thousands of pixels wide
     scaled *= 254
@@ -182,6 +189,7 @@ def process_band(band: Band, threshold: float, separation: Separation | None) ->
     p8 = scaled.astype(np.uint8)
     del scaled
     p8[~valid] = NODATA
+    threshold, separation = rules.at(band.ran)
     m = footprint_mask(prob, threshold, separation) & valid
     m8 = m.astype(np.uint8)
     m8[~valid] = NODATA
@@ -199,9 +207,9 @@ class BandWriter:
     ``workers`` bands are under way, so memory stays bounded.
     """
 
-    def __init__(self, writers: SceneWriters, width: int, threshold: float,
-                 emit: Callable[[list[Piece]], None] | None = None, separation: Separation | None = None):
-        self.writers, self.threshold, self.separation = writers, threshold, separation
+    def __init__(self, writers: SceneWriters, width: int, rules: Calibrations,
+                 emit: Callable[[list[Piece]], None] | None = None):
+        self.writers, self.rules = writers, rules
         # batches large enough for every worker to get a few chunks' worth (each batch is one append to the layers)
         w = self.workers = writers.workers
         self.collector = FootprintCollector(width, emit or writers.write_pieces, batch=max(1000, 2 * MIN_CHUNK * w))
@@ -209,9 +217,9 @@ class BandWriter:
 
     def __call__(self, band: Band) -> None:
         if self.workers <= 0:
-            self._write(process_band(band, self.threshold, self.separation))
+            self._write(process_band(band, self.rules))
             return
-        self.pending.add(submit(self.workers, process_band, band, self.threshold, self.separation), keep=self.workers)
+        self.pending.add(submit(self.workers, process_band, band, self.rules), keep=self.workers)
 
     def _write(self, r: BandResult) -> None:
         self.writers.write_band(r.row0, r.p8, r.m8)

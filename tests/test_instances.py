@@ -172,6 +172,84 @@ def test_separation_in_column_chunks_equals_the_whole_band():
                 assert np.array_equal(separate(prob, 0.5, sep, chunk=chunk), whole), (seed, sep, chunk)
 
 
+def test_each_expert_cuts_the_pixels_it_ran_on_as_it_was_calibrated():
+    """Per-pixel thresholds and seeds (each pixel as the expert that ran there chose) give, on each expert's part of
+    a band, exactly what that expert's own single values give there; one expert over the whole band needs no
+    per-pixel values at all."""
+    from geomoe.pipelines.calibration import Calibration, Calibrations
+    from geomoe.pipelines.instances import footprint_mask
+
+    prob = _wide_band_of_a_town(1)
+    prob[:, :, 449:452] = 0.0  # empty columns between the two experts' parts: nothing joins across them
+    ran = np.zeros(prob.shape[1:], np.int64)
+    ran[:, 450:] = 1
+    a, b = Calibration(0.5, Separation(0.5, 0.0), 4.0), Calibration(0.65, Separation(0.3, 4.0), 16.0)
+    rules = Calibrations(a, {0: a, 1: b})
+    th, sep = rules.at(ran)
+    assert th.shape == ran.shape and sep.seed_distance.shape == ran.shape
+    both = footprint_mask(prob, th, sep)
+    left, right = footprint_mask(prob, a.threshold, a.separation), footprint_mask(prob, b.threshold, b.separation)
+    assert np.array_equal(both[:, :450], left[:, :450]) and np.array_equal(both[:, 450:], right[:, 450:])
+    assert not np.array_equal(left[:, 450:], right[:, 450:])  # the two experts' choices do differ there
+    assert rules.at(np.ones_like(ran)) == (b.threshold, b.separation)  # one expert: its single values
+    assert list(rules.min_area(np.array([1, 0, 7]))) == [16.0, 4.0, 4.0]  # any other network: the default
+    assert not rules.uniform and Calibrations(a, {0: a}).uniform
+
+
+class _TwoExpertChannelModel:
+    """Reads building, boundary and contact from the image (R, G, B); tiles with faint roofs (R under 200) go to
+    expert 1, the rest to expert 0; ``calibrations`` as a bundle's model has them."""
+
+    tile_size = 64
+    gsd = None
+    channels = 3
+
+    def __init__(self, calibrations):
+        self.calibrations = calibrations
+
+    def route(self, tiles):
+        r = tiles[:, 0].reshape(len(tiles), -1)
+        faint = ((r > 100) & (r < 200)).any(1).long().numpy()
+        return faint[:, None], np.ones((len(tiles), 1), np.float32), np.zeros(len(tiles), np.float32)
+
+    def predict(self, expert, tiles):
+        return tiles.float() / 255.0
+
+
+def test_streaming_prediction_cuts_each_experts_tiles_with_its_own_calibration(tmp_path):
+    """Houses on the left, seen clearly, go to expert 0; houses on the right, seen faintly (0.6), to expert 1.
+    With expert 1's own threshold (0.7) or smallest footprint (500 m2) its houses are not footprints; with one
+    calibration for both they are; expert 0's houses stay whatever expert 1 chose, and each footprint records the
+    expert that made it."""
+    import geopandas as gpd
+    from rasterio.transform import from_origin
+
+    from geomoe.config import PredictConfig
+    from geomoe.data.synthetic import write_geotiff
+    from geomoe.pipelines.calibration import Calibration, Calibrations
+    from geomoe.pipelines.predict import predict_raster
+
+    label = np.zeros((128, 320), np.uint8)
+    label[20:50, 10:40] = label[70:100, 10:40] = 1  # two houses on the left
+    label[20:50, 250:280] = label[70:100, 250:280] = 1  # two on the right, 200 columns away
+    t = building_targets(label)
+    roof = np.where(np.arange(320) < 160, 0.95, 0.6)[None, :] * label
+    img = (np.stack([roof, t[1] * 0.9, t[2] * 0.9]) * 255).astype(np.uint8)
+    src = tmp_path / "houses.tif"
+    write_geotiff(src, img, "EPSG:32633", from_origin(500000, 4000000, 0.5, 0.5), None)
+    cfg = PredictConfig(tile_size=64, overlap=16, batch_size=4, min_area_m2=1.0, regularize=False)
+    a = Calibration(0.5, Separation(), 1.0)
+    cases = {"one": Calibrations(a), "threshold": Calibrations(a, {0: a, 1: Calibration(0.7, Separation(), 1.0)}),
+             "area": Calibrations(a, {0: a, 1: Calibration(0.5, Separation(), 500.0)})}
+    got = {}
+    for name, rules in cases.items():
+        outs, _ = predict_raster(_TwoExpertChannelModel(rules), src, tmp_path / name, cfg, 0.5, progress=False)
+        gdf = gpd.read_file(outs.footprints)
+        got[name] = sorted(gdf.expert.tolist())
+    assert got["one"] == [0, 0, 1, 1]
+    assert got["threshold"] == got["area"] == [0, 0]
+
+
 def test_instance_experts_train_and_evaluate_end_to_end(synth_root, tmp_path):
     from geomoe.bundle import load_bundle
     from geomoe.config import load_config
@@ -195,6 +273,17 @@ def test_instance_experts_train_and_evaluate_end_to_end(synth_root, tmp_path):
         assert c in tried and len(f1) == len(tried) and f1[c.key()] == max(f1.values())
     e = b.calibration("experts")
     assert (b.threshold, b.separation, b.config.predict.min_area_m2) == (e.threshold, e.separation, e.min_area_m2)
+    # each expert its own, chosen on the validation windows routed to it: never worse there than the shared choice;
+    # on too few buildings to choose among the candidates, the shared one
+    from geomoe.pipelines.calibrate import MIN_BUILDINGS
+
+    each, rules = b.manifest["calibration"]["each_expert"], b.calibrations()
+    assert len(each) == b.k
+    for i, d in enumerate(each):
+        assert rules.of(i) in tried and d["validation_f1"] >= d["shared_validation_f1"]
+        if d["validation_buildings"] < MIN_BUILDINGS:
+            assert rules.of(i) == e
+    assert rules.of(b.k) == b.calibration("single") and b.calibrations("single").default == b.calibration("single")
     ev = evaluate(b, synth_root, progress=False)
     overall = ev.table[ev.table.location == "overall"].set_index("method")
     assert overall.loc[["embedding", "single", "soft"], "iou"].notna().all()

@@ -307,6 +307,7 @@ def test_bands_worked_in_processes_give_the_writer_threads_rasters_and_footprint
     """Watershed and polygonising of each band in worker processes (bands done out of order, joined in order)
     give byte-identical rasters and exactly the footprints of doing each band in the writer's thread."""
     from geomoe.config import PredictConfig
+    from geomoe.pipelines.calibration import Calibration, Calibrations
     from geomoe.pipelines.instances import Separation
     from geomoe.pipelines.outputs import outputs_for
     from geomoe.pipelines.writers import Band, BandWriter, SceneWriters
@@ -319,7 +320,7 @@ def test_bands_worked_in_processes_give_the_writer_threads_rasters_and_footprint
             outs = outputs_for(tmp_path / "austin.tif", tmp_path / f"w{n}", parquet=False)
             outs.prob.parent.mkdir()
             writers = SceneWriters(ds, outs, 0.75, cfg, lambda c, r: np.zeros(len(c), np.int32))
-            bw = BandWriter(writers, w, 0.5, None, Separation(0.5, 2.0))
+            bw = BandWriter(writers, w, Calibrations(Calibration(0.5, Separation(0.5, 2.0), 4.0)))
             assert bw.workers == n
             for r, p, v in bands:
                 bw(Band(r, p.copy(), v))
