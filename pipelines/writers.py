@@ -65,7 +65,9 @@ class SceneWriters:
         self.vec_tmp.unlink(missing_ok=True)
         self.count = 0
         # how pieces become footprints; areas measured in the scene centre's UTM zone (once: a CRS query costs 0.2 s)
-        # (``rules``: each network's smallest footprint, held against the footprints it made)
+        # how each network's outputs become footprints (None: as the run's model and request say, stream_rows);
+        # each network's smallest footprint is held against the footprints it made
+        self.rules = rules
         self.spec = FrameSpec(ds.transform, ds.crs, gsd, cfg.min_area_m2, Regularisation.of(cfg),
                               scene_area_crs(ds.crs, ds.transform, ds.width, ds.height), (ds.width, ds.height),
                               None if rules is None or rules.uniform else rules)
