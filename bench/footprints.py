@@ -3,9 +3,9 @@
 `geomoe evaluate` scores the separated masks. What a user opens in QGIS are polygons: outlined, specks dropped,
 pinholes filled and squared by buildingregulariser. This rasterises each window's footprints back onto the window
 and scores them like the masks (IoU, building F1 at IoU 0.5, boundary IoU), for the routed experts as prediction
-routes them: the mask, the outlines unsquared, and squared with each fidelity guard (``predict.regularize_min_iou``:
-a squared outline is kept where its IoU with the mask's outline reaches the guard, else simplified instead). It
-also says what share of outlines each guard keeps squared. Windows are the protocol's patches: a building cut by a
+routes them: the mask, the outlines unsquared, and squared (at two tolerances, with and without 45-degree edges)
+with each fidelity guard (``predict.regularize_min_iou``: a squared outline is kept where its IoU with the mask's
+outline reaches the guard, else simplified instead). It also says what share of outlines each guard keeps squared. Windows are the protocol's patches: a building cut by a
 window's edge is squared against the cut, which a scene's buildings seldom are, so squaring costs less on scenes.
 Chooses nothing itself: the default guard was set from its validation figures, never from the test split.
 Writes bench/results/footprints.json and appends to bench/RESULTS.md.
@@ -30,8 +30,14 @@ from geomoe.pipelines.evaluate import markdown_table, min_pixels, route_batch, r
 from geomoe.pipelines.footprints import rasterise_footprints, window_footprints
 from geomoe.pipelines.regularise import Regularisation, outline_iou
 
-GUARDS = (0.0, 0.8, 0.85, 0.9, 0.95)
-SETTINGS = ((0.5, 1.0), (0.25, 0.5), (0.25, 0.25))  # (tolerance, parallel) in metres; the first is the library's
+GUARDS = (0.0, 0.85, 0.9, 0.95)
+# (tolerance, parallel) in metres, the first the library's, each with edges at 45 degrees to the main direction
+# allowed or not (``predict.allow_diagonals``)
+SETTINGS = tuple((t, p, d) for t, p in ((0.5, 1.0), (0.25, 0.5)) for d in (False, True))
+
+
+def _name(t: float, p: float, d: bool) -> str:
+    return f"{t:g} / {p:g} m{', diagonals' if d else ''}"
 
 
 def main() -> None:
@@ -45,10 +51,9 @@ def main() -> None:
     refs = prep.windows(a.split)
     routes = route_windows(b, prep, refs, progress=False)
     method = "embedding" if b.config.predict.routing == "tile" else "smoothed"
-    pc = b.config.predict
     variants = {"mask": None, "outlines, not squared": None,
-                **{f"squared {tol:g} / {par:g} m, guard {g:g}": Regularisation(pc.allow_diagonals, tol, par, g)
-                   for tol, par in SETTINGS for g in GUARDS}}
+                **{f"squared {_name(tol, par, d)}, guard {g:g}": Regularisation(d, tol, par, g)
+                   for tol, par, d in SETTINGS for g in GUARDS}}
     scores = {v: Scores() for v in variants}
     by_loc = {(v, loc): Scores() for v in variants for loc in prep.locations}
     faithful: dict = {s: [] for s in SETTINGS}  # each outline's IoU between its squared and its mask's outline
@@ -74,7 +79,7 @@ def main() -> None:
                     gdf, _ = window_footprints(m, gsd, c.min_area_m2, reg, valid[j])
                     pred = rasterise_footprints(gdf, t, m.shape)
                     if reg.min_iou == 0 and len(gdf):
-                        faithful[(reg.tolerance_m, reg.parallel_m)].append(
+                        faithful[(reg.tolerance_m, reg.parallel_m, reg.diagonals)].append(
                             outline_iou(raw.geometry.to_numpy(), gdf.geometry.to_numpy()))
                 for s in (scores[v], by_loc[(v, prep.locations[li])]):
                     s.update(pred & valid[j], truth[j], valid[j], min_pixels=small, truth_ids=ids[j])
@@ -84,7 +89,7 @@ def main() -> None:
                          "outlines": int(len(fit)), "variants": {}}
     for v, reg in variants.items():
         s = scores[v].summary()
-        f = fits[(reg.tolerance_m, reg.parallel_m)] if reg is not None else np.zeros(0)
+        f = fits[(reg.tolerance_m, reg.parallel_m, reg.diagonals)] if reg is not None else np.zeros(0)
         kept = float((f >= reg.min_iou).mean()) if reg is not None and len(f) else float("nan")
         rows.append({"footprints": v, "iou": s["iou"], "building_f1": s["building_f1"],
                      "boundary_iou": s["boundary_iou"], "squared share": kept})
@@ -101,7 +106,7 @@ def main() -> None:
             f"rasterised back onto each window and scored as the masks are (each expert's calibrated threshold and "
             f"smallest footprint; squared by buildingregulariser at a tolerance / parallel-edge distance, "
             f"and a guard). Median IoU of a squared outline with its mask's: "
-            + ", ".join(f"{np.median(f) if len(f) else float('nan'):.3f} at {t:g} / {p:g} m" for (t, p), f in fits.items())
+            + ", ".join(f"{np.median(f) if len(f) else float('nan'):.3f} at {_name(*k)}" for k, f in fits.items())
             + ".\n\n" + markdown_table(table)
             + "\n\n**Building F1 by location**\n\n" + markdown_table(f1))
     record(f"Footprints as delivered against their masks, {a.split} split", body, f"bundle `{a.bundle}`")

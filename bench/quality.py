@@ -186,6 +186,11 @@ def targets_of(iou: pd.DataFrame, f1: pd.DataFrame, routed: str, single: str = "
         "routed_method": routed,
         "routed_at_or_above_single_every_location": bool((iou.loc[locs, routed] >= iou.loc[locs, single]).all()),
         "routed_minus_single_overall_iou_points": float(100 * (iou.loc["overall", routed] - iou.loc["overall", single])),
+        # not a target: the overall IoU pools every location's pixels, so a location of low IoU (Xiamen, whose
+        # labels sit off its roofs) that gains pixels weighs more in it even where its own IoU rises; the mean
+        # over locations counts each place once
+        "routed_minus_single_mean_location_iou_points": float(100 * (iou.loc[locs, routed].mean()
+                                                                     - iou.loc[locs, single].mean())),
         "routed_building_f1_overall": float(f1.loc["overall", routed]),
         "router_minus_location_oracle_iou_points": float(100 * (iou.loc["overall", routed] - iou.loc["overall", "location_oracle"]))
         if oracle and "location_oracle" in iou else float("nan"),
@@ -199,7 +204,8 @@ def targets_line(t: dict) -> str:
     return (f"routed experts ({t['routed_method']}) at or above the single network at every location: "
             f"{'met' if t['routed_at_or_above_single_every_location'] else 'NOT met'}; "
             f"overall {t['routed_minus_single_overall_iou_points']:+.2f} IoU points (target +2.0: "
-            f"{'met' if t['routed_minus_single_overall_iou_points'] >= 2.0 else 'NOT met'}); building F1 "
+            f"{'met' if t['routed_minus_single_overall_iou_points'] >= 2.0 else 'NOT met'}; mean over locations "
+            f"{t['routed_minus_single_mean_location_iou_points']:+.2f}, not a target); building F1 "
             f"{t['routed_building_f1_overall']:.3f} (target 0.5: {'met' if t['routed_building_f1_overall'] >= 0.5 else 'NOT met'})"
             f"{oracle}.")
 

@@ -262,7 +262,7 @@ def footprint_chunk(frame: gpd.GeoDataFrame, spec: FrameSpec) -> gpd.GeoDataFram
     if spec.regularize is not None and len(work):
         try:
             work = regularise(work, *spec.regularize.in_units(gsd, unit), spec.regularize.diagonals,
-                              spec.regularize.min_iou)
+                              spec.regularize.min_iou, pixel=gsd * unit)
             work["area_m2"] = work.geometry.area * scale
         except Exception as e:  # keep the raw polygons rather than lose the batch
             log.warning("regularisation failed on a batch (%s); raw polygons kept", e)
