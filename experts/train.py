@@ -73,7 +73,7 @@ def train_expert(prep: Prepared, cfg: Config, job: ExpertJob, out: Path, progres
         task.warmup_steps = round(x.finetune_warmup * epochs * per_epoch)
     plan = PatchPlan(job.train_refs, job.val_refs, x.batch_size, per_epoch, epochs,
                      instance_targets=TargetWidths(x.boundary_m, x.contact_m) if x.outputs == "instances" else None,
-                     train_weights=job.weights, colour_jitter=x.colour_jitter,
+                     train_weights=job.weights, colour_jitter=x.colour_jitter, turns=x.turns,
                      replay=x.replay if job.train_refs is not None and job.init_from is not None else 0.0)
     data = PatchDataModule(prep, plan, cfg.seed, cfg.data.min_valid, cfg.data.workers)
     fj = FitJob(job.name, out / "runs" / job.name, out / f"{job.name}.pt", epochs,

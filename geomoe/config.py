@@ -133,6 +133,11 @@ class ExpertConfig(_Strict):
                                          "left out of training it lifted every network on the unseen place (routed "
                                          "+4 and +28 validation IoU points) at a cost of 1.1 to 1.4 on the places "
                                          "trained on (bench/RESULTS.md, sessions 21 and 22).")
+    turns: bool = Field(
+        True, description="Random flips and quarter turns of every training patch (every expert-type job; the "
+                          "paper's flips). Off, a network can learn a displacement of the labels from the roofs "
+                          "that holds one way across the imagery (off-nadir satellite imagery labelled with "
+                          "footprints at the ground): a turned patch shows it pointing another way.")
     calibration: Literal["each", "shared"] = Field(
         "each", description="each: every expert gets its own threshold, watershed seeds and smallest footprint, "
                             "chosen on the validation windows routed to it (the shared choice where they hold under "

@@ -274,6 +274,26 @@ def test_colour_jitter_changes_colours_only_and_keeps_the_patches_it_always_drew
     assert all(torch.equal(still[i]["image"], bare[i]["image"]) for i in range(3))
 
 
+def test_without_turns_patches_keep_the_view_they_were_taken_in():
+    """experts.turns off: the same windows as with flips and quarter turns, each as the reader gives it (a labels'
+    displacement from the roofs keeps its direction), colour jitter still applied; on, some patches come turned or
+    flipped, each one of the eight turns and flips of the patch as read."""
+    prep = prepare(SAMPLE, DataConfig(patch_size=128))
+    bare = RandomPatchDataset(prep, 12, seed=4, augment=False)
+    kept = RandomPatchDataset(prep, 12, seed=4, turns=False)
+    jit = RandomPatchDataset(prep, 12, seed=4, turns=False, colour_jitter=0.2)
+    turned = RandomPatchDataset(prep, 12, seed=4)
+    moved = 0
+    for i in range(12):
+        a, b, c, d = bare[i], kept[i], jit[i], turned[i]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+        assert torch.equal(a["mask"], c["mask"]) and not torch.equal(a["image"], c["image"])
+        views = [torch.rot90(x, k, (-2, -1)) for k in range(4) for x in (a["image"], a["image"].flip(-1))]
+        assert any(torch.equal(v, d["image"]) for v in views)
+        moved += int(not torch.equal(a["image"], d["image"]))
+    assert moved >= 6
+
+
 def test_grid_dataset_and_normalisation_stats():
     prep = prepare(SAMPLE, DataConfig(patch_size=128))
     ds = GridDataset(prep, prep.windows("val"))

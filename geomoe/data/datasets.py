@@ -164,8 +164,10 @@ class RandomPatchDataset(Dataset):
 
     def __init__(self, prep: Prepared, length: int, seed: int = 0, augment: bool = True, min_valid: float = 0.5,
                  refs: list[PatchRef] | None = None, cycle_locations: bool = False, instance_targets: TargetWidths | None = None,
-                 replay: float = 0.0, weights: list[float] | None = None, colour_jitter: float = 0.0):
+                 replay: float = 0.0, weights: list[float] | None = None, colour_jitter: float = 0.0,
+                 turns: bool = True):
         self.prep, self.length, self.seed, self.aug, self.min_valid = prep, length, seed, augment, min_valid
+        self.turns = turns  # flips and quarter turns (with augment)
         self.colour_jitter = colour_jitter if augment else 0.0
         self.instance_targets = instance_targets  # add building / boundary / contact channels ("targets") this wide
         # Given windows (a region's share) are drawn shifted inside their blocks; otherwise anywhere in the train blocks.
@@ -188,7 +190,7 @@ class RandomPatchDataset(Dataset):
             if p.valid.mean() >= self.min_valid:
                 break
         image, mask, valid, ids = p.image, p.mask, p.valid, p.instances
-        if self.aug:
+        if self.aug and self.turns:
             image, mask, valid, ids = augment(rng, image, mask, valid, ids)
         if self.colour_jitter > 0:  # drawn after the geometry: without it, every patch is the one it always was
             image = jitter_colours(rng, image, self.colour_jitter)

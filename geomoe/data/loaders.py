@@ -62,6 +62,7 @@ class PatchPlan:
     replay: float = 0.0  # with train_refs: the share of patches drawn from every location's train blocks instead
     train_weights: list[float] | None = None  # with train_refs: how often each is drawn (None: equally often)
     colour_jitter: float = 0.0  # random colour changes of training patches (experts.colour_jitter)
+    turns: bool = True  # random flips and quarter turns of training patches (experts.turns)
 
 
 class PatchDataModule(L.LightningDataModule):
@@ -95,7 +96,7 @@ class PatchDataModule(L.LightningDataModule):
         ds = RandomPatchDataset(self.prep, per_epoch * p.epochs, seed=self.seed, refs=p.train_refs,
                                 min_valid=self.min_valid, cycle_locations=p.cycle_locations,
                                 instance_targets=p.instance_targets, replay=p.replay, weights=p.train_weights,
-                                colour_jitter=p.colour_jitter)
+                                colour_jitter=p.colour_jitter, turns=p.turns)
         return self._loader(ds, EpochSampler(per_epoch, rank, world), self.per_device_batch())
 
     def val_dataloader(self) -> DataLoader | list:
