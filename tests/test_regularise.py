@@ -19,18 +19,26 @@ from geomoe.pipelines.writers import footprint_workers
 from conftest import ROOT
 
 
+def _banepa_labels(n: int, crs: str, res: float = 0.15):
+    """The first ``n`` of the sample's Banepa roofs rasterised at ``res`` in ``crs``, one id each: (ids, transform)."""
+    from rasterio import features
+
+    gdf = gpd.read_file(ROOT / "sample" / "train" / "banepa" / "labels.geojson").to_crs(crs)
+    gdf = gdf[gdf.geom_type == "Polygon"].iloc[:n]
+    x0, y0, x1, y1 = gdf.total_bounds
+    t = from_origin(x0, y1, res, res)
+    w, h = int((x1 - x0) / res) + 1, int((y1 - y0) / res) + 1
+    return features.rasterize(((g, i + 1) for i, g in enumerate(gdf.geometry)), (h, w), transform=t,
+                              dtype="int32"), t
+
+
 def test_worker_processes_make_real_footprints_exactly_as_the_writer_thread():
     """Real Banepa outlines as pixel pieces (staircase rings, as polygonised masks give them): georeferencing,
     measuring, filtering and regularising in chunks over worker processes gives exactly the one-thread frame."""
     from rasterio import features
     from shapely.geometry import shape
 
-    gdf = gpd.read_file(ROOT / "sample" / "train" / "banepa" / "labels.geojson").to_crs("EPSG:3857")
-    gdf = gdf[gdf.geom_type == "Polygon"].iloc[:160]
-    x0, y0, x1, y1 = gdf.total_bounds
-    t = from_origin(x0, y1, 0.15, 0.15)
-    w, h = int((x1 - x0) / 0.15) + 1, int((y1 - y0) / 0.15) + 1
-    labels = features.rasterize(((g, i + 1) for i, g in enumerate(gdf.geometry)), (h, w), transform=t, dtype="int32")
+    labels, t = _banepa_labels(160, "EPSG:3857")
     pieces = [Piece(shape(g), int((labels == v).sum()), float((labels == v).sum()))
               for g, v in features.shapes(labels, mask=labels > 0, connectivity=4)]
     assert len(pieces) >= 100
@@ -216,14 +224,9 @@ def test_the_pixel_staircase_goes_before_squaring_and_no_footprint_moves_for_it(
     from rasterio import features
     from shapely.geometry import shape
 
-    gdf = gpd.read_file(ROOT / "sample" / "train" / "banepa" / "labels.geojson").to_crs("EPSG:32645")
-    gdf = gdf[gdf.geom_type == "Polygon"].iloc[:80]
-    x0, y0, x1, y1 = gdf.total_bounds
-    t = from_origin(x0, y1, 0.15, 0.15)
-    w, h = int((x1 - x0) / 0.15) + 1, int((y1 - y0) / 0.15) + 1
-    labels = features.rasterize(((g, i + 1) for i, g in enumerate(gdf.geometry)), (h, w), transform=t, dtype="int32")
+    labels, t = _banepa_labels(80, "EPSG:32645")
     outlines = gpd.GeoDataFrame(geometry=[shape(g) for g, _ in features.shapes(labels, mask=labels > 0,
-                                                                                transform=t)], crs=gdf.crs)
+                                                                                transform=t)], crs="EPSG:32645")
     outlines = outlines[outlines.area > 4].reset_index(drop=True)
     raw = outlines.geometry.to_numpy()
     smooth = without_staircase(raw, 0.15)
