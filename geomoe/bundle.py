@@ -188,7 +188,7 @@ class Bundle:
         return Separation(**(self.manifest.get("separation") or {}))
 
     def calibration(self, model: str = "experts"):
-        """How ``model``'s probabilities become footprints (geomoe.pipelines.calibrate.Calibration): "experts" (what
+        """How ``model``'s probabilities become footprints (geomoe.pipelines.calibration.Calibration): "experts" (what
         prediction uses) or "single" (the single network's own choice on validation, else the experts')."""
         from geomoe.pipelines.calibration import Calibration
 
@@ -199,7 +199,7 @@ class Bundle:
         return Calibration(self.threshold, self.separation, self.config.predict.min_area_m2)
 
     def calibrations(self, use: str = "experts"):
-        """How each network's outputs become footprints (geomoe.pipelines.calibrate.Calibrations), by the id
+        """How each network's outputs become footprints (geomoe.pipelines.calibration.Calibrations), by the id
         prediction gives it: each expert its own where the bundle chose one per expert (else the experts' shared
         choice), the single network (id k) its own, the generalist (k + 1) the experts' shared choice. ``use``
         "single" or "generalist": that network runs everywhere, so its calibration is the default."""

@@ -77,8 +77,6 @@ class BundleModel:
         # (``calibrations``: each network's own, by the id prediction gives it: each expert as chosen on the
         # validation windows routed to it)
         self.calibrations = bundle.calibrations(use)
-        self.calibration = self.calibrations.default
-        self.separation = self.calibration.separation
         self.use_alpha = bundle.config.data.alpha == "mask"  # as in training
         self.bands, self.bit_depth = bundle.config.data.bands, bundle.config.data.bit_depth
         # resume only trusts outputs of the same bundle: its manifest (which holds every file's checksum) and its place
@@ -86,6 +84,11 @@ class BundleModel:
 
     def input_gsd(self, native: float | None) -> float | None:
         return self.b.input_gsd(native)
+
+    @property
+    def calibration(self):
+        """The calibration of the network that runs everywhere (the experts' shared choice for the experts)."""
+        return self.calibrations.default
 
     @property
     def baseline_id(self) -> int | None:

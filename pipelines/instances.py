@@ -23,7 +23,7 @@ class Separation:
     pixels inside such a region stay seeds, so roofs joined by a neck the boundary channel misses still get a seed
     each. Chosen per bundle on its validation windows (``pipelines/calibrate.py``), one per expert. Either may be
     an array of the probabilities' (H, W): each pixel then is cut as the expert that ran there chose
-    (:meth:`geomoe.pipelines.calibrate.Calibrations.at`)."""
+    (:meth:`geomoe.pipelines.calibration.Calibrations.at`)."""
 
     seed_threshold: float | np.ndarray = 0.5
     seed_distance: float | np.ndarray = 0.0

@@ -155,7 +155,7 @@ def stream_rows(model: TileModel, tiles: TileSource, span: RowSpan, req: RunRequ
     grid, readers = tiles.grid, reader_threads(cfg, model)
     cells = cell_index(grid)
     # thresholds and watershed seeds as calibrated for the network that ran at each pixel
-    rules = writers.rules if writers.rules is not None else footprint_rules(model, req)
+    rules = writers.rules
     band_writer = BandWriter(writers, grid.width, rules, emit)
     # one band written while the model works on the next tile row: each band is a tile row x width (tens of MB for
     # a wide raster), and one more waiting would only hold a copy of it whenever the model is the slower

@@ -49,8 +49,7 @@ def footprint_workers(cfg: PredictConfig) -> int:
 class SceneWriters:
     """The probability and mask GeoTIFFs (tiled, written window by window) and the footprint layer."""
 
-    def __init__(self, ds, outs: Outputs, gsd: float | None, cfg: PredictConfig, expert_at,
-                 rules: Calibrations | None = None):
+    def __init__(self, ds, outs: Outputs, gsd: float | None, cfg: PredictConfig, expert_at, rules: Calibrations):
         self.workers = footprint_workers(cfg)
         # a machine with footprint workers has cores to spare: GDAL compresses the rasters' blocks on that many threads
         self.gdal_threads = str(max(1, self.workers))
@@ -64,13 +63,13 @@ class SceneWriters:
         self.vec_tmp = tmp_name(outs.footprints)
         self.vec_tmp.unlink(missing_ok=True)
         self.count = 0
-        # how pieces become footprints; areas measured in the scene centre's UTM zone (once: a CRS query costs 0.2 s)
-        # how each network's outputs become footprints (None: as the run's model and request say, stream_rows);
-        # each network's smallest footprint is held against the footprints it made
+        # how each network's outputs become footprints (pipelines/predict.py: footprint_rules)
         self.rules = rules
+        # how pieces become footprints, each held against its network's smallest footprint; areas measured in the
+        # scene centre's UTM zone (once: a CRS query costs 0.2 s)
         self.spec = FrameSpec(ds.transform, ds.crs, gsd, cfg.min_area_m2, Regularisation.of(cfg),
                               scene_area_crs(ds.crs, ds.transform, ds.width, ds.height), (ds.width, ds.height),
-                              None if rules is None or rules.uniform else rules)
+                              None if rules.uniform else rules)
         # batches whose footprint work runs in the pool while bands go on; written in order as they finish
         self.pending = InOrder(self.write_frame)
 

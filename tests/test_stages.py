@@ -319,8 +319,9 @@ def test_bands_worked_in_processes_give_the_writer_threads_rasters_and_footprint
             cfg = PredictConfig(footprint_workers=n, min_area_m2=4.0)
             outs = outputs_for(tmp_path / "austin.tif", tmp_path / f"w{n}", parquet=False)
             outs.prob.parent.mkdir()
-            writers = SceneWriters(ds, outs, 0.75, cfg, lambda c, r: np.zeros(len(c), np.int32))
-            bw = BandWriter(writers, w, Calibrations(Calibration(0.5, Separation(0.5, 2.0), 4.0)))
+            rules = Calibrations(Calibration(0.5, Separation(0.5, 2.0), 4.0))
+            writers = SceneWriters(ds, outs, 0.75, cfg, lambda c, r: np.zeros(len(c), np.int32), rules)
+            bw = BandWriter(writers, w, rules)
             assert bw.workers == n
             for r, p, v in bands:
                 bw(Band(r, p.copy(), v))
