@@ -10,7 +10,8 @@ export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation . > /tmp/pip.log 2>&1 || { tail -20 /tmp/pip.log; exit 1; }
 mkdir -p ../shared && ln -sfn "$PWD/.gpu/data" ../shared/data
 python3 .gpu/mosaic.py || exit 1
-python3 -c "import rasterio, pyogrio, faiss, geopandas, segmentation_models_pytorch, umap, torch; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
+python3 -c "import rasterio, pyogrio, faiss, geopandas, segmentation_models_pytorch, umap, torch, lightning, skimage, numpy; print(torch.__version__, lightning.__version__, numpy.__version__, skimage.__version__, torch.cuda.get_device_name())" || exit 1
+nproc; free -g | head -2
 echo "setup $(( $(date +%s) - t0 )) s"
 timeout ${TRAIN_S:-330} geomoe train ../shared/data -o /tmp/run/bundle -c bench/configs/gpu_speed.yaml --no-baseline > $OUT/train.log 2>&1
 echo "train rc $? at $(( $(date +%s) - t0 )) s"; tail -5 $OUT/train.log
@@ -18,4 +19,6 @@ cd bench && timeout ${SPEED_S:-220} python3 speed.py --bundle /tmp/run/bundle --
 echo "speed done at $(( $(date +%s) - t0 )) s"
 cp RESULTS.md results/speed_gpu.json $OUT/ 2>/dev/null
 cd ..
-timeout ${PROF_S:-60} python3 .gpu/footprint_profile.py 3 12 2>&1 | head -30
+# PROF_S=0 skips the profile (timeout 0 would mean no limit)
+[ "${PROF_S:-60}" -gt 0 ] && timeout ${PROF_S:-60} python3 .gpu/footprint_profile.py 3 12 2>&1 | head -30
+echo "all done at $(( $(date +%s) - t0 )) s"
