@@ -23,6 +23,7 @@ from geomoe.pipelines.footprints import (BandOutlines, FootprintCollector, Frame
                                         scene_area_crs, start_frame)
 from geomoe.pipelines.geojson import gpkg_to_geojson
 from geomoe.pipelines.geoparquet import gpkg_to_geoparquet
+from geomoe.pipelines.handoff import HandedJob, Handoff, take
 from geomoe.pipelines.instances import footprint_mask
 from geomoe.pipelines.outputs import Outputs
 from geomoe.pipelines.pool import auto_workers, submit
@@ -198,6 +199,12 @@ def process_band(band: Band, rules: Calibrations) -> BandResult:
     return BandResult(band.row0, p8, m8, outline_band(band.row0, m, prob[0], valid))
 
 
+def process_handed_band(row0: int, paths: dict[str, Path | None], rules: Calibrations) -> BandResult:
+    """:func:`process_band` in a worker process, on a band handed over in memory (pipelines/handoff.py)."""
+    a = take(paths)
+    return process_band(Band(row0, a["prob"], a["valid"], a["ran"]), rules)
+
+
 class BandWriter:
     """Writes finished bands in order: probability and mask rows, then their footprints (polygonised, joined across
     band borders, regularised). Runs beside the model (pipelines.background.Consumer), off its critical path.
@@ -205,7 +212,8 @@ class BandWriter:
     With worker processes (``predict.footprint_workers``: a GPU machine's spare cores) each band's own work
     (:func:`process_band`: watershed, polygonising) runs in the pool, several bands at once, and only the writing
     and the join across band borders stay here, in band order: the outputs are those of the in-line path. At most
-    ``workers`` bands are under way, so memory stays bounded.
+    ``workers`` bands are under way, so memory stays bounded. Bands reach the workers as files in memory
+    (pipelines/handoff.py), not through the pool's pipe.
     """
 
     def __init__(self, writers: SceneWriters, width: int, rules: Calibrations,
@@ -215,12 +223,15 @@ class BandWriter:
         w = self.workers = writers.workers
         self.collector = FootprintCollector(width, emit or writers.write_pieces, batch=max(1000, 2 * MIN_CHUNK * w))
         self.pending = InOrder(self._write)
+        self.handoff = Handoff() if w > 0 else None
 
     def __call__(self, band: Band) -> None:
-        if self.workers <= 0:
+        if self.handoff is None:
             self._write(process_band(band, self.rules))
             return
-        self.pending.add(submit(self.workers, process_band, band, self.rules), keep=self.workers)
+        paths = self.handoff.put({"prob": band.prob, "valid": band.valid, "ran": band.ran})
+        job = HandedJob(submit(self.workers, process_handed_band, band.row0, paths, self.rules), paths)
+        self.pending.add(job, keep=self.workers)
 
     def _write(self, r: BandResult) -> None:
         self.writers.write_band(r.row0, r.p8, r.m8)
@@ -229,7 +240,13 @@ class BandWriter:
     def finish(self) -> None:
         self.pending.drain()
         self.collector.finish()
+        self._close()
 
     def cancel(self) -> None:
         """Drop the bands still under way (the run is failing)."""
         self.pending.cancel()
+        self._close()
+
+    def _close(self) -> None:
+        if self.handoff is not None:
+            self.handoff.close()

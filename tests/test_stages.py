@@ -335,3 +335,49 @@ def test_bands_worked_in_processes_give_the_writer_threads_rasters_and_footprint
     assert len(f0) == len(f1) > 100  # hundreds of Austin buildings, many across band borders
     assert all(a.equals_exact(b, 0) for a, b in zip(f0.geometry, f1.geometry))
     assert f0.drop(columns="geometry").equals(f1.drop(columns="geometry"))
+
+
+def test_bands_handed_to_workers_in_memory_come_back_exact_and_leave_no_files():
+    """A band handed over as files in memory (pipelines/handoff.py) is the same band in the worker; its files go
+    once the result is taken, the folder when the writer ends, also when a run fails with bands under way."""
+    from geomoe.pipelines.handoff import HandedJob, Handoff, take
+    from geomoe.pipelines.pool import submit
+
+    rng = np.random.default_rng(0)
+    prob = rng.random((3, 40, 300), dtype=np.float32)
+    valid = rng.random((40, 300)) > 0.1
+    h = Handoff()
+    paths = h.put({"prob": prob, "valid": valid, "ran": None})
+    back = take(paths)
+    assert back["ran"] is None and np.array_equal(back["prob"], prob) and np.array_equal(back["valid"], valid)
+    assert not back["prob"].flags.writeable  # mapped read-only: a worker cannot change the writer's band
+    job = HandedJob(submit(1, np.sum, back["prob"]), paths)
+    assert job.result() == pytest.approx(float(prob.sum()), rel=1e-5)
+    assert not any(p.exists() for p in paths.values() if p is not None)
+    cancelled = HandedJob(submit(1, np.sum, prob), h.put({"prob": prob}))
+    cancelled.cancel()
+    assert not cancelled.paths["prob"].exists()
+    h.close()
+    assert not h.folder.exists()
+
+
+def test_band_writer_with_workers_removes_its_handoff_when_cancelled(tmp_path):
+    from geomoe.config import PredictConfig
+    from geomoe.pipelines.calibration import Calibration, Calibrations
+    from geomoe.pipelines.instances import Separation
+    from geomoe.pipelines.outputs import outputs_for
+    from geomoe.pipelines.writers import Band, BandWriter, SceneWriters
+
+    bands, (h, w) = _instance_bands(96)
+    with rasterio.open(ROOT / "sample" / "scenes" / "austin3_sw.tif") as ds:
+        outs = outputs_for(tmp_path / "austin.tif", tmp_path / "out", parquet=False)
+        outs.prob.parent.mkdir()
+        rules = Calibrations(Calibration(0.5, Separation(0.5, 2.0), 4.0))
+        writers = SceneWriters(ds, outs, 0.75, PredictConfig(footprint_workers=2), lambda c, r: np.zeros(len(c), np.int32), rules)
+        bw = BandWriter(writers, w, rules)
+        for r, p, v in bands[:3]:
+            bw(Band(r, p.copy(), v))
+        assert bw.handoff.folder.exists()
+        bw.cancel()
+        writers.abort()
+    assert not bw.handoff.folder.exists()
