@@ -4,7 +4,8 @@ A band of three float32 probability channels across a wide scene is tens of mega
 process pool's pipe kept the pool's feeder thread busy for most of the footprint stage on a 16-core GPU machine
 (bench/RESULTS.md, session 26). Written once with ``np.save`` into a folder under /dev/shm (where it exists) and
 mapped read-only by the worker, it costs one memory copy. Each job's files are removed once its result is taken or
-it is cancelled; the folder when the stage ends.
+it is cancelled; the folder when the stage ends. Where /dev/shm is full (a container's is often 64 MB) a band is
+not handed off (``put`` returns None) and the caller pickles it as before.
 """
 
 from __future__ import annotations
@@ -28,17 +29,20 @@ class Handoff:
         self.folder = Path(tempfile.mkdtemp(prefix="geomoe-handoff-", dir=where))
         self.n = 0
 
-    def put(self, arrays: dict[str, np.ndarray | None]) -> dict[str, Path | None]:
-        """Write ``arrays`` (None stays None) and return where each one is."""
+    def put(self, arrays: dict[str, np.ndarray | None]) -> dict[str, Path | None] | None:
+        """Write ``arrays`` (None stays None) and return where each one is; None where there is no room."""
         self.n += 1
         paths: dict[str, Path | None] = {}
-        for name, a in arrays.items():
-            if a is None:
-                paths[name] = None
-                continue
-            p = self.folder / f"{self.n}_{name}.npy"
-            np.save(p, np.ascontiguousarray(a), allow_pickle=False)
-            paths[name] = p
+        try:
+            for name, a in arrays.items():
+                if a is None:
+                    paths[name] = None
+                    continue
+                paths[name] = p = self.folder / f"{self.n}_{name}.npy"
+                np.save(p, np.ascontiguousarray(a), allow_pickle=False)
+        except OSError:  # no space left: this band goes through the pipe
+            remove(paths)
+            return None
         return paths
 
     def close(self) -> None:
@@ -72,6 +76,10 @@ class HandedJob:
         self._remove()
 
     def _remove(self) -> None:
-        for p in self.paths.values():
-            if p is not None:
-                p.unlink(missing_ok=True)
+        remove(self.paths)
+
+
+def remove(paths: dict[str, Path | None]) -> None:
+    for p in paths.values():
+        if p is not None:
+            p.unlink(missing_ok=True)

@@ -230,7 +230,8 @@ class BandWriter:
             self._write(process_band(band, self.rules))
             return
         paths = self.handoff.put({"prob": band.prob, "valid": band.valid, "ran": band.ran})
-        job = HandedJob(submit(self.workers, process_handed_band, band.row0, paths, self.rules), paths)
+        job = (submit(self.workers, process_band, band, self.rules) if paths is None else
+               HandedJob(submit(self.workers, process_handed_band, band.row0, paths, self.rules), paths))
         self.pending.add(job, keep=self.workers)
 
     def _write(self, r: BandResult) -> None:

@@ -381,3 +381,23 @@ def test_band_writer_with_workers_removes_its_handoff_when_cancelled(tmp_path):
         bw.cancel()
         writers.abort()
     assert not bw.handoff.folder.exists()
+
+
+def test_handoff_without_room_leaves_no_partial_files_and_says_so(monkeypatch):
+    """A full /dev/shm (a container's 64 MB): the band is not handed off (the writer pickles it instead) and the
+    part already written is removed."""
+    from geomoe.pipelines import handoff as H
+
+    h = H.Handoff()
+    real, calls = np.save, []
+
+    def save(path, a, allow_pickle=False):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real(path, a, allow_pickle=allow_pickle)
+
+    monkeypatch.setattr(H.np, "save", save)
+    assert h.put({"prob": np.zeros((3, 4, 5), np.float32), "valid": np.ones((4, 5), bool)}) is None
+    assert calls and not any(h.folder.iterdir())
+    h.close()
