@@ -47,6 +47,11 @@ class Calibrations:
         """True when every network is cut alike (no per-pixel lookup needed)."""
         return all(c == self.default for c in self.by_id.values())
 
+    @property
+    def least_min_area(self) -> float:
+        """The smallest of the networks' smallest footprints (m2): what no footprint can be under."""
+        return min([self.default.min_area_m2, *(c.min_area_m2 for c in self.by_id.values())])
+
     def with_min_area(self, min_area_m2: float) -> "Calibrations":
         """The same with one smallest footprint for every network (``predict --min-area``)."""
         return Calibrations(replace(self.default, min_area_m2=min_area_m2),

@@ -214,9 +214,7 @@ class FrameSpec:
     @property
     def least_area(self) -> float:
         """The smallest of the smallest footprints (what no footprint can be under)."""
-        if self.rules is None:
-            return self.min_area_m2
-        return min([self.rules.default.min_area_m2, *(c.min_area_m2 for c in self.rules.by_id.values())])
+        return self.min_area_m2 if self.rules is None else self.rules.least_min_area
 
 
 def scene_area_crs(crs: CRS | None, transform: Affine, width: int, height: int) -> CRS | None:

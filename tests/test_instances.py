@@ -193,6 +193,7 @@ def test_each_expert_cuts_the_pixels_it_ran_on_as_it_was_calibrated():
     assert not np.array_equal(left[:, 450:], right[:, 450:])  # the two experts' choices do differ there
     assert rules.at(np.ones_like(ran)) == (b.threshold, b.separation)  # one expert: its single values
     assert list(rules.min_area(np.array([1, 0, 7]))) == [16.0, 4.0, 4.0]  # any other network: the default
+    assert rules.least_min_area == 4.0 and Calibrations(b, {1: b, 2: a}).least_min_area == 4.0
     assert not rules.uniform and Calibrations(a, {0: a}).uniform
 
 
