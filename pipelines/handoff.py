@@ -82,4 +82,7 @@ class HandedJob:
 def remove(paths: dict[str, Path | None]) -> None:
     for p in paths.values():
         if p is not None:
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:  # still mapped where the system refuses that (Windows): the folder goes at the end
+                pass
