@@ -25,12 +25,14 @@ class Handoff:
     """A folder of arrays in flight to worker processes (one per band writer)."""
 
     def __init__(self) -> None:
-        where = _IN_MEMORY if _IN_MEMORY.is_dir() else None
-        self.folder = Path(tempfile.mkdtemp(prefix="geomoe-handoff-", dir=where))
+        self.folder: Path | None = None  # made at the first band: a writer that never gets one leaves nothing
         self.n = 0
 
     def put(self, arrays: dict[str, np.ndarray | None]) -> dict[str, Path | None] | None:
         """Write ``arrays`` (None stays None) and return where each one is; None where there is no room."""
+        if self.folder is None:
+            where = _IN_MEMORY if _IN_MEMORY.is_dir() else None
+            self.folder = Path(tempfile.mkdtemp(prefix="geomoe-handoff-", dir=where))
         self.n += 1
         paths: dict[str, Path | None] = {}
         try:
@@ -46,7 +48,8 @@ class Handoff:
         return paths
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def take(paths: dict[str, Path | None]) -> dict[str, np.ndarray | None]:
