@@ -31,8 +31,9 @@ def find_lr(prep: Prepared, cfg: Config, steps: int = 60, start: float = 1e-6, e
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     x = cfg.experts
     task = SegmentationTask(new_expert(prep, cfg), x, steps)
-    data = PatchDataModule(prep, PatchPlan(None, [], x.batch_size, steps, 1), cfg.seed, cfg.data.min_valid,
-                           cfg.data.workers)
+    # patches as training sees them (colour jitter, turns)
+    plan = PatchPlan(None, [], x.batch_size, steps, 1, colour_jitter=x.colour_jitter, turns=x.turns)
+    data = PatchDataModule(prep, plan, cfg.seed, cfg.data.min_valid, cfg.data.workers)
     with tempfile.TemporaryDirectory() as td:
         job = FitJob("lr_find", Path(td), Path(td) / "unused.pt", 1)
         trainer = make_trainer(cfg.trainer, job, progress, logger=False, enable_checkpointing=False, callbacks=[])

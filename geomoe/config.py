@@ -134,10 +134,14 @@ class ExpertConfig(_Strict):
                                          "+4 and +28 validation IoU points) at a cost of 1.1 to 1.4 on the places "
                                          "trained on (bench/RESULTS.md, sessions 21 and 22).")
     turns: bool = Field(
-        True, description="Random flips and quarter turns of every training patch (every expert-type job; the "
-                          "paper's flips). Off, a network can learn a displacement of the labels from the roofs "
-                          "that holds one way across the imagery (off-nadir satellite imagery labelled with "
-                          "footprints at the ground): a turned patch shows it pointing another way.")
+        False, description="Random flips and quarter turns of every training patch (every expert-type job; the "
+                           "paper's flips). Off by default: a network then keeps the view its imagery was taken in, "
+                           "the sun's side of the roofs and a displacement of the labels from the roofs that holds "
+                           "one way across the imagery (off-nadir satellite imagery labelled with footprints at the "
+                           "ground), which a turned patch shows pointing another way. Decided on validation "
+                           "(session 26, `medium`, every network trained alike): routed experts 0.460 -> 0.522 IoU, "
+                           "single network 0.469 -> 0.509 (bench/RESULTS.md). Not yet measured on a place left out "
+                           "of training: bench/unseen.py.")
     calibration: Literal["each", "shared"] = Field(
         "each", description="each: every expert gets its own threshold, watershed seeds and smallest footprint, "
                             "chosen on the validation windows routed to it (the shared choice where they hold under "

@@ -62,7 +62,7 @@ class PatchPlan:
     replay: float = 0.0  # with train_refs: the share of patches drawn from every location's train blocks instead
     train_weights: list[float] | None = None  # with train_refs: how often each is drawn (None: equally often)
     colour_jitter: float = 0.0  # random colour changes of training patches (experts.colour_jitter)
-    turns: bool = True  # random flips and quarter turns of training patches (experts.turns)
+    turns: bool = True  # random flips and quarter turns of training patches (experts.turns for expert-type jobs)
 
 
 class PatchDataModule(L.LightningDataModule):
