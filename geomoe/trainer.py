@@ -149,6 +149,10 @@ def fit(task: L.LightningModule, data: L.LightningDataModule, tc: TrainerConfig,
         log.info("%s: finished earlier (%s)", job.name, job.export)
         return job.export
     trainer = make_trainer(tc, job, progress)
+    if str(trainer.precision) == "64-true":
+        # Lightning restores a checkpoint into the module before casting it: a float32 module would round a resumed
+        # float64 run's weights once, and Adam's nearly sign-only first steps can turn that into a learning rate
+        task.double()
     resume = job.last if job.last.exists() else None
     if resume is not None:
         log.info("%s: resuming from %s", job.name, resume)

@@ -221,9 +221,9 @@ def test_run_killed_mid_training_resumes_to_the_same_weights(staged, reference, 
     p2 = subprocess.run([*cmd, "--devices", str(resume_devices)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
     assert torch.load(last, weights_only=False)["global_step"] > killed_at
-    # Lightning restores a checkpoint into the module before casting it to float64, so a resumed 64-true run passes
-    # its weights once through float32 (measured: 2e-6 relative after 12 steps); in float32 a resume is exact.
-    _same(_last_weights(run), reference, 1e-5)
+    # the module is float64 before the checkpoint is restored (geomoe/trainer.py: fit), so nothing rounds through
+    # float32; resumed on two processes, a batch is summed in two halves (as in the DDP test)
+    _same(_last_weights(run), reference, 1e-12 if resume_devices == 1 else 1e-6)
 
 
 class _Knob(torch.nn.Module):
