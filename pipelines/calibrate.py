@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+from collections import deque
 from dataclasses import asdict
 
 import numpy as np
@@ -25,10 +27,11 @@ from tqdm import tqdm
 from geomoe.bundle import Bundle, BundlePaths, save_manifest
 from geomoe.config import load_config
 from geomoe.data.datasets import GridDataset, Prepared
-from geomoe.metrics import match_by_size, truth_instances
 from geomoe.pipelines.evaluate import _channels, min_pixels, route_windows
 from geomoe.pipelines.calibration import Calibration
-from geomoe.pipelines.instances import Separation, footprint_mask
+from geomoe.pipelines.candidate_scores import CandidateGrid, WindowBatch, batch_counts
+from geomoe.pipelines.instances import Separation
+from geomoe.pipelines.pool import submit
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +76,44 @@ def f1_of(counts: np.ndarray) -> np.ndarray:
     return np.divide(2 * tp, denom, out=np.zeros(denom.shape), where=denom > 0)
 
 
+def calibration_workers(cfg, batches: int) -> int:
+    """Processes that score the candidates beside the model: ``predict.footprint_workers`` where set; else one a
+    core (at most 8) once there are enough batches to pay for starting them (a spawned worker takes seconds)."""
+    if cfg.predict.footprint_workers is not None:
+        return cfg.predict.footprint_workers
+    cores = os.cpu_count() or 1
+    return min(8, cores) if cores > 1 and batches >= 8 else 0
+
+
 def validation_counts(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibration], which: str = "experts",
-                      batch_size: int = 8, progress: bool = True) -> np.ndarray:
+                      batch_size: int = 8, progress: bool = True, workers: int | None = None) -> np.ndarray:
     """(groups, candidates, 3) counts of matched, false and missed buildings on ``refs`` for each candidate,
     scored window by window (no window's outputs are kept, so memory does not grow with the validation set).
     ``which``: "experts" (routed as prediction routes by default, smoothed; a group per expert) or "single" (one
-    group)."""
+    group). ``workers``: processes scoring batches while the model runs on the next ones (None: as
+    :func:`calibration_workers` says; 0: in line). The counts are sums of integers: the same however many."""
     routes = route_windows(bundle, prep, refs, batch_size, progress=False) if which == "experts" else None
-    counts = np.zeros((bundle.k if routes is not None else 1, len(cands), 3), np.int64)  # TP, FP, FN
-    areas = sorted({c.min_area_m2 for c in cands})
-    cuts = {(c.threshold, c.separation) for c in cands}
-    index = {(c.threshold, c.separation, c.min_area_m2): n for n, c in enumerate(cands)}
-    rows = {(th, sep): [index[(th, sep, a)] for a in areas] for th, sep in cuts}
-    for b in tqdm(DataLoader(GridDataset(prep, refs), batch_size=batch_size), unit="batch", disable=not progress,
-                  desc=f"calibrating footprints ({which})"):
+    groups = bundle.k if routes is not None else 1
+    grid = CandidateGrid.of(cands)
+    loader = DataLoader(GridDataset(prep, refs), batch_size=batch_size)
+    if workers is None:
+        workers = calibration_workers(bundle.config, len(loader))
+    counts = np.zeros((groups, len(cands), 3), np.int64)  # TP, FP, FN
+    pending: deque = deque()
+    for b in tqdm(loader, unit="batch", disable=not progress, desc=f"calibrating footprints ({which})"):
         i = b["index"].numpy()
         group = routes.smoothed[i] if routes is not None else np.zeros(len(i), np.int64)
-        probs = _probs(bundle, which, b["image"], group)
-        truth, valid, ids = b["mask"].numpy() > 0, b["valid"].numpy().astype(bool), b["instances"].numpy()
-        for j, k in enumerate(i):
-            t = truth_instances(truth[j] & valid[j], ids[j])
-            px = tuple(min_pixels(prep.readers[refs[k].scene], a) for a in areas)
-            for th, sep in cuts:  # one watershed and one labelling per threshold and separation; areas filter it
-                counts[group[j], rows[(th, sep)]] += match_by_size(footprint_mask(probs[j], th, sep) & valid[j], t,
-                                                                    px, void=~valid[j])
+        batch = WindowBatch(_probs(bundle, which, b["image"], group), b["mask"].numpy() > 0, b["instances"].numpy(),
+                            b["valid"].numpy().astype(bool), group,
+                            [tuple(min_pixels(prep.readers[refs[k].scene], a) for a in grid.areas) for k in i])
+        if workers <= 0:
+            counts += batch_counts(grid, batch, groups)
+            continue
+        pending.append(submit(workers, batch_counts, grid, batch, groups))
+        while len(pending) > 2 * workers:  # bounded: a batch's channels wait in the pool's queue
+            counts += pending.popleft().result()
+    for f in pending:
+        counts += f.result()
     return counts
 
 

@@ -285,6 +285,16 @@ def test_instance_experts_train_and_evaluate_end_to_end(synth_root, tmp_path):
         if d["validation_buildings"] < MIN_BUILDINGS:
             assert rules.of(i) == e
     assert rules.of(b.k) == b.calibration("single") and b.calibrations("single").default == b.calibration("single")
+    # the candidates scored in worker processes beside the model count exactly what scoring in line counts
+    from geomoe.data.datasets import prepare
+    from geomoe.pipelines.calibrate import validation_counts
+
+    prep = prepare(synth_root, b.config.data, b.config.seed)
+    refs = prep.windows("val")
+    inline = validation_counts(b, prep, refs, tried, batch_size=2, progress=False, workers=0)
+    pooled = validation_counts(b, prep, refs, tried, batch_size=2, progress=False, workers=2)
+    assert inline.shape == (b.k, len(tried), 3) and inline[..., [0, 2]].sum() > 0
+    assert np.array_equal(inline, pooled)
     ev = evaluate(b, synth_root, progress=False)
     overall = ev.table[ev.table.location == "overall"].set_index("method")
     assert overall.loc[["embedding", "single", "soft"], "iou"].notna().all()
