@@ -4,10 +4,12 @@
 # CALL_S. Outputs under $OUT.
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
-cp -r .gpu2/data/. .gpudata/ || exit 1
-export PYTHONPATH=$PWD/.gpusite
+cp -r .gpu2/data/. /tmp/gpudata/ || exit 1
+export PYTHONPATH=/tmp/site
+python3 -c 'import pydantic, rasterio' || exit 1
+mkdir -p docs  # the picture goes there (docs/ stays behind when the wheels travel)
 python3 -m pip install -q --no-deps --no-build-isolation . > /tmp/pip.log 2>&1 || { tail -20 /tmp/pip.log; exit 1; }
-mkdir -p ../shared && ln -sfn "$PWD/.gpudata" ../shared/data
+mkdir -p ../shared && ln -sfn /tmp/gpudata ../shared/data
 echo "setup $(( $(date +%s) - t0 )) s"
 cfg=${CONFIG:-bench/configs/gpu_short.yaml}
 timeout ${QUALITY_S:-500} python3 bench/quality.py --config $cfg --parts main --out /tmp/q --results quality_gpu \
@@ -19,7 +21,7 @@ git diff bench/RESULTS.md > $OUT/RESULTS.diff
 left=$(( ${CALL_S:-590} - ($(date +%s) - t0) ))
 echo "left $left s"
 if [ -f /tmp/q/bundle/manifest.json ] && [ $left -gt ${SPEED_S:-150} ]; then
-  python3 scripts/device/mosaic.py .gpudata
+  python3 scripts/device/mosaic.py /tmp/gpudata
   cd bench && timeout $(( left - 15 )) python3 speed.py --bundle /tmp/q/bundle --config ../$cfg --repeat 2 \
     --results speed_gpu 2>&1 | grep -a -v "it/s\]" | tee $OUT/speed.log
   cp results/speed_gpu.json $OUT/ 2>/dev/null; git diff RESULTS.md > $OUT/RESULTS.diff; cd ..
