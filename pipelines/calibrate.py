@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections import deque
 from dataclasses import asdict
 
@@ -31,7 +30,7 @@ from geomoe.pipelines.evaluate import _channels, min_pixels, route_windows
 from geomoe.pipelines.calibration import Calibration
 from geomoe.pipelines.candidate_scores import CandidateGrid, WindowBatch, batch_counts
 from geomoe.pipelines.instances import Separation
-from geomoe.pipelines.pool import submit
+from geomoe.pipelines.pool import scoring_workers, submit
 
 log = logging.getLogger(__name__)
 
@@ -76,28 +75,19 @@ def f1_of(counts: np.ndarray) -> np.ndarray:
     return np.divide(2 * tp, denom, out=np.zeros(denom.shape), where=denom > 0)
 
 
-def calibration_workers(cfg, batches: int) -> int:
-    """Processes that score the candidates beside the model: ``predict.footprint_workers`` where set; else one a
-    core (at most 8) once there are enough batches to pay for starting them (a spawned worker takes seconds)."""
-    if cfg.predict.footprint_workers is not None:
-        return cfg.predict.footprint_workers
-    cores = os.cpu_count() or 1
-    return min(8, cores) if cores > 1 and batches >= 8 else 0
-
-
 def validation_counts(bundle: Bundle, prep: Prepared, refs: list, cands: list[Calibration], which: str = "experts",
                       batch_size: int = 8, progress: bool = True, workers: int | None = None) -> np.ndarray:
     """(groups, candidates, 3) counts of matched, false and missed buildings on ``refs`` for each candidate,
     scored window by window (no window's outputs are kept, so memory does not grow with the validation set).
     ``which``: "experts" (routed as prediction routes by default, smoothed; a group per expert) or "single" (one
     group). ``workers``: processes scoring batches while the model runs on the next ones (None: as
-    :func:`calibration_workers` says; 0: in line). The counts are sums of integers: the same however many."""
+    :func:`geomoe.pipelines.pool.scoring_workers` says; 0: in line). The counts are sums of integers: the same however many."""
     routes = route_windows(bundle, prep, refs, batch_size, progress=False) if which == "experts" else None
     groups = bundle.k if routes is not None else 1
     grid = CandidateGrid.of(cands)
     loader = DataLoader(GridDataset(prep, refs), batch_size=batch_size)
     if workers is None:
-        workers = calibration_workers(bundle.config, len(loader))
+        workers = scoring_workers(bundle.config.predict, len(loader))
     counts = np.zeros((groups, len(cands), 3), np.int64)  # TP, FP, FN
     pending: deque = deque()
     for b in tqdm(loader, unit="batch", disable=not progress, desc=f"calibrating footprints ({which})"):

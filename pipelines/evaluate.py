@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from geomoe.experts.model import predict_channels
 from geomoe.metrics import ERRORS, ERRORS_LEGEND, Scores
 from geomoe.data.sampling import space_of, world_box
 from geomoe.pipelines.calibration import Calibration, Calibrations
-from geomoe.pipelines.footprints import as_delivered
+from geomoe.pipelines.pool import scoring_workers, submit
 from geomoe.pipelines.regularise import Regularisation
+from geomoe.pipelines.window_scores import MethodOutputs, ScoringBatch, score_batch
 from geomoe.router.routing import OracleRouter, RandomRouter
 from geomoe.router.smoothing import smooth_routes
 
@@ -121,21 +123,27 @@ class RoutedBatch:
                "location_oracle": oracle_ids, "best_expert": best_ids, "soft": self.soft_ids[:, 0]}
         return ids[method]
 
-    def method_masks(self, method: str, rules: Calibrations, random_ids: np.ndarray, oracle_ids: np.ndarray | None,
-                     best_ids: np.ndarray | None = None) -> tuple[np.ndarray, list[Calibration]] | None:
-        """Building masks (N, H, W), each cut as the network that gave it is calibrated in ``rules`` (separated
-        into instances, one-pixel cuts, where the experts give aux channels), and those calibrations."""
+    def method_channels(self, method: str, rules: Calibrations, random_ids: np.ndarray,
+                        oracle_ids: np.ndarray | None, best_ids: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, list[Calibration]] | None:
+        """The (N, C, H, W) channels ``method`` gives each tile (building, then boundary and contact where the
+        networks have them) and the calibration in ``rules`` of the network that gave each."""
         p = self.method_probs(method, random_ids, oracle_ids, best_ids)
         if p is None:
             return None
         cals = [rules.of(i) for i in self.method_ids(method, random_ids, oracle_ids, best_ids)]
         aux = self._select(self.aux, self.baseline_aux, self.generalist_aux, method, random_ids, oracle_ids, best_ids)
-        if aux is None:
-            return np.stack([(q >= c.threshold).numpy() for q, c in zip(p, cals)]), cals
-        from geomoe.pipelines.instances import separate
+        return (torch.cat([p[:, None], aux], 1) if aux is not None else p[:, None]).numpy(), cals
 
-        full = torch.cat([p[:, None], aux], 1).numpy()
-        return np.stack([separate(f, c.threshold, c.separation) for f, c in zip(full, cals)]), cals
+    def method_masks(self, method: str, rules: Calibrations, random_ids: np.ndarray, oracle_ids: np.ndarray | None,
+                     best_ids: np.ndarray | None = None) -> tuple[np.ndarray, list[Calibration]] | None:
+        """Building masks (N, H, W), each cut as the network that gave it is calibrated in ``rules`` (separated
+        into instances, one-pixel cuts, where the experts give aux channels), and those calibrations."""
+        got = self.method_channels(method, rules, random_ids, oracle_ids, best_ids)
+        if got is None:
+            return None
+        out = MethodOutputs(*got, [0] * len(got[1]))
+        return np.stack([out.mask(j) for j in range(len(got[1]))]), got[1]
 
 
 def _channels(model, images: torch.Tensor, device: torch.device,
@@ -269,8 +277,10 @@ def min_pixels(reader, min_area_m2: float) -> int:
 
 
 def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = None, split: str = "test",
-             batch_size: int = 8, seed: int = 0, progress: bool = True) -> Evaluation:
-    """Score every method on the ``split`` windows of ``root`` (the bundle's own split when it trained there)."""
+             batch_size: int = 8, seed: int = 0, progress: bool = True, workers: int | None = None) -> Evaluation:
+    """Score every method on the ``split`` windows of ``root`` (the bundle's own split when it trained there).
+    ``workers``: processes scoring batches while the model answers the next (None: :func:`scoring_workers`; 0: in
+    line); the scores are counts, the same however many."""
     cfg = bundle.config
     prep = prep or prepare(root, cfg.data, cfg.seed)
     if split not in ("train", "val", "test", "all"):
@@ -293,8 +303,16 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
     scores = {(m, loc): Scores() for m in rows_of for loc in prep.locations}
     routing = np.zeros((len(prep.locations), bundle.k), np.int64)
     flagged = np.zeros(len(prep.locations), np.int64)
-    for b in tqdm(DataLoader(GridDataset(prep, refs), batch_size=batch_size), desc="evaluating", unit="batch",
-                  disable=not progress):
+    loader = DataLoader(GridDataset(prep, refs), batch_size=batch_size)
+    if workers is None:
+        workers = scoring_workers(cfg.predict, len(loader))
+    pending: deque = deque()
+
+    def add(part: dict[tuple[str, str], Scores]) -> None:
+        for key, sc in part.items():
+            scores[key] += sc
+
+    for b in tqdm(loader, desc="evaluating", unit="batch", disable=not progress):
         i = b["index"].numpy()
         rb = route_batch(bundle, b["image"], (routes.ids[i], routes.distance[i], routes.soft_ids[i], routes.soft_w[i]))
         rb.smoothed = routes.smoothed[i]
@@ -307,18 +325,21 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
             flagged[li] += int(u)
         truth, valid, ids = b["mask"].numpy() > 0, b["valid"].numpy(), b["instances"].numpy()
         bids = rb.best_expert(truth, valid, bundle.threshold)
+        readers = [prep.readers[refs[k].scene] for k in i]
+        outputs = {}
         for m in methods:
-            pred, cals = rb.method_masks(m, rules, rids, oids, bids)
-            for j, loc in enumerate(locs):
-                c = cals[j]
-                reader = prep.readers[refs[i[j]].scene]
-                small = min_pixels(reader, c.min_area_m2)
-                scores[(m, loc)].update(pred[j], truth[j], valid[j], min_pixels=small, truth_ids=ids[j])
-                if m in delivered:
-                    v = valid[j].astype(bool)
-                    got = as_delivered(pred[j] & v, reader.target_gsd or reader.gsd, c.min_area_m2, squaring, v)
-                    scores[(as_footprints(m), loc)].update(got, truth[j], valid[j], min_pixels=small,
-                                                            truth_ids=ids[j])
+            full, cals = rb.method_channels(m, rules, rids, oids, bids)
+            outputs[m] = MethodOutputs(full, cals, [min_pixels(r, c.min_area_m2) for r, c in zip(readers, cals)])
+        batch = ScoringBatch(locs, truth, ids, valid, [r.target_gsd or r.gsd for r in readers], outputs,
+                             {m: as_footprints(m) for m in delivered}, squaring)
+        if workers <= 0:
+            add(score_batch(batch))
+            continue
+        pending.append(submit(workers, score_batch, batch))
+        while len(pending) > 2 * workers:  # bounded: a batch's outputs wait in the pool's queue
+            add(pending.popleft().result())
+    for f in pending:
+        add(f.result())
     rows = []
     for m in rows_of:
         overall = Scores()

@@ -23,6 +23,16 @@ def auto_workers() -> int:
     return 0 if cores <= 4 else min(8, cores // 4)
 
 
+def scoring_workers(cfg, batches: int) -> int:
+    """Processes that score validation or test windows beside the model (calibration, evaluation): the predict
+    configuration's ``footprint_workers`` where set; else one a core (at most 8) once there are enough batches to pay
+    for starting them (a spawned worker takes seconds)."""
+    if cfg.footprint_workers is not None:
+        return cfg.footprint_workers
+    cores = os.cpu_count() or 1
+    return min(8, cores) if cores > 1 and batches >= 8 else 0
+
+
 def _ignore_sigint() -> None:
     """Workers leave Ctrl-C to the predicting process, which stops at a safe point (geomoe/interrupt.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

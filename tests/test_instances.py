@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from rasterio.transform import Affine
 
 from geomoe.experts.targets import building_targets
@@ -295,7 +296,10 @@ def test_instance_experts_train_and_evaluate_end_to_end(synth_root, tmp_path):
     pooled = validation_counts(b, prep, refs, tried, batch_size=2, progress=False, workers=2)
     assert inline.shape == (b.k, len(tried), 3) and inline[..., [0, 2]].sum() > 0
     assert np.array_equal(inline, pooled)
-    ev = evaluate(b, synth_root, progress=False)
+    ev = evaluate(b, synth_root, progress=False, workers=0)
+    # scored in worker processes beside the model: the very same table (every score is a count)
+    pooled_ev = evaluate(b, synth_root, progress=False, workers=2)
+    pd.testing.assert_frame_equal(ev.table, pooled_ev.table)
     overall = ev.table[ev.table.location == "overall"].set_index("method")
     assert overall.loc[["embedding", "single", "soft"], "iou"].notna().all()
 
