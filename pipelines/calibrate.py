@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict
+from functools import partial
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from geomoe.pipelines.evaluate import _channels, min_pixels, route_windows
 from geomoe.pipelines.calibration import Calibration
 from geomoe.pipelines.candidate_scores import CandidateGrid, WindowBatch, batch_counts
 from geomoe.pipelines.instances import Separation
-from geomoe.pipelines.pool import scoring_workers, submit
+from geomoe.pipelines.pool import beside, scoring_workers
 
 log = logging.getLogger(__name__)
 
@@ -81,29 +82,26 @@ def validation_counts(bundle: Bundle, prep: Prepared, refs: list, cands: list[Ca
     scored window by window (no window's outputs are kept, so memory does not grow with the validation set).
     ``which``: "experts" (routed as prediction routes by default, smoothed; a group per expert) or "single" (one
     group). ``workers``: processes scoring batches while the model runs on the next ones (None: as
-    :func:`geomoe.pipelines.pool.scoring_workers` says; 0: in line). The counts are sums of integers: the same however many."""
+    :func:`geomoe.pipelines.pool.scoring_workers` says; 0: in line); the counts are sums of integers, the same
+    however many."""
     routes = route_windows(bundle, prep, refs, batch_size, progress=False) if which == "experts" else None
     groups = bundle.k if routes is not None else 1
     grid = CandidateGrid.of(cands)
     loader = DataLoader(GridDataset(prep, refs), batch_size=batch_size)
     if workers is None:
         workers = scoring_workers(bundle.config.predict, len(loader))
+
+    def batches() -> Iterator[WindowBatch]:
+        for b in tqdm(loader, unit="batch", disable=not progress, desc=f"calibrating footprints ({which})"):
+            i = b["index"].numpy()
+            group = routes.smoothed[i] if routes is not None else np.zeros(len(i), np.int64)
+            yield WindowBatch(_probs(bundle, which, b["image"], group), b["mask"].numpy() > 0, b["instances"].numpy(),
+                              b["valid"].numpy().astype(bool), group,
+                              [tuple(min_pixels(prep.readers[refs[k].scene], a) for a in grid.areas) for k in i])
+
     counts = np.zeros((groups, len(cands), 3), np.int64)  # TP, FP, FN
-    pending: deque = deque()
-    for b in tqdm(loader, unit="batch", disable=not progress, desc=f"calibrating footprints ({which})"):
-        i = b["index"].numpy()
-        group = routes.smoothed[i] if routes is not None else np.zeros(len(i), np.int64)
-        batch = WindowBatch(_probs(bundle, which, b["image"], group), b["mask"].numpy() > 0, b["instances"].numpy(),
-                            b["valid"].numpy().astype(bool), group,
-                            [tuple(min_pixels(prep.readers[refs[k].scene], a) for a in grid.areas) for k in i])
-        if workers <= 0:
-            counts += batch_counts(grid, batch, groups)
-            continue
-        pending.append(submit(workers, batch_counts, grid, batch, groups))
-        while len(pending) > 2 * workers:  # bounded: a batch's channels wait in the pool's queue
-            counts += pending.popleft().result()
-    for f in pending:
-        counts += f.result()
+    for part in beside(workers, partial(batch_counts, grid, groups), batches()):
+        counts += part
     return counts
 
 

@@ -46,7 +46,7 @@ class WindowBatch:
     min_pixels: list[tuple[int, ...]]
 
 
-def batch_counts(grid: CandidateGrid, batch: WindowBatch, groups: int) -> np.ndarray:
+def batch_counts(grid: CandidateGrid, groups: int, batch: WindowBatch) -> np.ndarray:
     """(groups, candidates, 3) counts of matched, false and missed buildings (TP, FP, FN) on ``batch``."""
     counts = np.zeros((groups, grid.size, 3), np.int64)
     for j in range(len(batch.probs)):

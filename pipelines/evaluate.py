@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from geomoe.experts.model import predict_channels
 from geomoe.metrics import ERRORS, ERRORS_LEGEND, Scores
 from geomoe.data.sampling import space_of, world_box
 from geomoe.pipelines.calibration import Calibration, Calibrations
-from geomoe.pipelines.pool import scoring_workers, submit
+from geomoe.pipelines.pool import beside, scoring_workers
 from geomoe.pipelines.regularise import Regularisation
 from geomoe.pipelines.window_scores import MethodOutputs, ScoringBatch, score_batch
 from geomoe.router.routing import OracleRouter, RandomRouter
@@ -306,40 +306,34 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
     loader = DataLoader(GridDataset(prep, refs), batch_size=batch_size)
     if workers is None:
         workers = scoring_workers(cfg.predict, len(loader))
-    pending: deque = deque()
 
-    def add(part: dict[tuple[str, str], Scores]) -> None:
+    def batches() -> Iterator[ScoringBatch]:
+        """Each batch's outputs, method by method, and the routing counts as the router goes."""
+        for b in tqdm(loader, desc="evaluating", unit="batch", disable=not progress):
+            i = b["index"].numpy()
+            rb = route_batch(bundle, b["image"], (routes.ids[i], routes.distance[i], routes.soft_ids[i],
+                                                  routes.soft_w[i]))
+            rb.smoothed = routes.smoothed[i]
+            locs = [prep.locations[i] for i in b["location"].tolist()]
+            rids = rand.route(len(locs))
+            oids = oracle.route(locs) if oracle else None
+            unf = rb.unfamiliar = bundle.unfamiliar(rb.embedding, rb.distance)
+            for li, e, u in zip(b["location"].tolist(), rb.embedding, unf):
+                routing[li, e] += 1
+                flagged[li] += int(u)
+            truth, valid, ids = b["mask"].numpy() > 0, b["valid"].numpy(), b["instances"].numpy()
+            bids = rb.best_expert(truth, valid, bundle.threshold)
+            readers = [prep.readers[refs[k].scene] for k in i]
+            outputs = {}
+            for m in methods:
+                full, cals = rb.method_channels(m, rules, rids, oids, bids)
+                outputs[m] = MethodOutputs(full, cals, [min_pixels(r, c.min_area_m2) for r, c in zip(readers, cals)])
+            yield ScoringBatch(locs, truth, ids, valid, [r.target_gsd or r.gsd for r in readers], outputs,
+                               {m: as_footprints(m) for m in delivered}, squaring)
+
+    for part in beside(workers, score_batch, batches()):
         for key, sc in part.items():
             scores[key] += sc
-
-    for b in tqdm(loader, desc="evaluating", unit="batch", disable=not progress):
-        i = b["index"].numpy()
-        rb = route_batch(bundle, b["image"], (routes.ids[i], routes.distance[i], routes.soft_ids[i], routes.soft_w[i]))
-        rb.smoothed = routes.smoothed[i]
-        locs = [prep.locations[i] for i in b["location"].tolist()]
-        rids = rand.route(len(locs))
-        oids = oracle.route(locs) if oracle else None
-        unf = rb.unfamiliar = bundle.unfamiliar(rb.embedding, rb.distance)
-        for li, e, u in zip(b["location"].tolist(), rb.embedding, unf):
-            routing[li, e] += 1
-            flagged[li] += int(u)
-        truth, valid, ids = b["mask"].numpy() > 0, b["valid"].numpy(), b["instances"].numpy()
-        bids = rb.best_expert(truth, valid, bundle.threshold)
-        readers = [prep.readers[refs[k].scene] for k in i]
-        outputs = {}
-        for m in methods:
-            full, cals = rb.method_channels(m, rules, rids, oids, bids)
-            outputs[m] = MethodOutputs(full, cals, [min_pixels(r, c.min_area_m2) for r, c in zip(readers, cals)])
-        batch = ScoringBatch(locs, truth, ids, valid, [r.target_gsd or r.gsd for r in readers], outputs,
-                             {m: as_footprints(m) for m in delivered}, squaring)
-        if workers <= 0:
-            add(score_batch(batch))
-            continue
-        pending.append(submit(workers, score_batch, batch))
-        while len(pending) > 2 * workers:  # bounded: a batch's outputs wait in the pool's queue
-            add(pending.popleft().result())
-    for f in pending:
-        add(f.result())
     rows = []
     for m in rows_of:
         overall = Scores()

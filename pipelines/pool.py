@@ -11,10 +11,15 @@ import atexit
 import multiprocessing
 import os
 import signal
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from typing import TypeVar
 from concurrent.futures.process import BrokenProcessPool
 
 _POOLS: dict[int, ProcessPoolExecutor] = {}
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def auto_workers() -> int:
@@ -53,6 +58,27 @@ def submit(workers: int, fn, *args) -> Future:
     except BrokenProcessPool:
         _POOLS.pop(workers, None)
         return _pool(workers).submit(fn, *args)
+
+
+def beside(workers: int, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """``fn(item)`` for each item, in order, on ``workers`` processes while the caller's generator makes the next
+    items (a model answering the next batch); at most twice as many items wait as there are workers, so memory stays
+    bounded. ``workers`` 0: in line. ``fn`` must be a module's function (or a partial of one): it is pickled."""
+    if workers <= 0:
+        for item in items:
+            yield fn(item)
+        return
+    pending: deque[Future] = deque()
+    try:
+        for item in items:
+            pending.append(submit(workers, fn, item))
+            while len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # stopped early (an error, an interrupt): what has not started is dropped
+        for f in pending:
+            f.cancel()
 
 
 @atexit.register

@@ -401,3 +401,31 @@ def test_handoff_without_room_leaves_no_partial_files_and_says_so(monkeypatch):
     assert h.put({"prob": np.zeros((3, 4, 5), np.float32), "valid": np.ones((4, 5), bool)}) is None
     assert calls and not any(h.folder.iterdir())
     h.close()
+
+
+def test_work_beside_the_caller_comes_back_in_order_and_bounded():
+    """pool.beside: results in the items' order whether in line or on worker processes, never more than twice the
+    workers waiting while the caller's generator makes items, and an error in the generator drops what waits."""
+    from geomoe.pipelines.pool import beside
+
+    made, seen = [], []
+
+    def items(n: int):
+        for k in range(n):
+            made.append(k)
+            # items made ahead of the results taken: at most 2 x workers waiting, plus the one being made
+            assert len(made) - len(seen) <= 2 * 2 + 1
+            yield -k
+
+    for r in beside(2, abs, items(12)):
+        seen.append(r)
+    assert seen == list(range(12))
+    assert list(beside(0, abs, items(0))) == []
+    assert list(beside(0, abs, [-3, 4])) == [3, 4]
+
+    def failing():
+        yield -1
+        raise RuntimeError("reader failed")
+
+    with pytest.raises(RuntimeError, match="reader failed"):
+        list(beside(2, abs, failing()))
