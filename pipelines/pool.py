@@ -1,4 +1,5 @@
-"""The footprint stage's worker processes: one pool per process, shared by band outlining and regularisation.
+"""Worker processes: one pool per process, shared by the footprint stage (band outlining, regularisation) and the
+scoring of validation and test windows (calibration, evaluation).
 
 Started once (spawned, never forked: the predicting process has reader, writer and torch threads) and reused by
 every scene; stopped at exit so no worker outlives the command. A pool whose worker died (killed, out of memory)
@@ -14,8 +15,11 @@ import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import TypeVar
 from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from geomoe.config import PredictConfig
 
 _POOLS: dict[int, ProcessPoolExecutor] = {}
 T = TypeVar("T")
@@ -28,7 +32,7 @@ def auto_workers() -> int:
     return 0 if cores <= 4 else min(8, cores // 4)
 
 
-def scoring_workers(cfg, batches: int) -> int:
+def scoring_workers(cfg: PredictConfig, batches: int) -> int:
     """Processes that score validation or test windows beside the model (calibration, evaluation): the predict
     configuration's ``footprint_workers`` where set; else one a core (at most 8) once there are enough batches to pay
     for starting them (a spawned worker takes seconds)."""
