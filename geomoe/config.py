@@ -140,8 +140,10 @@ class ExpertConfig(_Strict):
                            "one way across the imagery (off-nadir satellite imagery labelled with footprints at the "
                            "ground), which a turned patch shows pointing another way. Decided on validation "
                            "(session 26, `medium`, every network trained alike): routed experts 0.460 -> 0.522 IoU, "
-                           "single network 0.469 -> 0.509 (bench/RESULTS.md). Not yet measured on a place left out "
-                           "of training: bench/unseen.py.")
+                           "single network 0.469 -> 0.509 (bench/RESULTS.md). On a place left out of training it costs "
+                           "(session 27, Banepa never seen: single network 0.507 -> 0.364 validation IoU, routed "
+                           "0.252 -> 0.232): turn it on (as paper.yaml) for a bundle meant for places unlike its "
+                           "training data.")
     calibration: Literal["each", "shared"] = Field(
         "each", description="each: every expert gets its own threshold, watershed seeds and smallest footprint, "
                             "chosen on the validation windows routed to it (the shared choice where they hold under "
