@@ -9,6 +9,7 @@ is replaced when the next job is submitted (:func:`submit`).
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import os
 import signal
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     from geomoe.config import PredictConfig
 
+log = logging.getLogger(__name__)
 _POOLS: dict[int, ProcessPoolExecutor] = {}
 T = TypeVar("T")
 R = TypeVar("R")
@@ -67,21 +69,30 @@ def submit(workers: int, fn, *args) -> Future:
 def beside(workers: int, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     """``fn(item)`` for each item, in order, on ``workers`` processes while the caller's generator makes the next
     items (a model answering the next batch); at most twice as many items wait as there are workers, so memory stays
-    bounded. ``workers`` 0: in line. ``fn`` must be a module's function (or a partial of one): it is pickled."""
+    bounded. ``workers`` 0: in line. ``fn`` must be a module's function (or a partial of one): it is pickled. An item
+    whose worker died (killed, out of memory) is worked again here; the next item gets a fresh pool."""
     if workers <= 0:
         for item in items:
             yield fn(item)
         return
-    pending: deque[Future] = deque()
+    pending: deque[tuple[T, Future]] = deque()
+
+    def result(item: T, f: Future) -> R:
+        try:
+            return f.result()
+        except BrokenProcessPool as e:
+            log.warning("a worker process died (%s); its item is worked again in this process", e)
+            return fn(item)
+
     try:
         for item in items:
-            pending.append(submit(workers, fn, item))
+            pending.append((item, submit(workers, fn, item)))
             while len(pending) > 2 * workers:
-                yield pending.popleft().result()
+                yield result(*pending.popleft())
         while pending:
-            yield pending.popleft().result()
+            yield result(*pending.popleft())
     finally:  # stopped early (an error, an interrupt): what has not started is dropped
-        for f in pending:
+        for _, f in pending:
             f.cancel()
 
 

@@ -429,3 +429,15 @@ def test_work_beside_the_caller_comes_back_in_order_and_bounded():
 
     with pytest.raises(RuntimeError, match="reader failed"):
         list(beside(2, abs, failing()))
+    # a worker killed under an item (out of memory, say): that item is worked again in this process, the rest go on
+    assert list(beside(2, _dies_in_a_worker, [-1, -2, -3])) == [1, 2, 3]
+
+
+def _dies_in_a_worker(x: int) -> int:
+    """abs(x), but a worker process dies on -2 (as the kernel's out-of-memory killer ends one)."""
+    import multiprocessing
+    import os
+
+    if x == -2 and multiprocessing.current_process().name != "MainProcess":
+        os._exit(1)
+    return abs(x)

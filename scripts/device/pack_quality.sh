@@ -5,7 +5,7 @@
 # and at once run carry [".gpu2"] `bash scripts/device/quality.sh` (QUALITY_S, CALL_S, SPEED_S as it says).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-for d in /.gpu/ /.gpu2/ /.gpusite/ /.gpudata/; do grep -qx "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done
+for d in /.gpu/ /.gpu2/; do grep -qx "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done
 [ -f .gpu/site312.tar.xz ] || bash scripts/device/pack.sh
 rm -rf .gpu/data .gpu2 && mkdir -p .gpu2/data
 (cd scripts/device && ../../.venv/bin/python data_parts.py ../../.gpu/data ../../.gpu2/data)
