@@ -13,7 +13,7 @@ import numpy as np
 from geomoe.metrics import Scores
 from geomoe.pipelines.calibration import Calibration
 from geomoe.pipelines.footprints import as_delivered
-from geomoe.pipelines.instances import separate
+from geomoe.pipelines.instances import footprint_mask
 from geomoe.pipelines.regularise import Regularisation
 
 
@@ -29,8 +29,7 @@ class MethodOutputs:
     def mask(self, j: int) -> np.ndarray:
         """Window ``j``'s building mask as its network's calibration cuts it."""
         c = self.calibrations[j]
-        full = self.channels[j]
-        return separate(full, c.threshold, c.separation) if len(full) > 1 else full[0] >= c.threshold
+        return footprint_mask(self.channels[j], c.threshold, c.separation)
 
 
 @dataclass
