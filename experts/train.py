@@ -31,6 +31,7 @@ class ExpertJob:
     steps: int  # optimisation steps in all
     init_from: Path | None = None  # start from this expert file (fine-tuning)
     weights: list[float] | None = None  # how often each training window is drawn (None: each equally often)
+    turns: bool | None = None  # flips and quarter turns of its patches (None: experts.turns)
 
 
 def epochs_for(steps: int, steps_per_epoch: int) -> tuple[int, int]:
@@ -73,7 +74,8 @@ def train_expert(prep: Prepared, cfg: Config, job: ExpertJob, out: Path, progres
         task.warmup_steps = round(x.finetune_warmup * epochs * per_epoch)
     plan = PatchPlan(job.train_refs, job.val_refs, x.batch_size, per_epoch, epochs,
                      instance_targets=TargetWidths(x.boundary_m, x.contact_m) if x.outputs == "instances" else None,
-                     train_weights=job.weights, colour_jitter=x.colour_jitter, turns=x.turns,
+                     train_weights=job.weights, colour_jitter=x.colour_jitter,
+                     turns=x.turns if job.turns is None else job.turns,
                      replay=x.replay if job.train_refs is not None and job.init_from is not None else 0.0)
     data = PatchDataModule(prep, plan, cfg.seed, cfg.data.min_valid, cfg.data.workers)
     fj = FitJob(job.name, out / "runs" / job.name, out / f"{job.name}.pt", epochs,

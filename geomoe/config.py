@@ -144,6 +144,12 @@ class ExpertConfig(_Strict):
                            "(session 27, Banepa never seen: single network 0.507 -> 0.364 validation IoU, routed "
                            "0.252 -> 0.232): turn it on (as paper.yaml) for a bundle meant for places unlike its "
                            "training data.")
+    generalist_turns: bool | None = Field(
+        None, description="Flips and quarter turns for the generalist alone (with `init: generalist`); None: as "
+                          "`turns`. The generalist is what serves a place unlike the training data (`predict --model "
+                          "generalist`) and where every expert and the single network start from: trained with turns "
+                          "it learns roofs in any view, and the networks fine-tuned from it without turns then learn "
+                          "the view of their imagery (tried in session 28 on a place never seen, bench/RESULTS.md).")
     calibration: Literal["each", "shared"] = Field(
         "each", description="each: every expert gets its own threshold, watershed seeds and smallest footprint, "
                             "chosen on the validation windows routed to it (the shared choice where they hold under "

@@ -146,7 +146,7 @@ def expert_jobs(prep: Prepared, emb: Embeddings, centroids: np.ndarray, cfg: Con
     jobs = {}
     if gen is not None:
         jobs["generalist"] = ExpertJob("generalist", None, prep.windows("val"),
-                                       unit * -(-(x.generalist_steps or per * k) // unit))
+                                       unit * -(-(x.generalist_steps or per * k) // unit), turns=x.generalist_turns)
     for i in range(k):
         jobs[f"expert:{i}"] = ExpertJob(f"region_{i}", refs[i], refs_of(prep, emb, val & (regions == i)), steps[i], gen,
                                         weights[i])

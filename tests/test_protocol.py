@@ -164,6 +164,28 @@ def test_expert_budget_is_proportional_with_a_floor_and_adds_up_for_the_single_n
     assert expert_steps([980, 10, 10], 900, 50, unit=30) == [870, 60, 60]  # whole epochs of 30 steps
 
 
+def test_generalist_turns_apply_to_the_generalist_alone(synth_root, bundle_dir):
+    """experts.generalist_turns: the generalist's patches turn, the experts and the single network fine-tuned from it
+    keep experts.turns; unset, every job follows experts.turns."""
+    from geomoe.bundle import BundlePaths
+    from geomoe.config import load_config
+    from geomoe.data.datasets import prepare
+    from geomoe.embedding.extract import Embeddings
+    from geomoe.pipelines.train import expert_jobs
+
+    cfg = load_config("tiny")
+    paths = BundlePaths(bundle_dir)
+    prep, emb = prepare(synth_root, cfg.data, cfg.seed), Embeddings.load(paths.embeddings)
+    centroids = np.load(paths.centroids)
+    unset = expert_jobs(prep, emb, centroids, cfg, paths)
+    assert all(j.turns is None for j in unset.values())
+    cfg.experts.turns, cfg.experts.generalist_turns = False, True
+    jobs = expert_jobs(prep, emb, centroids, cfg, paths)
+    assert jobs["generalist"].turns is True
+    assert all(j.turns is None for n, j in jobs.items() if n != "generalist")
+    assert [j.steps for j in jobs.values()] == [j.steps for j in unset.values()]  # the budget does not move
+
+
 def test_smoothed_routing_removes_isolated_flips_and_keeps_boundaries():
     from geomoe.router.smoothing import smooth_routes
 
