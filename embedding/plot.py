@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.manifold import TSNE
 
-from geomoe.data.catalog import Scene
+from geomoe.config import DataConfig
+from geomoe.data.catalog import Scene, gsd_near
+from geomoe.data.datasets import reader_for
 from geomoe.data.reader import SceneReader
 from geomoe.embedding.extract import Embeddings
 from geomoe.embedding.regions import assign
@@ -59,8 +61,10 @@ def plot_space(emb: Embeddings, centroids: np.ndarray | None, out: Path, methods
 
 
 def plot_cluster_samples(emb: Embeddings, centroids: np.ndarray, out: Path, per_cluster: int = 6,
-                         target_gsd: float | None = None, seed: int = 0) -> Path:
-    """Random patches from each region, so a person can see what a region means."""
+                         data: DataConfig | None = None, seed: int = 0) -> Path:
+    """Random patches from each region, so a person can see what a region means (read as ``data`` says, the
+    configuration the windows were embedded with)."""
+    data = data or DataConfig()
     clusters = assign(emb.vectors, centroids)
     rng = np.random.default_rng(seed)
     readers: dict[str, SceneReader] = {}
@@ -73,7 +77,9 @@ def plot_cluster_samples(emb: Embeddings, centroids: np.ndarray, out: Path, per_
                 i = pick[j]
                 path = str(emb.scene[i])
                 if path not in readers:
-                    readers[path] = SceneReader(Scene(str(emb.location[i]), Path(path)), target_gsd)
+                    # the resolution of a raster without a CRS from locations.csv, as discovery gave it
+                    readers[path] = reader_for(Scene(str(emb.location[i]), Path(path), gsd_hint=gsd_near(Path(path))),
+                                               data)
                 col, row, size = emb.window[i]
                 p = readers[path].read(int(col), int(row), int(size))
                 tiles.append(overlay(p.image, None, p.valid))

@@ -190,7 +190,7 @@ def embed_plot(embeddings: Path, out: Path = typer.Option(..., "--out", "-o"),
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"wrote {plot_space(emb, c, out / 'embedding_space.png', seed=cfg.seed)}")
     if c is not None:
-        console.print(f"wrote {plot_cluster_samples(emb, c, out / 'region_samples.png', target_gsd=cfg.data.target_gsd)}")
+        console.print(f"wrote {plot_cluster_samples(emb, c, out / 'region_samples.png', data=cfg.data)}")
 
 
 def _bundle(path: Path, config: str | None = None, with_baseline: bool = True):

@@ -89,7 +89,7 @@ def regions_stage(emb: Embeddings, cfg: Config, paths: BundlePaths, figures: boo
         if figures:
             plot_space(emb, fit.centroids, paths.root / "figures" / "embedding_space.png", seed=cfg.seed)
             plot_cluster_samples(emb, fit.centroids, paths.root / "figures" / "region_samples.png",
-                                 target_gsd=cfg.data.target_gsd)
+                                 data=cfg.data)
     if not paths.familiarity.exists() and is_rank_zero():  # bundles from before the unfamiliar flag
         familiarity_of(emb, Router(np.load(paths.centroids)), cfg).save(paths.familiarity)
     barrier()

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from geomoe.config import DataConfig
-from geomoe.data.catalog import Catalog, discover
+from geomoe.data.catalog import Catalog, Scene, discover
 from geomoe.data.check import check_scene
 from geomoe.data.reader import SceneReader
 from geomoe.data.sampling import BalancedSampler, Block, PatchRef, WindowSampler, grid_windows, split_blocks
@@ -102,6 +102,11 @@ class Prepared:
         return grid_windows(self.blocks, size or self.patch_size, split)  # type: ignore[arg-type]
 
 
+def reader_for(scene: Scene, cfg: DataConfig) -> SceneReader:
+    """A reader of ``scene`` as training reads it (resolution, bands, bit depth, alpha)."""
+    return SceneReader(scene, cfg.target_gsd, use_alpha=cfg.alpha == "mask", bands=cfg.bands, bits=cfg.bit_depth)
+
+
 def prepare(root, cfg: DataConfig, seed: int = 0) -> Prepared:
     """Discover, check (every block, or headers only without ``cfg.full_check``) and split a dataset root."""
     cat = discover(root)
@@ -118,7 +123,7 @@ def prepare(root, cfg: DataConfig, seed: int = 0) -> Prepared:
         counts["labelled"] += 1
         seen = len(cat.problems)
         if check_scene(s, cat.problems, full=cfg.full_check).ok:
-            readers.append(SceneReader(s, cfg.target_gsd, use_alpha=cfg.alpha == "mask", bands=cfg.bands, bits=cfg.bit_depth))
+            readers.append(reader_for(s, cfg))
             counts["used"] += 1
         else:
             why = next((p.message for p in cat.problems[seen:] if p.fatal), "unusable")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -150,14 +148,3 @@ class SceneReader:
         return features.rasterize(
             ((g, int(i) + 1) for i, g in zip(idx, gdf.geometry.iloc[idx])), out_shape=hw, transform=t, fill=0,
             dtype="int32")
-
-
-def open_readers(scenes: list[Scene], target_gsd: float | None) -> list[SceneReader]:
-    """Readers for scenes that open; others are skipped with a warning naming the file."""
-    out = []
-    for s in scenes:
-        try:
-            out.append(SceneReader(s, target_gsd))
-        except RasterError as e:
-            warnings.warn(str(e), stacklevel=2)
-    return out
