@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
+from functools import partial
 
 import geopandas as gpd
 import numpy as np
@@ -29,7 +29,7 @@ from shapely.geometry import shape
 
 from geomoe.metrics import held_size, touch_void
 from geomoe.pipelines.calibration import Calibrations
-from geomoe.pipelines.pool import submit
+from geomoe.pipelines.pool import result_or, submit
 from geomoe.pipelines.regularise import MIN_CHUNK, Regularisation, balanced_chunks, regularise
 
 log = logging.getLogger(__name__)
@@ -291,11 +291,8 @@ class FrameJob:
         if frames is None:
             frames = []
             for c, f in zip(self.chunks, self.futures):
-                try:
-                    frames.append(f.result())
-                except BrokenProcessPool as e:
-                    log.warning("a footprint worker died (%s); raw polygons kept for %d buildings", e, len(c))
-                    frames.append(footprint_chunk(c, replace(self.spec, regularize=None)))
+                frames.append(result_or(f, partial(footprint_chunk, c, replace(self.spec, regularize=None)),
+                                        f"raw polygons kept for {len(c)} buildings"))
         out = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry=frames[0].geometry.name,
                                crs=self.spec.crs)
         return out.sort_values("_piece", kind="stable").drop(columns="_piece").reset_index(drop=True)

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
@@ -66,6 +67,16 @@ def submit(workers: int, fn, *args) -> Future:
         return _pool(workers).submit(fn, *args)
 
 
+def result_or(f: Future, again: Callable[[], R], what: str) -> R:
+    """``f``'s result; where its worker died (killed, out of memory), ``again()`` in this process instead, saying
+    ``what`` happens then (the next job submitted gets a fresh pool)."""
+    try:
+        return f.result()
+    except BrokenProcessPool as e:
+        log.warning("a worker process died (%s); %s", e, what)
+        return again()
+
+
 def beside(workers: int, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     """``fn(item)`` for each item, in order, on ``workers`` processes while the caller's generator makes the next
     items (a model answering the next batch); at most twice as many items wait as there are workers, so memory stays
@@ -78,11 +89,7 @@ def beside(workers: int, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R
     pending: deque[tuple[T, Future]] = deque()
 
     def result(item: T, f: Future) -> R:
-        try:
-            return f.result()
-        except BrokenProcessPool as e:
-            log.warning("a worker process died (%s); its item is worked again in this process", e)
-            return fn(item)
+        return result_or(f, partial(fn, item), "its item is worked again in this process")
 
     try:
         for item in items:
