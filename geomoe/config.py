@@ -142,16 +142,18 @@ class ExpertConfig(_Strict):
                            "(session 26, `medium`, every network trained alike): routed experts 0.460 -> 0.522 IoU, "
                            "single network 0.469 -> 0.509 (bench/RESULTS.md). On a place left out of training it costs "
                            "(session 27, Banepa never seen: single network 0.507 -> 0.364 validation IoU, routed "
-                           "0.252 -> 0.232): turn it on (as paper.yaml) for a bundle meant for places unlike its "
-                           "training data.")
+                           "0.252 -> 0.232), which the generalist's own turns (`generalist_turns`, on by default) "
+                           "win back for the routed experts.")
     generalist_turns: bool | None = Field(
-        None, description="Flips and quarter turns for the generalist alone (with `init: generalist`); None: as "
+        True, description="Flips and quarter turns for the generalist alone (with `init: generalist`); None: as "
                           "`turns`. The generalist is what serves a place unlike the training data (`predict --model "
                           "generalist`) and where every expert and the single network start from: trained with turns "
                           "it learns roofs in any view, and the networks fine-tuned from it without turns then learn "
-                          "the view of their imagery. Session 28, Banepa never seen (`medium`): routed experts 0.232 "
-                          "-> 0.347 validation IoU, generalist 0.412 -> 0.477, single network 0.364 -> 0.409 against "
-                          "no network turned; its cost on the places trained on is not measured yet (bench/RESULTS.md).")
+                          "the view of their imagery. On by default since session 29, by a rule fixed beforehand "
+                          "(validation only): routed experts on a place never seen, against no network turned, "
+                          "Banepa 0.232 -> 0.347 and Barnarp 0.232 -> 0.329 (mean +10.6 IoU points); on the places "
+                          "trained on 0.5216 -> 0.5206, single network 0.5094 -> 0.4981, generalist 0.4881 -> 0.4384 "
+                          "(`medium`, bench/RESULTS.md). `false`: the generalist does not turn (the default before).")
     calibration: Literal["each", "shared"] = Field(
         "each", description="each: every expert gets its own threshold, watershed seeds and smallest footprint, "
                             "chosen on the validation windows routed to it (the shared choice where they hold under "

@@ -165,8 +165,8 @@ def test_expert_budget_is_proportional_with_a_floor_and_adds_up_for_the_single_n
 
 
 def test_generalist_turns_apply_to_the_generalist_alone(synth_root, bundle_dir):
-    """experts.generalist_turns: the generalist's patches turn, the experts and the single network fine-tuned from it
-    keep experts.turns; unset, every job follows experts.turns."""
+    """experts.generalist_turns (on by default): the generalist's patches turn, the experts and the single network
+    fine-tuned from it keep experts.turns; None, every job follows experts.turns."""
     from geomoe.bundle import BundlePaths
     from geomoe.config import load_config
     from geomoe.data.datasets import prepare
@@ -177,10 +177,11 @@ def test_generalist_turns_apply_to_the_generalist_alone(synth_root, bundle_dir):
     paths = BundlePaths(bundle_dir)
     prep, emb = prepare(synth_root, cfg.data, cfg.seed), Embeddings.load(paths.embeddings)
     centroids = np.load(paths.centroids)
+    assert cfg.experts.generalist_turns is True and cfg.experts.turns is False  # the defaults
+    jobs = expert_jobs(prep, emb, centroids, cfg, paths)
+    cfg.experts.generalist_turns = None
     unset = expert_jobs(prep, emb, centroids, cfg, paths)
     assert all(j.turns is None for j in unset.values())
-    cfg.experts.turns, cfg.experts.generalist_turns = False, True
-    jobs = expert_jobs(prep, emb, centroids, cfg, paths)
     assert jobs["generalist"].turns is True
     assert all(j.turns is None for n, j in jobs.items() if n != "generalist")
     assert [j.steps for j in jobs.values()] == [j.steps for j in unset.values()]  # the budget does not move
