@@ -34,6 +34,17 @@ def _fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _warn_unflipped(b, model: str = "experts") -> None:
+    """Flip averaging assumes networks that saw flipped patches in training; experts trained without turns keep the
+    sun's side of every roof, and averaging their flipped answers loses it (bench/RESULTS.md, session 30: test IoU
+    0.501 -> 0.456 on the `medium` run)."""
+    e = b.config.experts
+    if not (e.turns or (model == "generalist" and e.generalist_turns)):
+        console.print("[yellow]warning:[/] --tta averages flipped tiles, but this bundle's experts and single network "
+                      "trained without flips (experts.turns: false), so flip averaging lowers their accuracy",
+                      highlight=False, soft_wrap=True)
+
+
 def _out_dir(path: Path) -> Path:
     """Create the output folder now, before any long computation, or end with one line saying why it cannot be."""
     try:
@@ -262,6 +273,8 @@ def evaluate(root: Path, bundle: Path = typer.Option(..., "--bundle", "-b"), out
 
     b = _bundle(bundle)
     b.config.predict.tta = b.config.predict.tta or tta
+    if b.config.predict.tta:
+        _warn_unflipped(b)
     out = _out_dir(out or bundle / "evaluation")
     try:
         ev = run_eval(b, root, split=split)
@@ -443,6 +456,8 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
         pcfg = b.config.predict.model_validate({**b.config.predict.model_dump(), **upd})
     except ValueError as e:
         _fail(str(e))
+    if pcfg.tta:
+        _warn_unflipped(b, model_)
     req = RunRequest(pcfg, cal.threshold, gsd)  # the same request for either engine
     if engine == "local":
         model.tta = pcfg.tta

@@ -337,6 +337,8 @@ def test_cli_evaluate_show_lr_find_and_finetune(bundle_dir, synth_root, tmp_path
     assert (tmp_path / "ev" / "evaluation.json").exists()
     res = r.invoke(app, ["evaluate", str(synth_root), "-b", str(bundle_dir), "-o", str(tmp_path / "ev_tta"), "--tta"])
     assert res.exit_code == 0, res.output
+    # tiny trains without turns: flip averaging is scored, and the user told it works against such networks
+    assert not load_config("tiny").experts.turns and "trained without flips" in res.output
     plain, flips = (pd.read_csv(tmp_path / d / "evaluation.csv") for d in ("ev", "ev_tta"))
     assert plain.shape == flips.shape and not np.allclose(plain.iou, flips.iou)  # the models' answers changed
     res = r.invoke(app, ["show-results", str(synth_root), "-b", str(bundle_dir), "-o", str(tmp_path / "show.png"), "--n", "3"])
