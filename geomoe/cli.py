@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from geomoe.config import load_config
+from geomoe.config import ExpertConfig, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Location-aware mixture of experts for building footprints.")
 data_app = typer.Typer(no_args_is_help=True, help="Check, show and generate training data.")
@@ -34,11 +34,10 @@ def _fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _warn_unflipped(b, model: str = "experts") -> None:
+def _warn_unflipped(e: ExpertConfig, model: str = "experts") -> None:
     """Flip averaging assumes networks that saw flipped patches in training; experts trained without turns keep the
     sun's side of every roof, and averaging their flipped answers loses it (bench/RESULTS.md, session 30: test IoU
     0.501 -> 0.456 on the `medium` run)."""
-    e = b.config.experts
     if not (e.turns or (model == "generalist" and e.generalist_turns)):
         console.print("[yellow]warning:[/] --tta averages flipped tiles, but this bundle's experts and single network "
                       "trained without flips (experts.turns: false), so flip averaging lowers their accuracy",
@@ -274,7 +273,7 @@ def evaluate(root: Path, bundle: Path = typer.Option(..., "--bundle", "-b"), out
     b = _bundle(bundle)
     b.config.predict.tta = b.config.predict.tta or tta
     if b.config.predict.tta:
-        _warn_unflipped(b)
+        _warn_unflipped(b.config.experts)
     out = _out_dir(out or bundle / "evaluation")
     try:
         ev = run_eval(b, root, split=split)
@@ -457,7 +456,7 @@ def predict(inputs: list[Path], bundle: Path = typer.Option(..., "--bundle", "-b
     except ValueError as e:
         _fail(str(e))
     if pcfg.tta:
-        _warn_unflipped(b, model_)
+        _warn_unflipped(b.config.experts, model_)
     req = RunRequest(pcfg, cal.threshold, gsd)  # the same request for either engine
     if engine == "local":
         model.tta = pcfg.tta
