@@ -38,10 +38,11 @@ def _warn_unflipped(e: ExpertConfig, model: str = "experts") -> None:
     """Flip averaging assumes networks that saw flipped patches in training; experts trained without turns keep the
     sun's side of every roof, and averaging their flipped answers loses it (bench/RESULTS.md, session 30: test IoU
     0.501 -> 0.456 on the `medium` run)."""
-    if not (e.turns or (model == "generalist" and e.generalist_turns)):
-        console.print("[yellow]warning:[/] --tta averages flipped tiles, but this bundle's experts and single network "
-                      "trained without flips (experts.turns: false), so flip averaging lowers their accuracy",
-                      highlight=False, soft_wrap=True)
+    if not (e.generalist_turned if model == "generalist" else e.turns):
+        which = ("generalist", "experts.generalist_turns") if model == "generalist" else \
+            ("experts and single network", "experts.turns")
+        console.print(f"[yellow]warning:[/] --tta averages flipped tiles, but this bundle's {which[0]} trained without "
+                      f"flips ({which[1]}: false), so flip averaging lowers the accuracy", highlight=False, soft_wrap=True)
 
 
 def _out_dir(path: Path) -> Path:

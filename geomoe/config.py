@@ -164,6 +164,11 @@ class ExpertConfig(_Strict):
         True, description="A job that starts from a trained network also scores that start on its validation windows "
                           "and keeps it when no fine-tuned checkpoint beats it (choice on validation, never test).")
 
+    @property
+    def generalist_turned(self) -> bool:
+        """Whether the generalist trains on flipped and turned patches (``generalist_turns``, None: as ``turns``)."""
+        return self.turns if self.generalist_turns is None else self.generalist_turns
+
     @model_validator(mode="after")
     def _pair_exists(self) -> "ExpertConfig":
         if (self.decoder, self.encoder) in UNSUPPORTED:
