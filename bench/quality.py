@@ -109,6 +109,13 @@ def cached_evaluation(bundle_dir: Path, prep, dev, out: Path, tta: bool = False)
     return ev
 
 
+def served_by_single(bundle_dir: Path) -> dict[str, dict]:
+    """The regions the single network serves (pipelines/serving.py), with the validation IoUs that decided it."""
+    m = json.loads(BundlePaths(bundle_dir).manifest.read_text())
+    serving, figures = m.get("serving") or [], m.get("serving_validation") or []
+    return {f"region {r}": figures[r] if r < len(figures) else {} for r, s in enumerate(serving) if s != r}
+
+
 def dense_picture(bundle, prep, out: Path, routed_by: str) -> Path:
     """The Banepa test window with the most separate buildings: image, truth, single, routed.
 
@@ -281,6 +288,12 @@ def main() -> None:
               "each expert's own, which prediction and evaluation use): " + "; ".join(
         f"{w}: threshold {c['threshold']:g}, seeds {c['separation']['seed_threshold']:g} / "
         f"{c['separation']['seed_distance']:g} px, smallest {c['min_area_m2']:g} m2" for w, c in calib.items()) + ".")
+    served = {"main": served_by_single(base), **({"k5": served_by_single(a.out / "k5")} if "k5" in tables else {})}
+    md.append("Regions served by the single network, chosen on validation (pipelines/serving.py; the IoUs on the "
+              "region's validation windows): " + "; ".join(
+        f"{name}: " + (", ".join(f"{r} (expert {v.get('expert_iou')}, single {v.get('single_iou')}, "
+                                 f"{v.get('windows')} windows)" for r, v in regions.items()) or "none")
+        for name, regions in served.items()) + ".")
     md.append(f"Targets (k = {cfg.regions.k}, `predict.routing: {cfg.predict.routing}`): " + targets_line(targets))
     if routed_by != "embedding":
         md.append("Tile by tile, the same experts: " + targets_line(tile_targets))
@@ -302,7 +315,7 @@ def main() -> None:
     write_json(a.results, {
         "wall_minutes": minutes, "times_s": times, "targets": targets, "targets_tile_routing": tile_targets,
         "targets_footprints": delivered,
-        "calibration": calib,
+        "calibration": calib, "served_by_single": served,
         "footprint_errors": None if errors is None else {
             f"{method}/{loc}": {k: int(v) for k, v in row.items()} for (method, loc), row in errors.iterrows()},
         "table": {m: {loc: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}

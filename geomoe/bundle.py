@@ -89,6 +89,9 @@ class Manifest(BaseModel):
     experts: list[str]
     baseline: str | None = None
     generalist: str | None = None
+    # the network serving each region, chosen on validation (pipelines/serving.py): the region's expert (its own id)
+    # or the single network (id k); None: every region its expert
+    serving: list[int] | None = None
     threshold: float
     # instance separation chosen on the validation windows (pipelines/calibrate.py); empty: the defaults
     separation: dict[str, float] = Field(default_factory=dict)
@@ -101,11 +104,18 @@ class Manifest(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     checksums: dict[str, str] = Field(default_factory=dict)
 
+    @property
+    def serves_single(self) -> bool:
+        """True when the single network serves a region, so routed prediction needs it."""
+        return bool(self.serving) and self.k in self.serving
+
     def files(self, with_baseline: bool = True) -> list[str]:
         """Every file prediction needs (and, ``with_baseline``, the single network and the generalist)."""
         out = [self.embedding, self.centroids, "config.yaml", *self.experts]
         out += [self.familiarity] if self.familiarity else []
         out += [f for f in (self.baseline, self.generalist) if f and with_baseline]
+        if self.serves_single and not with_baseline and self.baseline:
+            out.append(self.baseline)
         return out
 
 
@@ -175,6 +185,13 @@ class Bundle:
     @property
     def k(self) -> int:
         return len(self.experts)
+
+    @property
+    def serving(self) -> np.ndarray:
+        """(k,) the network serving each region, by the ids prediction uses: the region's expert, or k for the
+        single network where it did better on the region's validation windows (pipelines/serving.py)."""
+        s = self.manifest.get("serving")
+        return np.asarray(s, np.int64) if s else np.arange(self.k)
 
     @property
     def threshold(self) -> float:
@@ -280,7 +297,9 @@ def load_bundle(root: str | Path, device: torch.device | str = "cpu", with_basel
     centroids = np.load(root / man.centroids)
     router = Router(centroids)  # the centroids are stored once; the FAISS index is built from them
     experts = [load_expert(root / f, device)[0] for f in man.experts]
-    baseline = load_expert(root / man.baseline, device)[0] if with_baseline and man.baseline else None
+    # a region served by the single network needs it even when the caller did not ask for it
+    baseline = (load_expert(root / man.baseline, device)[0] if (with_baseline or man.serves_single) and man.baseline
+                else None)
     generalist = load_expert(root / man.generalist, device)[0] if with_baseline and man.generalist else None
     problems = []
     dim = emb.head[-1].out_features
@@ -288,6 +307,12 @@ def load_bundle(root: str | Path, device: torch.device | str = "cpu", with_basel
         problems.append(f"centroids are {centroids.shape}, expected ({man.k}, {dim}) for this embedding")
     if len(experts) != man.k:
         problems.append(f"{len(experts)} experts for k = {man.k} regions")
+    if man.serving is not None and (len(man.serving) != man.k
+                                    or any(s not in (r, man.k) for r, s in enumerate(man.serving))):
+        problems.append(f"serving {man.serving}: each region is served by its own expert or the single network "
+                        f"({man.k})")
+    if man.serves_single and baseline is None:
+        problems.append("a region is served by the single network, which the bundle does not have")
     if problems:
         raise ValueError(f"{root}: inconsistent bundle: " + "; ".join(problems))
     return Bundle(root, m, cfg, emb, centroids, router, experts, baseline, device, generalist,

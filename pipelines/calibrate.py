@@ -56,7 +56,7 @@ def candidates(threshold: float, min_area_m2: float, instances: bool = True) -> 
     return list(dict.fromkeys(out))
 
 
-def _probs(bundle: Bundle, which: str, images: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+def routed_outputs(bundle: Bundle, which: str, images: torch.Tensor, ids: np.ndarray) -> np.ndarray:
     """(N, C, H, W) probabilities of the routed experts or the single network: the building channel, then boundary
     and contact where the models have them."""
     models = [bundle.baseline] if which == "single" else bundle.experts
@@ -95,7 +95,7 @@ def validation_counts(bundle: Bundle, prep: Prepared, refs: list, cands: list[Ca
         for b in tqdm(loader, unit="batch", disable=not progress, desc=f"calibrating footprints ({which})"):
             i = b["index"].numpy()
             group = routes.smoothed[i] if routes is not None else np.zeros(len(i), np.int64)
-            yield WindowBatch(_probs(bundle, which, b["image"], group), b["mask"].numpy() > 0, b["instances"].numpy(),
+            yield WindowBatch(routed_outputs(bundle, which, b["image"], group), b["mask"].numpy() > 0, b["instances"].numpy(),
                               b["valid"].numpy().astype(bool), group,
                               [tuple(min_pixels(prep.readers[refs[k].scene], a) for a in grid.areas) for k in i])
 

@@ -34,6 +34,9 @@ from geomoe.router.smoothing import smooth_routes
 # (the upper bound of any router that picks one expert on pixel accuracy; not on IoU, which does not add up tile by
 # tile: on sparse tiles fewest wrong pixels picks the expert that predicts least); soft: top-k experts by distance;
 # fallback: smoothed, but the tiles the router flags unfamiliar get the single network (predict --unfamiliar baseline).
+# Every method that picks a region runs the network serving it (pipelines/serving.py: the region's expert, or the
+# single network where that did better on the region's validation windows), and best_expert then chooses among the
+# single network too, so it stays the upper bound of every router.
 METHODS = ("single", "generalist", "random", "embedding", "smoothed", "location_oracle", "best_expert", "soft",
            "fallback")
 # Scored again as the footprints a user gets (polygons, specks dropped, pinholes filled, squared) rasterised back:
@@ -70,10 +73,23 @@ class RoutedBatch:
     baseline_aux: torch.Tensor | None = None  # (N, 2, H, W)
     generalist_aux: torch.Tensor | None = None  # (N, 2, H, W)
     unfamiliar: np.ndarray | None = None  # (N,) bool: beyond its region's training distances
+    serving: np.ndarray | None = None  # (k,) the network serving each region (k: the single network); None: its expert
+
+    def serve(self, regions: np.ndarray | None) -> np.ndarray | None:
+        """The networks that run for tiles routed to ``regions`` (prediction's ids: k is the single network)."""
+        return regions if regions is None or self.serving is None else self.serving[regions]
+
+    def _networks(self, stack: torch.Tensor | None, single: torch.Tensor | None) -> torch.Tensor | None:
+        """The experts' outputs, then the single network's where it serves a region (indexed by network id)."""
+        if stack is None or single is None or self.serving is None or not (self.serving == len(stack)).any():
+            return stack
+        return torch.cat([stack, single[None]])
 
     def best_expert(self, truth: np.ndarray, valid: np.ndarray, threshold: float) -> np.ndarray:
-        """Per tile, the expert with the fewest misclassified valid pixels."""
-        wrong = ((self.probs.numpy() >= threshold) != truth[None]) & valid[None]
+        """Per tile, the network with the fewest misclassified valid pixels among those a router can pick: the
+        experts, and the single network where it serves a region."""
+        nets = self._networks(self.probs, self.baseline)
+        wrong = ((nets.numpy() >= threshold) != truth[None]) & valid[None]
         return wrong.reshape(wrong.shape[0], wrong.shape[1], -1).sum(-1).argmin(0)
 
     def _select(self, stack: torch.Tensor | None, single: torch.Tensor | None, generalist: torch.Tensor | None,
@@ -83,24 +99,25 @@ class RoutedBatch:
             return single
         if method == "generalist":
             return generalist
-        if stack is None:
+        nets = self._networks(stack, single)
+        if nets is None:
             return None
-        n = torch.arange(stack.shape[1])
-        ids = {"embedding": self.embedding, "smoothed": self.smoothed, "random": random_ids,
-               "location_oracle": oracle_ids, "best_expert": best_ids}
+        n = torch.arange(nets.shape[1])
+        ids = {"embedding": self.serve(self.embedding), "smoothed": self.serve(self.smoothed),
+               "random": self.serve(random_ids), "location_oracle": self.serve(oracle_ids), "best_expert": best_ids}
         if method in ids:
-            return None if ids[method] is None else stack[torch.from_numpy(ids[method]), n]
+            return None if ids[method] is None else nets[torch.from_numpy(ids[method]), n]
         if method == "fallback":
             if self.smoothed is None or single is None:
                 return None
-            out = stack[torch.from_numpy(self.smoothed), n]
+            out = nets[torch.from_numpy(self.serve(self.smoothed)), n]
             if self.unfamiliar is not None and self.unfamiliar.any():
                 u = torch.from_numpy(self.unfamiliar)
                 out[u] = single[u]
             return out
         if method == "soft":
-            w = torch.from_numpy(self.soft_w).reshape(*self.soft_w.shape, *([1] * (stack.ndim - 2)))
-            return (stack[torch.from_numpy(self.soft_ids), n[:, None]] * w).sum(1)
+            w = torch.from_numpy(self.soft_w).reshape(*self.soft_w.shape, *([1] * (nets.ndim - 2)))
+            return (nets[torch.from_numpy(self.serve(self.soft_ids)), n[:, None]] * w).sum(1)
         raise ValueError(method)
 
     def method_probs(self, method: str, random_ids: np.ndarray, oracle_ids: np.ndarray | None,
@@ -118,10 +135,13 @@ class RoutedBatch:
         if method == "fallback":
             if self.smoothed is None:
                 return None
-            return np.where(self.unfamiliar, k, self.smoothed) if self.unfamiliar is not None else self.smoothed
+            served = self.serve(self.smoothed)
+            return np.where(self.unfamiliar, k, served) if self.unfamiliar is not None else served
+        if method == "best_expert":
+            return best_ids  # network ids already
         ids = {"embedding": self.embedding, "smoothed": self.smoothed, "random": random_ids,
-               "location_oracle": oracle_ids, "best_expert": best_ids, "soft": self.soft_ids[:, 0]}
-        return ids[method]
+               "location_oracle": oracle_ids, "soft": self.soft_ids[:, 0]}
+        return self.serve(ids[method])
 
     def method_channels(self, method: str, rules: Calibrations, random_ids: np.ndarray,
                         oracle_ids: np.ndarray | None, best_ids: np.ndarray | None = None
@@ -184,7 +204,8 @@ def route_batch(bundle: Bundle, images: torch.Tensor, routes: tuple | None = Non
     base, base_aux = _channels(bundle.baseline, images, bundle.device, tta) if bundle.baseline is not None else (None, None)
     gen, gen_aux = (_channels(bundle.generalist, images, bundle.device, tta) if bundle.generalist is not None
                     else (None, None))
-    return RoutedBatch(probs, base, ids, dist, sids, sw, gen, None, aux, base_aux, gen_aux)
+    serving = bundle.serving if base is not None else None  # a region served by the single network needs it
+    return RoutedBatch(probs, base, ids, dist, sids, sw, gen, None, aux, base_aux, gen_aux, serving=serving)
 
 
 def route_windows(bundle: Bundle, prep: Prepared, refs: list, batch_size: int = 8, progress: bool = True) -> Routes:

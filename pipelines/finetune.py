@@ -72,6 +72,12 @@ def finetune(bundle_dir: Path, root: Path, out: Path, region: int | None = None,
     fam_path = BundlePaths(out).familiarity
     Familiarity(fresh.quantile, np.where(np.isfinite(th), th, np.inf)).save(fam_path)
     m["familiarity"] = BundlePaths(out).rel(fam_path)
+    # the fine-tuned expert serves its region (the user asked for it); regions the single network served keep it,
+    # under its id after the experts (k + 1 with a new region)
+    k = len(experts)
+    serving = [r if s == r else k for r, s in enumerate(b.serving)] + ([target] if new_region else [])
+    serving[target] = target
+    m["serving"] = serving
     m["experts"] = experts
     m["region_of_location"] = {**m["region_of_location"], **{loc: target for loc in prep.locations}}
     m["finetuned"] = [*m.get("finetuned", []), {"root": str(Path(root).resolve()), "region": target, "from": start}]

@@ -61,6 +61,7 @@ class BundleModel:
         k = bundle.k
         self.networks = {k: ("single network", bundle.baseline), k + 1: ("generalist", bundle.generalist)}
         self.fixed_id = {"single": k, "generalist": k + 1}.get(use)  # what runs on every tile; None: the experts
+        self.serving = bundle.serving  # the network serving each region: its expert, or the single network (id k)
         if self.fixed_id is not None and self.networks[self.fixed_id][1] is None:
             raise ValueError(f"{bundle.root}: this bundle has no {self.networks[self.fixed_id][0]} loaded "
                              f"({'train with --baseline' if use == 'single' else 'its experts were trained from scratch'})")
@@ -261,7 +262,8 @@ class RoutedRow:
 
 def route_row(model: TileModel, row: TileRow, cfg: PredictConfig, layer: RoutingLayer,
               stats: RunStats) -> RoutedRow | None:
-    """Route (unless routed already) one row of tiles and decide what runs on each; None when nothing runs."""
+    """Route (unless routed already) one row of tiles and decide what runs on each (the network serving each tile's
+    region, unless the tile is unfamiliar or one network runs everywhere); None when nothing runs."""
     stats.skipped_tiles += row.empty
     stats.tiles += len(row.cols)  # tiles with data, whether predicted or skipped as unfamiliar
     if not row.cols:
@@ -273,6 +275,9 @@ def route_row(model: TileModel, row: TileRow, cfg: PredictConfig, layer: Routing
     else:
         ids, weights, dist = route_tiles(model, batch, 4 * cfg.batch_size)
         layer.flag(model, iy, keep, ids[:, 0], dist)
+    serving = getattr(model, "serving", None)
+    if serving is not None:  # regions whose expert lost to the single network on validation get the single network
+        ids = serving[ids]
     unf = layer.unfamiliar[iy, keep]
     stats.unfamiliar += int(unf.sum())
     if unf.any() and cfg.unfamiliar != "route":

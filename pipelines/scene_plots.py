@@ -63,7 +63,10 @@ def plot_scene(image: Path, outs: Outputs, out: Path, truth: Path | None = None,
         if odd:  # unlike the training data: hatched and outlined in black
             axes[1].fill(c, r, fill=False, hatch="xx", edgecolor="black", lw=0.8)
     for e in range(k):
-        axes[1].plot([], [], "s", color=plt.cm.tab10(e % 10), label=f"expert {e}")
+        ran = set(routing.loc[routing.expert == e, "ran"]) if "ran" in routing else set()
+        # a region served by the single network (chosen on validation) says so
+        label = f"region {e}: single network" if ran == {"single network"} else f"expert {e}"
+        axes[1].plot([], [], "s", color=plt.cm.tab10(e % 10), label=label)
     if unfamiliar.any():
         axes[1].fill([], [], fill=False, hatch="xx", edgecolor="black", label="unfamiliar tile")
     axes[1].legend(loc="upper right", fontsize=9)

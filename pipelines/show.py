@@ -28,11 +28,13 @@ def show_results(bundle: Bundle, prep: Prepared, out: Path, n: int = 6, seed: in
                 picks.append(int(rng.choice(rest)))
     batch = next(iter(DataLoader(GridDataset(prep, [refs[i] for i in picks]), batch_size=len(picks))))
     rb = route_batch(bundle, batch["image"])
-    prob = rb.probs[rb.embedding, np.arange(len(picks))].numpy()
+    # what prediction runs there: the region's expert, or the single network where it serves the region
+    prob = rb.method_probs("embedding", np.zeros(len(picks), np.int64), None).numpy()
+    ran = rb.method_ids("embedding", np.zeros(len(picks), np.int64), None)
     fig, axes = plt.subplots(len(picks), 4, figsize=(12, 3 * len(picks)), squeeze=False)
     for j in range(len(picks)):
         img, truth, valid = batch["image"][j].numpy(), batch["mask"][j].numpy(), batch["valid"][j].numpy()
-        pred = prob[j] >= bundle.threshold
+        pred = prob[j] >= bundle.calibrations("experts").of(ran[j]).threshold  # as that network was calibrated
         inter, union = (pred & (truth > 0) & valid).sum(), ((pred | (truth > 0)) & valid).sum()
         loc = prep.locations[int(batch["location"][j])]
         e = int(rb.embedding[j])
@@ -45,7 +47,8 @@ def show_results(bundle: Bundle, prep: Prepared, out: Path, n: int = 6, seed: in
             ax.axis("off")
         color = plt.cm.tab10(e % 10)
         axes[j, 3].add_patch(plt.Rectangle((0, 0), 1, 1, transform=axes[j, 3].transAxes, color=color, alpha=0.35))
-        axes[j, 3].text(0.5, 0.5, f"expert {e}\ncosine distance {rb.distance[j]:.3f}\n"
+        served = "" if ran[j] == e else "\nserved by the single network"
+        axes[j, 3].text(0.5, 0.5, f"expert {e}{served}\ncosine distance {rb.distance[j]:.3f}\n"
                         f"(oracle: {bundle.region_of_location.get(loc, '?')})", ha="center", va="center",
                         transform=axes[j, 3].transAxes, fontsize=11)
         axes[j, 3].set_title("routed to", fontsize=9)

@@ -226,8 +226,11 @@ def train_all(root: Path, cfg: Config, out: Path, progress: bool = True, baselin
         assemble(prep, emb, centroids, cfg, paths, root, baseline, {n: j.steps for n, j in jobs.items()})
         # threshold, smallest footprint (and, with instance outputs, the watershed's seeds), chosen on validation
         from geomoe.pipelines.calibrate import calibrate
+        from geomoe.pipelines.serving import choose_serving
 
         calibrate(load_bundle(paths.root, pick_device(cfg.device)), prep, progress=progress)
+        # then, with each network cut as calibrated: the expert or the single network for each region, on validation
+        choose_serving(load_bundle(paths.root, pick_device(cfg.device)), prep, progress=progress)
     barrier()
     return paths.root
 

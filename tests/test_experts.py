@@ -242,6 +242,10 @@ def test_bundle_is_complete_and_resumes(bundle_dir, synth_root):
     assert steps("baseline") == sum(steps(f"region_{i}") for i in range(3))
     assert m["generalist"] == "experts/generalist.pt" and steps("generalist") == 3 * 2 * 2
     assert load_bundle(bundle_dir).manifest["experts"][0] == "experts/region_0.pt"
+    # each region's network chosen on its validation windows: the single network (id 3) where it scored higher
+    assert len(m["serving"]) == len(m["serving_validation"]) == 3
+    for r, (s, v) in enumerate(zip(m["serving"], m["serving_validation"])):
+        assert s == (3 if v["windows"] and v["single_iou"] > v["expert_iou"] else r)
     import pandas as pd
 
     log = pd.read_csv(next((bundle_dir / "experts" / "runs" / "region_0" / "logs").glob("version_*/metrics.csv")))
@@ -353,6 +357,9 @@ def test_cli_evaluate_show_lr_find_and_finetune(bundle_dir, synth_root, tmp_path
     assert res.exit_code == 0, res.output
     ft = load_bundle(tmp_path / "ft")
     assert ft.k == 4 and ft.region_of_location["loc3"] == 3 and ft.router.k == 4
+    # the new region is served by its new expert; a region the single network served keeps it, under its new id
+    old = load_bundle(bundle_dir).serving
+    assert ft.serving.tolist() == [r if s == r else 4 for r, s in enumerate(old)] + [3]
     assert len(ft.familiarity.thresholds) == 4 and np.isfinite(ft.familiarity.thresholds).all()
     # fine-tuning again into the same bundle trains a new expert: the earlier one is not taken as already done
     res = r.invoke(app, ["finetune", str(new), "-b", str(tmp_path / "ft"), "-o", str(tmp_path / "ft"), "--region", "3",

@@ -334,6 +334,31 @@ def test_cli_predict_with_a_trained_bundle(tmp_path, synth_root, bundle_dir):
     assert gp.squared.dtype == bool and gp.squared.tolist() == gk.squared.tolist()
 
 
+def test_regions_served_by_the_single_network_predict_what_the_single_network_predicts(tmp_path, synth_root,
+                                                                                       bundle_dir):
+    from geomoe.bundle import load_bundle, save_manifest
+    from geomoe.cli import app
+
+    served = tmp_path / "served"
+    shutil.copytree(bundle_dir, served, ignore=shutil.ignore_patterns("runs"))
+    m = json.loads((served / "manifest.json").read_text())
+    save_manifest(served, {**m, "serving": [3, 3, 3]})  # as if the single network had won every region's windows
+    assert load_bundle(served, with_baseline=False).baseline is not None  # routed prediction needs it now
+    scene = next(synth_root.glob("loc2/images/*.tif"))
+    runs = {"served": ["-b", str(served)], "single": ["-b", str(bundle_dir), "--model", "single"]}
+    for name, args in runs.items():
+        r = CliRunner().invoke(app, ["predict", str(scene), "-o", str(tmp_path / name), *args])
+        assert r.exit_code == 0, r.output
+    for layer in ("prob", "mask"):
+        with rasterio.open(tmp_path / "served" / f"{scene.stem}_{layer}.tif") as a, \
+                rasterio.open(tmp_path / "single" / f"{scene.stem}_{layer}.tif") as b:
+            assert np.array_equal(a.read(), b.read()), layer
+    got = gpd.read_file(tmp_path / "served" / f"{scene.stem}_routing.gpkg")
+    assert set(got.ran) == {"single network"} and got.expert.between(0, 2).all()  # the regions are still recorded
+    summary = json.loads((tmp_path / "served" / f"{scene.stem}_summary.json").read_text())
+    assert set(summary["tiles_per_expert"]) == {"3"}  # the single network's id, after the experts'
+
+
 def test_geoparquet_is_written_in_chunks_with_its_crs(tmp_path):
     from shapely.geometry import box
 

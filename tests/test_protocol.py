@@ -132,6 +132,46 @@ def test_best_expert_oracle_is_at_least_as_good_as_every_expert_on_every_tile():
     assert len(set(best.tolist())) > 1  # it really chooses per tile
 
 
+def test_a_region_is_served_by_the_single_network_only_where_that_did_better_on_its_validation_windows():
+    from geomoe.metrics import Scores
+    from geomoe.pipelines.serving import serving_from
+
+    def scores(tp, fp, fn, patches=4):
+        return Scores(tp=tp, fp=fp, fn=fn, patches=patches)
+
+    regions = [(scores(80, 10, 10), scores(70, 15, 15)),  # the expert better: it stays
+               (scores(30, 40, 30), scores(60, 20, 20)),  # the single network better: it serves the region
+               (scores(0, 0, 0, 0), scores(0, 0, 0, 0)),  # no validation window: the expert stays
+               (scores(50, 25, 25), scores(50, 25, 25))]  # a tie: the expert stays
+    assert serving_from(regions) == [0, 4, 2, 3]
+
+
+def test_routers_run_the_network_serving_their_region_and_the_best_expert_oracle_stays_their_upper_bound():
+    rng = np.random.default_rng(2)
+    probs = torch.from_numpy(rng.random((3, 8, 16, 16)).astype(np.float32))
+    single = torch.from_numpy(rng.random((8, 16, 16)).astype(np.float32))
+    truth, valid = rng.random((8, 16, 16)) > 0.6, rng.random((8, 16, 16)) > 0.1
+    regions = np.array([0, 1, 2, 1, 0, 2, 1, 1])
+    rb = RoutedBatch(probs, single, regions, np.zeros(8), regions[:, None], np.ones((8, 1)), smoothed=regions,
+                     serving=np.array([0, 3, 2]))  # region 1 served by the single network
+    rand, oracle = rng.integers(0, 3, 8), np.ones(8, np.int64)
+    for method in ("embedding", "smoothed", "soft", "fallback"):
+        got = rb.method_probs(method, rand, oracle)
+        for j, r in enumerate(regions):
+            assert torch.equal(got[j], single[j] if r == 1 else probs[r, j]), (method, j)
+        assert rb.method_ids(method, rand, oracle).tolist() == [3 if r == 1 else r for r in regions]
+    assert torch.equal(rb.method_probs("location_oracle", rand, oracle), single)  # every tile to region 1
+    best = rb.best_expert(truth, valid, 0.5)
+    assert 3 in best  # the single network is among the oracle's choices: a router can pick it
+
+    def wrong(p):
+        return (((p.numpy() >= 0.5) != truth) & valid).sum((1, 2))
+
+    best_err = wrong(rb.method_probs("best_expert", rand, oracle, best))
+    for method in ("single", "embedding", "smoothed", "random", "location_oracle", "soft", "fallback"):
+        assert (best_err <= wrong(rb.method_probs(method, rand, oracle))).all(), method
+
+
 def test_fallback_gives_unfamiliar_tiles_the_single_network_and_the_others_their_smoothed_expert():
     rng = np.random.default_rng(1)
     probs = torch.from_numpy(rng.random((3, 5, 8, 8)).astype(np.float32))
