@@ -365,7 +365,9 @@ def evaluate(bundle: Bundle, root: Path | None = None, prep: Prepared | None = N
         rows.append({"method": m, "location": "overall", **overall.summary(), "patches": overall.patches,
                      **overall.error_counts()})
     table = pd.DataFrame(rows)
-    rt = pd.DataFrame(routing, index=pd.Index(prep.locations, name="location"), columns=[f"expert {i}" for i in range(bundle.k)])
+    # a region the single network serves (chosen on validation) is named so: its tiles ran there
+    names = [f"expert {i}" if s == i else f"region {i} (single network)" for i, s in enumerate(bundle.serving)]
+    rt = pd.DataFrame(routing, index=pd.Index(prep.locations, name="location"), columns=names)
     # the share of each location's tiles the router flags as unlike its training data (router/familiarity.py)
     rt["unfamiliar"] = flagged / np.maximum(routing.sum(1), 1)
     return Evaluation(table, rt)

@@ -284,6 +284,13 @@ def test_incomplete_or_inconsistent_bundle_is_named(bundle_dir, tmp_path):
     save_manifest(broken, m)  # as if written that way: the shapes disagree
     with pytest.raises(ValueError, match="inconsistent bundle: centroids are"):
         load_bundle(broken)
+    np.save(broken / "regions" / "centroids.npy", np.load(bundle_dir / "regions" / "centroids.npy"))
+    save_manifest(broken, {**m, "serving": [0, 2, 2]})  # region 1 served by another region's expert
+    with pytest.raises(ValueError, match=r"serving \[0, 2, 2\]: each region is served by its own expert or the single"):
+        load_bundle(broken)
+    save_manifest(broken, {**m, "serving": [0, 3, 2], "baseline": None})  # the single network serves a region: needed
+    with pytest.raises(ValueError, match="served by the single network, which the bundle does not have"):
+        load_bundle(broken)
     del m["k"]
     (broken / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match=r"not a valid bundle manifest \(k: Field required\)"):
