@@ -310,7 +310,9 @@ def test_evaluation_table_has_every_method(bundle_dir, synth_root, tmp_path):
         assert col in ev.table
     acc = ev.table.accuracy.dropna()
     assert ((acc >= 0) & (acc <= 1)).all() and len(acc) == len(ev.table)
-    experts = ev.routing[[c for c in ev.routing if c.startswith("expert ")]]
+    experts = ev.routing.drop(columns="unfamiliar")  # tiles per region, named for the network serving it
+    serving = load_bundle(bundle_dir).serving
+    assert [c.startswith("expert ") for c in experts] == [s == r for r, s in enumerate(serving)]
     assert experts.values.sum() == ev.table[(ev.table.method == "embedding") & (ev.table.location == "overall")].patches.item()
     assert ((ev.routing.unfamiliar >= 0) & (ev.routing.unfamiliar <= 1)).all()
     # fallback is the smoothed routing with the single network on the tiles flagged unfamiliar. Which tiles cross a

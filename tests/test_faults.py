@@ -116,8 +116,10 @@ def test_predict_model_runs_the_single_network_or_the_generalist_on_every_tile(b
     names = {"single": "single network", "generalist": "generalist"}
     for use, net in (("single", b.baseline), ("generalist", b.generalist)):
         outs, st = predict_raster(BundleModel(b, use=use), scene, tmp_path / use, cfg, b.threshold, progress=False)
-        same, _ = predict_raster(BundleModel(replace(b, experts=[net] * b.k)), scene, tmp_path / f"{use}_as_experts",
-                                 cfg, b.threshold, progress=False)
+        # every region served by its expert, here that network
+        as_experts = replace(b, experts=[net] * b.k, manifest={**b.manifest, "serving": None})
+        same, _ = predict_raster(BundleModel(as_experts), scene, tmp_path / f"{use}_as_experts", cfg, b.threshold,
+                                 progress=False)
         with rasterio.open(outs.prob) as a, rasterio.open(same.prob) as c:
             assert np.array_equal(a.read(), c.read())
         layer = gpd.read_file(outs.routing)
