@@ -198,11 +198,13 @@ class TrainerConfig(_Strict):
 class RouterConfig(_Strict):
     unfamiliar_quantile: float = Field(0.99, gt=0.0, le=1.0, description="A tile farther from its region's centroid "
                                        "than this quantile of the region's training tiles is flagged unfamiliar.")
-    # a region keeps its expert only where the expert beat the single network on the region's validation windows
+    # a region keeps its expert unless the single network clearly beat it on the region's validation windows
     # (pipelines/serving.py): a region of a few strays from other places is better served by the network that
     # trained on every place than by an expert fine-tuned on someone else's majority
     single_fallback: bool = Field(True, description="Serve a region with the single network where its expert scored "
                                   "a lower IoU than the single network on the region's validation windows.")
+    # ... in at least this share of bootstrap resamples of those windows (a one-sided test at 5 %, by convention)
+    single_fallback_confidence: float = Field(0.95, gt=0.5, le=1.0)
     soft_top_k: int = Field(2, ge=1)
     soft_temperature: float = Field(0.05, gt=0)
 

@@ -1,38 +1,44 @@
-"""Which network serves each region: its expert, or the single network where that did better on the region's
-validation windows.
+"""Which network serves each region: its expert, or the single network where the region's validation windows show
+the single network clearly better.
 
 A region the k-means gives a place with too few windows for its own (a few strays among another place's many) gets
 an expert fine-tuned on that other place's imagery; the single network, trained on every place for as many steps as
 the generalist and all experts together, can serve it better. Each region keeps its expert unless the single
-network scored a higher IoU on the validation windows routed to the region (smoothed, as prediction routes them;
-each network's masks as its calibration cuts them). Chosen on validation only, after the calibration, and written
-into the bundle's manifest (``serving``); prediction and evaluation run the chosen network for every tile routed
-to the region, and the routing layer still records the region.
+network scores a higher IoU on the validation windows routed to the region (smoothed, as prediction routes them;
+each network's masks as its calibration cuts them) in at least ``router.single_fallback_confidence`` of bootstrap
+resamples of those windows (a one-sided paired test; 0.95 by convention). A difference within the noise keeps the
+expert: a swap moves every tile routed to the region, places the bundle never saw included (with Barnarp left out of
+training, a 0.04-point lead of the single network on Banepa's region would have handed it Barnarp's tiles, which the
+expert served 11 points better). Chosen on validation only, after the calibration, and written into the bundle's
+manifest (``serving``); prediction and evaluation run the chosen network for every tile routed to the region, and
+the routing layer still records the region.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from geomoe.bundle import Bundle, save_manifest
 from geomoe.data.datasets import GridDataset, Prepared
-from geomoe.metrics import Scores
 from geomoe.pipelines.calibrate import routed_outputs
 from geomoe.pipelines.evaluate import route_windows
 from geomoe.pipelines.instances import footprint_mask
 
 log = logging.getLogger(__name__)
+RESAMPLES = 2000
 
 
-def region_scores(bundle: Bundle, prep: Prepared, refs: list, batch_size: int = 8,
-                  progress: bool = True) -> list[tuple[Scores, Scores]]:
-    """Per region, the pixel scores of its expert and of the single network on the windows routed to it."""
+def region_counts(bundle: Bundle, prep: Prepared, refs: list, batch_size: int = 8,
+                  progress: bool = True) -> list[np.ndarray]:
+    """Per region, (windows routed to it, 2, 3): true positive, false positive and false negative pixels of its
+    expert (row 0) and of the single network (row 1) on each window."""
     routes = route_windows(bundle, prep, refs, batch_size, progress=False)
     rules = bundle.calibrations("experts")
-    out = [(Scores(), Scores()) for _ in range(bundle.k)]
+    counts = np.zeros((len(refs), 2, 3), np.int64)
     for b in tqdm(DataLoader(GridDataset(prep, refs), batch_size=batch_size), unit="batch", disable=not progress,
                   desc="expert or single network, per region"):
         i = b["index"].numpy()
@@ -41,42 +47,56 @@ def region_scores(bundle: Bundle, prep: Prepared, refs: list, batch_size: int = 
                    routed_outputs(bundle, "single", b["image"], region))
         truth, valid = b["mask"].numpy() > 0, b["valid"].numpy() > 0
         for j, r in enumerate(region):
-            for which, channels, net in ((0, outputs[0], int(r)), (1, outputs[1], bundle.k)):
+            t = truth[j] & valid[j]
+            for which, net in ((0, int(r)), (1, bundle.k)):
                 c = rules.of(net)
-                out[r][which].update(footprint_mask(channels[j], c.threshold, c.separation), truth[j], valid[j],
-                                     instances=False)
-    return out
+                p = footprint_mask(outputs[which][j], c.threshold, c.separation) & valid[j]
+                counts[i[j], which] = [(p & t).sum(), (p & ~t).sum(), (~p & t).sum()]
+    return [counts[routes.smoothed == r] for r in range(bundle.k)]
 
 
-def iou(s: Scores) -> float:
-    """Pooled building IoU of ``s`` (0 where neither truth nor prediction has a building pixel)."""
-    return s.tp / max(s.tp + s.fp + s.fn, 1)
+def iou(counts: np.ndarray) -> np.ndarray:
+    """Pooled IoU from (..., 3) true positive, false positive and false negative counts (0 where all are 0)."""
+    return counts[..., 0] / np.maximum(counts.sum(-1), 1)
 
 
-def serving_from(scores: list[tuple[Scores, Scores]]) -> list[int]:
-    """Each region's expert, or the single network (id k) where it scored the higher IoU; a region without
-    validation windows keeps its expert."""
-    k = len(scores)
-    return [k if single.patches and iou(single) > iou(expert) else r for r, (expert, single) in enumerate(scores)]
+def single_better_share(windows: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> float:
+    """The share of bootstrap resamples of a region's windows (n, 2, 3) on which the single network's pooled IoU
+    exceeds the expert's (0 without windows)."""
+    if not len(windows):
+        return 0.0
+    draws = np.random.default_rng(seed).integers(0, len(windows), (resamples, len(windows)))
+    pooled = windows[draws].sum(1)  # (resamples, 2, 3)
+    return float((iou(pooled[:, 1]) > iou(pooled[:, 0])).mean())
+
+
+def serving_from(counts: list[np.ndarray], confidence: float = 0.95) -> list[int]:
+    """Each region's expert, or the single network (id k) where it scored the higher pooled IoU in at least
+    ``confidence`` of the resamples; a region without validation windows keeps its expert."""
+    k = len(counts)
+    return [k if single_better_share(c) >= confidence else r for r, c in enumerate(counts)]
 
 
 def choose_serving(bundle: Bundle, prep: Prepared, progress: bool = True) -> list[int]:
     """Choose and write into ``bundle``'s manifest the network serving each region (every region its expert when
     the bundle has no single network, no validation windows, or ``router.single_fallback`` is off)."""
-    m = bundle.manifest
+    m, r_cfg = bundle.manifest, bundle.config.router
     refs = prep.windows("val")
-    if bundle.baseline is None or not refs or not bundle.config.router.single_fallback:
+    if bundle.baseline is None or not refs or not r_cfg.single_fallback:
         serving = list(range(bundle.k))
         m.pop("serving_validation", None)
     else:
-        scores = region_scores(bundle, prep, refs, progress=progress)
-        serving = serving_from(scores)
-        m["serving_validation"] = [{"windows": e.patches, "expert_iou": round(iou(e), 4), "single_iou": round(iou(s), 4)}
-                                   for e, s in scores]
-        for r, (e, s) in enumerate(scores):
-            log.info("region %d: %s (validation IoU on its %d windows: expert %.4f, single network %.4f)", r,
-                     "the single network serves it" if serving[r] == bundle.k else "its expert serves it",
-                     e.patches, iou(e), iou(s))
+        counts = region_counts(bundle, prep, refs, progress=progress)
+        serving = serving_from(counts, r_cfg.single_fallback_confidence)
+        m["serving_validation"] = []
+        for r, c in enumerate(counts):
+            e, s = (float(iou(c.sum(0)[w])) for w in (0, 1))
+            share = single_better_share(c)
+            m["serving_validation"].append({"windows": len(c), "expert_iou": round(e, 4), "single_iou": round(s, 4),
+                                            "single_better_share": round(share, 4)})
+            log.info("region %d: %s (validation IoU on its %d windows: expert %.4f, single network %.4f; the single "
+                     "network ahead in %.1f %% of resamples)", r, "the single network serves it" if serving[r] ==
+                     bundle.k else "its expert serves it", len(c), e, s, 100 * share)
     m["serving"] = serving
     save_manifest(bundle.root, m)
     return serving

@@ -132,18 +132,29 @@ def test_best_expert_oracle_is_at_least_as_good_as_every_expert_on_every_tile():
     assert len(set(best.tolist())) > 1  # it really chooses per tile
 
 
-def test_a_region_is_served_by_the_single_network_only_where_that_did_better_on_its_validation_windows():
-    from geomoe.metrics import Scores
-    from geomoe.pipelines.serving import serving_from
+def test_a_region_is_served_by_the_single_network_only_where_its_validation_windows_show_it_clearly_better():
+    from geomoe.pipelines.serving import serving_from, single_better_share
 
-    def scores(tp, fp, fn, patches=4):
-        return Scores(tp=tp, fp=fp, fn=fn, patches=patches)
+    rng = np.random.default_rng(0)
 
-    regions = [(scores(80, 10, 10), scores(70, 15, 15)),  # the expert better: it stays
-               (scores(30, 40, 30), scores(60, 20, 20)),  # the single network better: it serves the region
-               (scores(0, 0, 0, 0), scores(0, 0, 0, 0)),  # no validation window: the expert stays
-               (scores(50, 25, 25), scores(50, 25, 25))]  # a tie: the expert stays
+    def windows(expert_tp, single_tp, n=12):
+        """n windows of 100 true pixels: each network finds tp of them and adds 10 false ones."""
+        out = np.zeros((n, 2, 3), np.int64)
+        out[:, 0] = np.stack([expert_tp, np.full(n, 10), 100 - expert_tp], 1)
+        out[:, 1] = np.stack([single_tp, np.full(n, 10), 100 - single_tp], 1)
+        return out
+
+    base = rng.integers(40, 80, 12)
+    clearly_expert = windows(base + 10, base)
+    clearly_single = windows(base, base + 10)
+    noise = np.tile([1, -1], 6)
+    a_hair = windows(base, base + noise)  # the single network ahead or behind by a pixel, window by window
+    assert single_better_share(clearly_single) == 1.0 and single_better_share(clearly_expert) == 0.0
+    assert 0.05 < single_better_share(a_hair) < 0.95
+    regions = [clearly_expert, clearly_single, np.zeros((0, 2, 3), np.int64), a_hair]
+    # the expert stays unless the single network is ahead in 95 % of resamples; no windows: the expert stays
     assert serving_from(regions) == [0, 4, 2, 3]
+    assert serving_from(regions, confidence=1.0) == [0, 4, 2, 3]
 
 
 def test_routers_run_the_network_serving_their_region_and_the_best_expert_oracle_stays_their_upper_bound():
