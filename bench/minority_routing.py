@@ -33,8 +33,9 @@ from geomoe.data.datasets import GridDataset, prepare
 from geomoe.data.sampling import space_of, world_box
 from geomoe.embedding.extract import Embeddings
 from geomoe.embedding.model import embed_batches
+from geomoe.embedding.regions import assign
 from geomoe.pipelines.evaluate import markdown_table, route_batch, route_windows
-from geomoe.router.smoothing import smooth_routes
+from geomoe.router.smoothing import neighbours, smooth_routes
 
 NEIGHBOURS = (4, 8, 16, 32)
 SCALE_FACTOR = 2.0  # one octave: the range of scales a CNN is usually trained to tolerate (scale jitter 0.5-2)
@@ -67,11 +68,11 @@ def window_counts(bundle, prep, refs) -> dict[str, np.ndarray]:
 
 
 def neighbourhoods(boxes: np.ndarray, spaces: np.ndarray) -> np.ndarray:
-    """(n, n) True where two windows lie within a window's size of each other in one space (smoothing's reach)."""
-    size = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])[:, None]
-    b, c = boxes[:, None], boxes[None]
-    return ((spaces[:, None] == spaces[None]) & (c[..., 0] < b[..., 2] + size) & (c[..., 2] > b[..., 0] - size)
-            & (c[..., 1] < b[..., 3] + size) & (c[..., 3] > b[..., 1] - size))
+    """(n, n) True where a window is one of another's neighbours, as smoothed routing has them."""
+    out = np.zeros((len(boxes), len(boxes)), bool)
+    for j, near in neighbours(boxes, spaces):
+        out[j, near] = True
+    return out
 
 
 def evidence(w: dict, neighbours: int) -> np.ndarray:
@@ -89,10 +90,9 @@ def region_scales(bundle_root: Path, centroids: np.ndarray, native_gsd: dict[str
     """Each region's median ground resolution over its training windows (each at its location's native GSD)."""
     emb = Embeddings.load(BundlePaths(bundle_root).embeddings)
     train = emb.split == "train"
-    c = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
-    region = (emb.vectors[train] @ c.T).argmax(1)
+    region = assign(emb.vectors[train], centroids)
     gsd = np.array([native_gsd.get(str(loc), np.nan) for loc in emb.location[train]], float)
-    return np.array([np.nanmedian(gsd[region == r]) if (region == r).any() else np.nan for r in range(len(c))])
+    return np.array([np.nanmedian(gsd[region == r]) if (region == r).any() else np.nan for r in range(len(centroids))])
 
 
 def scale_routes(w: dict, centroids: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:

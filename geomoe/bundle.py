@@ -109,13 +109,16 @@ class Manifest(BaseModel):
         """True when the single network serves a region, so routed prediction needs it."""
         return bool(self.serving) and self.k in self.serving
 
+    def loads_baseline(self, with_baseline: bool) -> bool:
+        """Whether the single network is loaded: when asked for, and always when it serves a region."""
+        return bool(self.baseline) and (with_baseline or self.serves_single)
+
     def files(self, with_baseline: bool = True) -> list[str]:
         """Every file prediction needs (and, ``with_baseline``, the single network and the generalist)."""
         out = [self.embedding, self.centroids, "config.yaml", *self.experts]
         out += [self.familiarity] if self.familiarity else []
-        out += [f for f in (self.baseline, self.generalist) if f and with_baseline]
-        if self.serves_single and not with_baseline and self.baseline:
-            out.append(self.baseline)
+        out += [self.baseline] if self.loads_baseline(with_baseline) else []
+        out += [self.generalist] if self.generalist and with_baseline else []
         return out
 
 
@@ -297,9 +300,7 @@ def load_bundle(root: str | Path, device: torch.device | str = "cpu", with_basel
     centroids = np.load(root / man.centroids)
     router = Router(centroids)  # the centroids are stored once; the FAISS index is built from them
     experts = [load_expert(root / f, device)[0] for f in man.experts]
-    # a region served by the single network needs it even when the caller did not ask for it
-    baseline = (load_expert(root / man.baseline, device)[0] if (with_baseline or man.serves_single) and man.baseline
-                else None)
+    baseline = load_expert(root / man.baseline, device)[0] if man.loads_baseline(with_baseline) else None
     generalist = load_expert(root / man.generalist, device)[0] if with_baseline and man.generalist else None
     problems = []
     dim = emb.head[-1].out_features

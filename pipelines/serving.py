@@ -70,11 +70,17 @@ def single_better_share(windows: np.ndarray, resamples: int = RESAMPLES, seed: i
     return float((iou(pooled[:, 1]) > iou(pooled[:, 0])).mean())
 
 
+def serving_of(shares: list[float], confidence: float = 0.95) -> list[int]:
+    """Each region's expert, or the single network (id k) where its share of resamples (:func:`single_better_share`)
+    reaches ``confidence``."""
+    k = len(shares)
+    return [k if s >= confidence else r for r, s in enumerate(shares)]
+
+
 def serving_from(counts: list[np.ndarray], confidence: float = 0.95) -> list[int]:
     """Each region's expert, or the single network (id k) where it scored the higher pooled IoU in at least
     ``confidence`` of the resamples; a region without validation windows keeps its expert."""
-    k = len(counts)
-    return [k if single_better_share(c) >= confidence else r for r, c in enumerate(counts)]
+    return serving_of([single_better_share(c) for c in counts], confidence)
 
 
 def choose_serving(bundle: Bundle, prep: Prepared, progress: bool = True) -> list[int]:
@@ -87,11 +93,11 @@ def choose_serving(bundle: Bundle, prep: Prepared, progress: bool = True) -> lis
         m.pop("serving_validation", None)
     else:
         counts = region_counts(bundle, prep, refs, progress=progress)
-        serving = serving_from(counts, r_cfg.single_fallback_confidence)
+        shares = [single_better_share(c) for c in counts]
+        serving = serving_of(shares, r_cfg.single_fallback_confidence)
         m["serving_validation"] = []
-        for r, c in enumerate(counts):
+        for r, (c, share) in enumerate(zip(counts, shares)):
             e, s = (float(iou(c.sum(0)[w])) for w in (0, 1))
-            share = single_better_share(c)
             m["serving_validation"].append({"windows": len(c), "expert_iou": round(e, 4), "single_iou": round(s, 4),
                                             "single_better_share": round(share, 4)})
             log.info("region %d: %s (validation IoU on its %d windows: expert %.4f, single network %.4f; the single "

@@ -31,10 +31,11 @@ def show_results(bundle: Bundle, prep: Prepared, out: Path, n: int = 6, seed: in
     # what prediction runs there: the region's expert, or the single network where it serves the region
     prob = rb.method_probs("embedding", np.zeros(len(picks), np.int64), None).numpy()
     ran = rb.method_ids("embedding", np.zeros(len(picks), np.int64), None)
+    rules = bundle.calibrations("experts")
     fig, axes = plt.subplots(len(picks), 4, figsize=(12, 3 * len(picks)), squeeze=False)
     for j in range(len(picks)):
         img, truth, valid = batch["image"][j].numpy(), batch["mask"][j].numpy(), batch["valid"][j].numpy()
-        pred = prob[j] >= bundle.calibrations("experts").of(ran[j]).threshold  # as that network was calibrated
+        pred = prob[j] >= rules.of(ran[j]).threshold  # as that network was calibrated
         inter, union = (pred & (truth > 0) & valid).sum(), ((pred | (truth > 0)) & valid).sum()
         loc = prep.locations[int(batch["location"][j])]
         e = int(rb.embedding[j])

@@ -7,17 +7,17 @@ while keeping real boundaries between kinds of place.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 
-def smooth_routes(ids: np.ndarray, boxes: np.ndarray, spaces: np.ndarray, k: int, reach: float = 1.0) -> np.ndarray:
-    """Majority expert over each tile and its neighbours; the tile's own expert wins ties.
+def neighbours(boxes: np.ndarray, spaces: np.ndarray, reach: float = 1.0) -> Iterator[tuple[int, np.ndarray]]:
+    """(tile, the tiles within ``reach`` tile sizes of it, itself included) for every tile.
 
-    ``boxes`` (n, 4) are (xmin, ymin, xmax, ymax) in one unit per ``spaces`` entry; a neighbour lies within
-    ``reach`` tile sizes of the tile. Tiles of different spaces (CRSs, ungeoreferenced scenes) never vote together.
+    ``boxes`` (n, 4) are (xmin, ymin, xmax, ymax) in one unit per ``spaces`` entry; tiles of different spaces (CRSs,
+    ungeoreferenced scenes) are never neighbours.
     """
-    ids = np.asarray(ids, np.int64)
-    out = ids.copy()
     for space in np.unique(spaces):
         idx = np.flatnonzero(spaces == space)
         b = boxes[idx]
@@ -25,9 +25,17 @@ def smooth_routes(ids: np.ndarray, boxes: np.ndarray, spaces: np.ndarray, k: int
         for m, j in enumerate(idx):
             d = reach * size[m]
             near = (b[:, 0] < b[m, 2] + d) & (b[:, 2] > b[m, 0] - d) & (b[:, 1] < b[m, 3] + d) & (b[:, 3] > b[m, 1] - d)
-            votes = np.bincount(ids[idx[near]], minlength=k).astype(float)
-            votes[ids[j]] += 0.5  # ties keep the tile's own choice
-            out[j] = int(votes.argmax())
+            yield int(j), idx[near]
+
+
+def smooth_routes(ids: np.ndarray, boxes: np.ndarray, spaces: np.ndarray, k: int, reach: float = 1.0) -> np.ndarray:
+    """Majority expert over each tile and its :func:`neighbours`; the tile's own expert wins ties."""
+    ids = np.asarray(ids, np.int64)
+    out = ids.copy()
+    for j, near in neighbours(boxes, spaces, reach):
+        votes = np.bincount(ids[near], minlength=k).astype(float)
+        votes[ids[j]] += 0.5  # ties keep the tile's own choice
+        out[j] = int(votes.argmax())
     return out
 
 
