@@ -86,6 +86,33 @@ def test_vector_labels_match_the_rasterised_masks_on_real_tiles(tmp_path):
         assert union > 0 and inter / union > 0.95
 
 
+def test_labels_under_the_names_datasets_ship_them_with_are_found(tmp_path):
+    """Masks in labels/ named <image>_mask.tif, a vector file per image, and an image with no label at all: the
+    first two read as the shipped masks on real tiles, the third is named with where its label was looked for."""
+    kampala, banepa = tmp_path / "kampala", tmp_path / "banepa"
+    for d in (kampala / "images", kampala / "labels", banepa / "images", banepa / "gt"):
+        d.mkdir(parents=True)
+    k_tiles = sorted((SAMPLE / "kampala" / "images").glob("*.tif"))[:3]
+    for t in k_tiles[:2]:
+        shutil.copy(t, kampala / "images" / t.name)
+        shutil.copy(SAMPLE / "kampala" / "masks" / t.name, kampala / "labels" / f"{t.stem}_mask.tif")
+    shutil.copy(k_tiles[2], kampala / "images" / k_tiles[2].name)  # no label anywhere
+    b_tile = sorted((SAMPLE / "banepa" / "images").glob("*.tif"))[0]
+    shutil.copy(b_tile, banepa / "images" / b_tile.name)
+    shutil.copy(SAMPLE / "banepa" / "labels.geojson", banepa / "gt" / f"{b_tile.stem}.geojson")
+
+    cat = discover(tmp_path)
+    kinds = {s.image.name: s.label_kind for s in cat.scenes}
+    assert kinds == {k_tiles[0].name: "mask", k_tiles[1].name: "mask", k_tiles[2].name: None, b_tile.name: "vector"}
+    [missing] = [p for p in cat.problems if "no label" in p.message]
+    assert not missing.fatal and k_tiles[2].name in missing.message and "_mask" in missing.message
+    for s in cat.labelled():
+        got = SceneReader(s).read(0, 0, 256 if s.location == "kampala" else 512).mask.astype(bool)
+        with rasterio.open(SAMPLE / s.location / "masks" / s.image.name) as ds:
+            ref = ds.read(1) > 0
+        assert got.any() and (got & ref).sum() / (got | ref).sum() > (0.999 if s.location == "kampala" else 0.95)
+
+
 def test_rgba_alpha_marks_invalid_and_single_band_is_replicated(tmp_path):
     rgba = np.full((4, 64, 64), 120, np.uint8)
     rgba[3, :, :32] = 0  # left half transparent

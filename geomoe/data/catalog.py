@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import csv
+import glob
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".vrt"}
+VECTOR_SUFFIXES = {".geojson", ".gpkg", ".json", ".shp", ".fgb", ".parquet"}
+# where a location's per-image labels live, and the tails their names may add to the image's name (searched in
+# this order: masks/<name> first, as this project's layout has it)
+LABEL_DIRS = ("masks", "mask", "labels", "label", "gt")
+LABEL_TAILS = ("", "_mask", "-mask", "_label", "-label", "_labels", "_gt", "_buildings")
 VECTOR_NAMES = ("labels.geojson", "labels.gpkg", "labels.json", "buildings.geojson", "buildings.gpkg")
 INRIA_VAL_TILES = range(1, 6)  # the paper (and Inria's authors) validate on tiles 1-5 of each city
 
@@ -86,15 +92,22 @@ def _images_in(folder: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
-def _find_mask(masks_dir: Path, image: Path) -> Path | None:
-    if not masks_dir.is_dir():
-        return None
-    exact = masks_dir / image.name
-    if exact.exists():
-        return exact
-    for p in masks_dir.glob(image.stem + ".*"):
-        if p.suffix.lower() in IMAGE_SUFFIXES:
-            return p
+def _label_dirs(loc_dir: Path) -> list[Path]:
+    """The folders of ``loc_dir`` that hold per-image labels, in the order they are searched."""
+    return [loc_dir / d for d in LABEL_DIRS if (loc_dir / d).is_dir()]
+
+
+def _find_label(label_dirs: list[Path], image: Path) -> tuple[Path, Literal["mask", "vector"]] | None:
+    """The label of ``image``: a raster mask, or else a vector file of its own, with the image's name (any
+    extension, or a suffix such as ``_mask``: the names datasets ship with) in one of ``label_dirs``."""
+    for kind, suffixes in (("mask", IMAGE_SUFFIXES), ("vector", VECTOR_SUFFIXES)):
+        for d in label_dirs:
+            if kind == "mask" and (d / image.name).is_file():
+                return d / image.name, "mask"
+            for tail in LABEL_TAILS:
+                for p in sorted(d.glob(glob.escape(image.stem + tail) + ".*")):
+                    if p.suffix.lower() in suffixes and not p.name.startswith("."):
+                        return p, kind
     return None
 
 
@@ -155,7 +168,8 @@ def _discover_inria(train_dir: Path, cat: Catalog) -> None:
             cat.problems.append(Problem(img, "name is not <city><number>, as the Inria layout needs", fatal=True))
             continue
         city, n = m.group(1), int(m.group(2))
-        mask = _find_mask(train_dir / "gt", img)
+        found = _find_label([train_dir / "gt"], img)
+        mask = found[0] if found and found[1] == "mask" else None
         split: Split = "test" if n in INRIA_VAL_TILES else "train"  # the paper's held-out tiles; val comes from train
         cat.scenes.append(Scene(city, img, mask, "mask" if mask else None, split))
 
@@ -167,10 +181,13 @@ def _discover_folder(loc_dir: Path, cat: Catalog) -> None:
         cat.problems.append(Problem(images_dir, "empty folder: no images", fatal=True))
         return
     vector = _find_vector(loc_dir)
+    label_dirs = _label_dirs(loc_dir)
     for img in images:
-        mask = _find_mask(loc_dir / "masks", img)
-        if mask is not None:
-            cat.scenes.append(Scene(loc_dir.name, img, mask, "mask", outlines=vector))
+        found = _find_label(label_dirs, img)
+        if found is not None and found[1] == "mask":
+            cat.scenes.append(Scene(loc_dir.name, img, found[0], "mask", outlines=vector))
+        elif found is not None:
+            cat.scenes.append(Scene(loc_dir.name, img, found[0], "vector"))
         elif vector is not None:
             cat.scenes.append(Scene(loc_dir.name, img, vector, "vector"))
         else:
@@ -213,5 +230,8 @@ def discover(root: str | Path) -> Catalog:
         if unlabelled:
             names = ", ".join(s.image.name for s in unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
             where = unlabelled[0].image.parent
-            cat.problems.append(Problem(where, f"{len(unlabelled)} images have no label (skipped): {names}", fatal=False))
+            looked = "gt/" if cat.layout == "inria" else "/, ".join(LABEL_DIRS) + "/"
+            cat.problems.append(Problem(where, f"{len(unlabelled)} images have no label (skipped): {names} (looked in "
+                                               f"{looked} for the image's name, also with _mask, _label or _gt; and "
+                                               f"for {VECTOR_NAMES[0]} beside images/)", fatal=False))
     return cat
