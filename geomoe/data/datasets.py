@@ -69,9 +69,11 @@ class DataReport:
     locations: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason)
     skipped_locations: list[str] = field(default_factory=list)
+    # median metres per pixel of each location's used images; None where none has a CRS or a gsd_m in locations.csv
+    gsd: dict[str, float | None] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        out = [f"{loc}: {c['images']} images, {c['labelled']} labelled, {c['used']} used"
+        out = [f"{loc}: {c['images']} images, {c['labelled']} labelled, {c['used']} used{self._gsd_text(loc)}"
                for loc, c in self.locations.items()]
         if self.skipped:
             out.append(f"{len(self.skipped)} scenes left out, e.g. {self.skipped[0][0]}: {self.skipped[0][1]}")
@@ -79,9 +81,17 @@ class DataReport:
             out.append("locations left out as asked: " + ", ".join(self.skipped_locations))
         return out
 
+    def _gsd_text(self, loc: str) -> str:
+        if loc not in self.gsd:
+            return ""
+        g = self.gsd[loc]
+        if g is None:
+            return ", GSD unknown (no CRS, no gsd_m in locations.csv): used at its own pixel size, never resampled"
+        return f", GSD {g:.3g} m"
+
     def as_dict(self) -> dict:
         return {"locations": self.locations, "skipped_scenes": [{"image": p, "reason": r} for p, r in self.skipped],
-                "skipped_locations": self.skipped_locations}
+                "skipped_locations": self.skipped_locations, "gsd_m": self.gsd}
 
 
 @dataclass
@@ -128,6 +138,10 @@ def prepare(root, cfg: DataConfig, seed: int = 0) -> Prepared:
         else:
             why = next((p.message for p in cat.problems[seen:] if p.fatal), "unusable")
             report.skipped.append((str(s.image), why))
+    for loc in report.locations:
+        known = [r.gsd for r in readers if r.scene.location == loc and r.gsd is not None]
+        if any(r.scene.location == loc for r in readers):
+            report.gsd[loc] = float(np.median(known)) if known else None
     lost = [loc for loc, c in report.locations.items() if c["labelled"] and not c["used"]]
     if lost:
         loc = lost[0]
