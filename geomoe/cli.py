@@ -521,6 +521,11 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", "-o"), config: Conf
     console.print(f"[green]report:[/green] {report.resolve()}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line for the user ("warning: ..."), not Python's file, line and source (--debug keeps those)."""
+    print(f"warning: {message}", file=file or sys.stderr, flush=True)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every SIMD variant it tries
@@ -529,10 +534,15 @@ def main() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.simplefilter("once")
+    warnings.filterwarnings("ignore", category=ImportWarning)  # optional back-ends a library lacks (umap: TensorFlow)
     warnings.filterwarnings("ignore", category=PendingDeprecationWarning)  # affine's '*' notice, from rasterio itself
+    # an input without a CRS is already named in one warning of ours; pyogrio would repeat it for every layer
+    warnings.filterwarnings("ignore", message="'crs' was not provided")
     debug = "--debug" in sys.argv[1:]
     if debug:  # accepted anywhere on the line, not only before the command
         sys.argv.remove("--debug")
+    else:
+        warnings.showwarning = _show_warning
     from geomoe import interrupt
 
     interrupt.install()

@@ -411,3 +411,22 @@ def test_ctrl_c_says_nothing_partial_remains_and_how_to_resume(bundle_dir, tmp_p
     text, _ = p.communicate(timeout=120)
     assert p.returncode == 130 and "interrupted" in text and "resume" in text and "Traceback" not in text
     assert not [f for f in out.iterdir() if f.name.startswith("big_")]  # nothing under a final name, no leftovers
+
+
+def test_the_cli_gives_a_warning_as_one_line_for_the_user(bundle_dir, tmp_path):
+    """An image without a CRS: the command says so once, as "warning: ...", without Python's file and line, and
+    pyogrio's own notice about each layer without a CRS is not repeated after it."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "plain.png"
+    with rasterio.open(src, "w", driver="PNG", width=96, height=96, count=3, dtype="uint8") as ds:
+        ds.write(np.random.default_rng(3).integers(0, 255, (3, 96, 96), dtype=np.uint8))
+    p = subprocess.run([sys.executable, "-m", "geomoe.cli", "predict", str(src), "-b", str(bundle_dir), "-o",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stderr.splitlines()
+    assert [ln for ln in lines if ln.startswith("warning:")] == [
+        f"warning: {src}: no CRS; outputs are in pixel coordinates and no GeoJSON is written; its resolution is "
+        "unknown (give --gsd) so it is not resampled"]
+    assert "UserWarning" not in p.stderr and "crs' was not provided" not in p.stderr
