@@ -353,7 +353,8 @@ def test_resolution_from_locations_csv_and_mercator_wkt(tmp_path):
     assert SceneReader(cat.scenes[0], target_gsd=0.3).width == 32  # so it is resampled like the others
     assert gsd_near(loc / "a.png") == pytest.approx(0.15)
     # training says what it used per location: the GSD, or that it is unknown once locations.csv is gone
-    assert "village: 1 images, 1 labelled, 1 used, GSD 0.15 m" in prepare(tmp_path, DataConfig(patch_size=32)).report.lines()
+    assert prepare(tmp_path, DataConfig(patch_size=32)).report.lines()[0].startswith(
+        "village: 1 images, 1 labelled, 1 used, GSD 0.15 m;")
     (tmp_path / "locations.csv").unlink()
     report = prepare(tmp_path, DataConfig(patch_size=32)).report
     assert report.gsd == {"village": None} and "GSD unknown" in report.lines()[0]

@@ -8,7 +8,7 @@ import torch
 
 from geomoe.config import DataConfig
 from geomoe.data.datasets import RandomPatchDataset, prepare
-from geomoe.data.sampling import world_box
+from geomoe.data.sampling import Block, world_box
 from geomoe.pipelines.evaluate import RoutedBatch
 
 from conftest import SAMPLE, SHARED
@@ -48,6 +48,43 @@ def test_windows_of_different_splits_stay_a_patch_apart(root):
         assert _gaps(prep, win[a], win[b]) >= 128 - 0.01, (a, b)
     assert _gaps(prep, drawn, win["test"]) >= 128 - 0.01
     assert _gaps(prep, drawn, win["val"]) >= 128 - 0.01
+
+
+def test_a_location_of_touching_patch_sized_tiles_still_gets_test_and_validation_windows_a_patch_apart(tmp_path):
+    """12 of Kampala's 256 px zoom-20 tiles (a 2 x 2 and a 2 x 4 block) with 256 px patches: split as every other
+    location, each tile at a border gives up half a patch on each side and the location keeps no test window. It
+    is split again (validation at the east end, training tiles giving up the gap) and gets every split, a patch
+    apart; a location of larger tiles beside it keeps the regular split."""
+    import shutil
+
+    from geomoe.data.sampling import _assign_runs, _pull_apart
+
+    tiles = sorted((SAMPLE / "kampala" / "images").glob("*.tif"))[:12]
+    for loc, names in (("town", [t.name for t in tiles]),
+                       ("banepa", [t.name for t in sorted((SAMPLE / "banepa" / "images").glob("*.tif"))[:8]])):
+        for sub in ("images", "masks"):
+            (tmp_path / loc / sub).mkdir(parents=True)
+            for n in names:
+                shutil.copy(SAMPLE / ("kampala" if loc == "town" else loc) / sub / n, tmp_path / loc / sub / n)
+    cfg = DataConfig(patch_size=256, block_size=512, full_check=False)
+    prep = prepare(tmp_path, cfg)
+    regular = _pull_apart(prep.readers, _assign_runs(prep.readers, [Block(i, 0, 0, r.width, r.height, "train")
+                                                                    for i, r in enumerate(prep.readers)
+                                                                    if r.scene.location == "town"], 0.2, 0.2, 0), 256)
+    assert not [b for b in regular if b.split == "test"]  # what the regular split leaves this location
+
+    win = {s: prep.windows(s) for s in ("train", "val", "test")}
+    for s in win:
+        assert {prep.location_of(r) for r in win[s]} == {"town", "banepa"}, s
+    for a, b in (("train", "test"), ("train", "val"), ("val", "test")):
+        assert _gaps(prep, win[a], win[b]) >= 256 - 0.01, (a, b)
+    banepa_alone = prepare(tmp_path / "banepa", cfg)  # the same tiles as a dataset of their own: the same blocks
+    def blocks(p, loc):
+        return sorted((p.readers[b.scene].scene.name, b.col, b.row, b.width, b.height, b.split) for b in p.blocks
+                      if p.readers[b.scene].scene.location == loc)
+    assert blocks(banepa_alone, "banepa") == blocks(prep, "banepa")
+    w = prep.report.windows["town"]
+    assert min(w.values()) > 0 and f"windows train {w['train']} / val {w['val']} / test {w['test']}" in "\n".join(prep.report.lines())
 
 
 @pytest.mark.parametrize("root", [SAMPLE, SHARED])

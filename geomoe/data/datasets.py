@@ -71,10 +71,12 @@ class DataReport:
     skipped_locations: list[str] = field(default_factory=list)
     # median metres per pixel of each location's used images; None where none has a CRS or a gsd_m in locations.csv
     gsd: dict[str, float | None] = field(default_factory=dict)
+    # windows of each split per location after the split and its gap
+    windows: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = [f"{loc}: {c['images']} images, {c['labelled']} labelled, {c['used']} used{self._gsd_text(loc)}"
-               for loc, c in self.locations.items()]
+               f"{self._windows_text(loc)}" for loc, c in self.locations.items()]
         if self.skipped:
             out.append(f"{len(self.skipped)} scenes left out, e.g. {self.skipped[0][0]}: {self.skipped[0][1]}")
         if self.skipped_locations:
@@ -89,9 +91,20 @@ class DataReport:
             return ", GSD unknown (no CRS, no gsd_m in locations.csv): used at its own pixel size, never resampled"
         return f", GSD {g:.3g} m"
 
+    def _windows_text(self, loc: str) -> str:
+        if loc not in self.windows:
+            return ""
+        w = self.windows[loc]
+        text = f"; windows train {w['train']} / val {w['val']} / test {w['test']}"
+        if not w["val"] or not w["test"]:
+            none = " and ".join(s for s in ("val", "test") if not w[s])
+            text += (f" (no {none}: too few scenes, or tiles no larger than a patch that touch each other, for "
+                     f"splits a patch apart; {'not reported by evaluate' if not w['test'] else 'not in checkpoint choice or calibration'})")
+        return text
+
     def as_dict(self) -> dict:
         return {"locations": self.locations, "skipped_scenes": [{"image": p, "reason": r} for p, r in self.skipped],
-                "skipped_locations": self.skipped_locations, "gsd_m": self.gsd}
+                "skipped_locations": self.skipped_locations, "gsd_m": self.gsd, "windows": self.windows}
 
 
 @dataclass
@@ -155,6 +168,12 @@ def prepare(root, cfg: DataConfig, seed: int = 0) -> Prepared:
     gap = cfg.patch_size if cfg.split_gap is None else cfg.split_gap
     blocks = split_blocks(readers, block, cfg.val_fraction, seed, cfg.test_fraction, gap)
     locs = sorted({r.scene.location for r in readers})
+    for split in ("train", "val", "test"):
+        for ref in grid_windows(blocks, cfg.patch_size, split):  # type: ignore[arg-type]
+            counts = report.windows.setdefault(readers[ref.scene].scene.location, {"train": 0, "val": 0, "test": 0})
+            counts[split] += 1
+    for loc in locs:
+        report.windows.setdefault(loc, {"train": 0, "val": 0, "test": 0})
     return Prepared(cat, readers, blocks, cfg.patch_size, locs, report)
 
 

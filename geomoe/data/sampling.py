@@ -83,12 +83,41 @@ def split_blocks(readers: list[SceneReader], block: int, val_fraction: float, se
     fixed by the layout as test (Inria's tiles 1-5) keep it. Then every block gives up ``ceil(gap / 2)`` pixels on each side that
     faces a block of another split within that distance, so no window of one split comes within ``gap`` pixels
     of a window of another; blocks left smaller than ``gap`` hold no window and are dropped.
+
+    A location of tiles no larger than a patch (slippy-map tiles, say) can lose every test window that way: each
+    of its tiles at a border gives up half a patch on each side, which leaves nothing. Where that happens, and only
+    there, it is split again: validation at the east end (so it borders training, not test), its test and
+    validation tiles whole, and the training tiles beside them giving up the whole gap. That costs training tiles,
+    and is taken only where it gives the location test windows back: without them it could not be reported.
     """
     raw: list[Block] = []
     for i, r in enumerate(readers):
         for row in range(0, r.height, block):
             for col in range(0, r.width, block):
                 raw.append(Block(i, col, row, min(block, r.width - col), min(block, r.height - row), r.scene.split or "train"))
+    assigned = _assign_runs(readers, raw, val_fraction, test_fraction, seed)
+    if gap <= 0:
+        return assigned
+    out = _pull_apart(readers, assigned, gap)
+    tested = {readers[b.scene].scene.location for b in assigned if b.split == "test"}
+
+    def without_test(blocks: list[Block]) -> frozenset[str]:
+        return frozenset(tested - {readers[b.scene].scene.location for b in blocks if b.split == "test"})
+
+    short = without_test(out)
+    if not short:
+        return out
+    alt = _pull_apart(readers, _assign_runs(readers, raw, val_fraction, test_fraction, seed, short), gap, short)
+    helped = short - without_test(alt)
+    if not helped:
+        return out
+    return _pull_apart(readers, _assign_runs(readers, raw, val_fraction, test_fraction, seed, helped), gap, helped)
+
+
+def _assign_runs(readers: list[SceneReader], raw: list[Block], val_fraction: float, test_fraction: float, seed: int,
+                 val_east: frozenset[str] = frozenset()) -> list[Block]:
+    """Each location's blocks, west to east, as runs of test, validation and training (for the locations in
+    ``val_east``: test, training, validation); blocks of scenes the layout holds out as test stay test."""
     by_loc: dict[str, list[Block]] = {}
     assigned: list[Block] = []
     fixed_test = set()
@@ -104,17 +133,31 @@ def split_blocks(readers: list[SceneReader], block: int, val_fraction: float, se
         n_test = max(1, int(round(test_fraction * n))) if test_fraction > 0 and n > 2 and loc not in fixed_test else 0
         n_val = max(1, int(round(val_fraction * n))) if val_fraction > 0 and n - n_test > 1 else 0
         for j, b in enumerate(items):
-            split = "test" if j < n_test else "val" if j < n_test + n_val else "train"
+            if loc in val_east:
+                split = "test" if j < n_test else "val" if j >= n - n_val else "train"
+            else:
+                split = "test" if j < n_test else "val" if j < n_test + n_val else "train"
             assigned.append(Block(b.scene, b.col, b.row, b.width, b.height, split))
-    return _pull_apart(readers, assigned, gap) if gap > 0 else assigned
+    return assigned
 
 
-def _pull_apart(readers: list[SceneReader], blocks: list[Block], gap: int) -> list[Block]:
+# which split keeps its side of a border where a location's blocks are too small to share the gap
+RANK = {"test": 2, "val": 1, "train": 0}
+
+
+def _pull_apart(readers: list[SceneReader], blocks: list[Block], gap: int, whole: frozenset[str] = frozenset()) -> list[Block]:
+    """Shrink blocks so that blocks of different splits end at least ``gap`` pixels apart.
+
+    At a border each side gives up half the gap. Where either block's location is in ``whole``, the
+    rarer split keeps its side whole (test over validation over training) and the other gives up all of it: tiles
+    no larger than a patch would otherwise lose their only window on both sides of every border.
+    """
     half = -(-gap // 2)
     spaces: dict[str, list[int]] = {}
     for j, b in enumerate(blocks):
         spaces.setdefault(space_of(readers[b.scene]), []).append(j)
     world = [world_box(readers[b.scene], b.col, b.row, b.width, b.height) for b in blocks]
+    locs = [readers[b.scene].scene.location for b in blocks]
     out = []
     for members in spaces.values():
         boxes = np.array([world[j] for j in members])
@@ -130,17 +173,24 @@ def _pull_apart(readers: list[SceneReader], blocks: list[Block], gap: int) -> li
             near = np.flatnonzero((splits != b.split) & (boxes[:, 0] < x1 + reach) & (boxes[:, 2] > x0 - reach)
                                   & (boxes[:, 1] < y1 + reach) & (boxes[:, 3] > y0 - reach))
             for k in near:
+                other = members[k]
+                if locs[j] in whole or locs[other] in whole:
+                    if RANK[b.split] > RANK[str(splits[k])]:
+                        continue  # the rarer split keeps its side; the other block gives up the whole gap
+                    give = gap
+                else:
+                    give = half  # each side gives up half
                 n0, m0, n1, m1 = _to_pixels(r, tuple(boxes[k]))
-                rows_meet = m0 < r1 + half and m1 > r0 - half
-                cols_meet = n0 < c1 + half and n1 > c0 - half
-                if rows_meet and n1 <= c0 + 0.5 and n1 > c0 - half:
-                    c0 = max(c0, n1 + half)
-                if rows_meet and n0 >= c1 - 0.5 and n0 < c1 + half:
-                    c1 = min(c1, n0 - half)
-                if cols_meet and m1 <= r0 + 0.5 and m1 > r0 - half:
-                    r0 = max(r0, m1 + half)
-                if cols_meet and m0 >= r1 - 0.5 and m0 < r1 + half:
-                    r1 = min(r1, m0 - half)
+                rows_meet = m0 < r1 + give and m1 > r0 - give
+                cols_meet = n0 < c1 + give and n1 > c0 - give
+                if rows_meet and n1 <= c0 + 0.5 and n1 > c0 - give:
+                    c0 = max(c0, n1 + give)
+                if rows_meet and n0 >= c1 - 0.5 and n0 < c1 + give:
+                    c1 = min(c1, n0 - give)
+                if cols_meet and m1 <= r0 + 0.5 and m1 > r0 - give:
+                    r0 = max(r0, m1 + give)
+                if cols_meet and m0 >= r1 - 0.5 and m0 < r1 + give:
+                    r1 = min(r1, m0 - give)
             w, h = int(np.floor(c1 - np.ceil(c0))), int(np.floor(r1 - np.ceil(r0)))
             if (w, h) == (b.width, b.height):
                 out.append(b)
