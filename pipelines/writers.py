@@ -47,6 +47,22 @@ def footprint_workers(cfg: PredictConfig) -> int:
     return cfg.footprint_workers if cfg.footprint_workers is not None else auto_workers()
 
 
+# the mask's colours in a GIS: buildings red on black (a TIFF palette has no transparency; 255 is nodata)
+MASK_COLOURS = {0: (0, 0, 0, 255), 1: (230, 57, 70, 255)}
+
+
+def describe(prob, mask) -> None:
+    """Say in the rasters what their values mean, so a GIS shows them without this README: the probability is
+    stored as round(254 p) with GDAL's scale of 1/254 (QGIS and ``rasterio``'s ``scales`` give p back), the mask
+    as 1 building / 0 background with a colour table; 255 is nodata in both."""
+    prob.set_band_description(1, "building probability (stored x 254; scale 1/254)")
+    prob.scales, prob.offsets = (1 / 254,), (0.0,)
+    mask.set_band_description(1, "building mask (1 building, 0 background)")
+    mask.write_colormap(1, MASK_COLOURS)
+    for ds in (prob, mask):
+        ds.update_tags(PRODUCER="geomoe", NODATA_MEANS="outside the image or no valid pixels")
+
+
 class SceneWriters:
     """The probability and mask GeoTIFFs (tiled, written window by window) and the footprint layer."""
 
@@ -61,6 +77,7 @@ class SceneWriters:
         self.raw_prob, self.raw_mask = tmp_name(outs.prob).with_suffix(".raw.tif"), tmp_name(outs.mask).with_suffix(".raw.tif")
         self.prob = rasterio.open(self.raw_prob, "w", **prof)
         self.mask = rasterio.open(self.raw_mask, "w", **prof)
+        describe(self.prob, self.mask)
         self.vec_tmp = tmp_name(outs.footprints)
         self.vec_tmp.unlink(missing_ok=True)
         self.count = 0

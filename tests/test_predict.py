@@ -97,6 +97,12 @@ def test_identity_model_reproduces_input_across_tile_borders(tmp_path):
         prob = b.read(1)
         assert b.crs == a.crs and b.transform == a.transform and b.nodata == 255
         assert b.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        # the raster says what its values mean: its own scale turns them back into probabilities
+        assert np.abs(prob * b.scales[0] + b.offsets[0] - red / 255).max() <= 1 / 254 + 1e-6
+        assert "probability" in b.descriptions[0]
+    with rasterio.open(outs.mask) as m:
+        assert m.colormap(1)[1] != m.colormap(1)[0] and "1 building" in m.descriptions[0]
+        assert m.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
     assert np.abs(prob.astype(int) - np.round(red / 255 * 254)).max() <= 1
     assert st.tiles == len(TileGrid(170, 150, 64, 16)) and set(st.per_expert) <= {0, 1}
 
