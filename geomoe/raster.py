@@ -131,11 +131,16 @@ def image_bands(ds: rasterio.io.DatasetReader, path: Path | str, select: list[in
     """Band indexes to read as RGB, and the alpha band if any.
 
     ``select`` (1-based, three bands) picks them from multispectral imagery. Single-band rasters are replicated
-    to three bands (with a warning); RGBA's fourth band is returned separately so it can mark valid data.
+    to three bands (with a warning); RGBA's fourth band is returned separately so it can mark valid data. Only a
+    band the file declares alpha is one: a fourth band it does not (NAIP's and most 4-band sensors' near infrared)
+    is left unread, with a warning, instead of blanking every pixel where it is dark.
     """
     n = ds.count
     interp = [ci.name for ci in ds.colorinterp]
-    alpha = interp.index("alpha") + 1 if "alpha" in interp else (4 if n == 4 else None)
+    alpha = interp.index("alpha") + 1 if "alpha" in interp else None
+    if n == 4 and alpha is None and not select:
+        warnings.warn(f"{path}: 4 bands, the fourth not marked alpha: read as red, green, blue and an unused band "
+                      f"(another order: data.bands or --bands)", stacklevel=2)
     if select:
         bad = [b for b in select if not 1 <= b <= n]
         if len(select) != 3 or bad:

@@ -126,6 +126,17 @@ def test_rgba_alpha_marks_invalid_and_single_band_is_replicated(tmp_path):
     with pytest.warns(UserWarning, match="single-band"):
         pg = SceneReader(g).read(0, 0, 64)
     assert pg.image.shape == (3, 64, 64) and (pg.image == 77).all()
+    # a fourth band the file does not declare alpha (near infrared, as NAIP's) marks nothing invalid
+    rgbn = tmp_path / "n" / "images" / "rgbn.tif"
+    rgbn.parent.mkdir(parents=True)
+    with rasterio.open(rgbn, "w", driver="GTiff", width=64, height=64, count=4, dtype="uint8", photometric="RGB",
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 0.5, 0.5)) as ds:
+        ds.write(rgba)  # its fourth band dark on the left half, as water is in the near infrared
+    _write(tmp_path / "n" / "masks" / "rgbn.tif", np.ones((64, 64), np.uint8))
+    [n] = discover(tmp_path / "n").scenes
+    with pytest.warns(UserWarning, match="fourth not marked alpha"):
+        pn = SceneReader(n).read(0, 0, 64)
+    assert pn.valid.all() and (pn.image == 120).all()
 
 
 # --- bad input -----------------------------------------------------------------------------------
