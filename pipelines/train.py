@@ -218,9 +218,11 @@ def train_all(root: Path, cfg: Config, out: Path, progress: bool = True, baselin
             if job.init_from is not None and not job.init_from.exists():
                 raise ValueError(f"{paths.root}: {name} starts from the generalist, which is not trained yet "
                                  f"(run --only generalist first)")
-            log.info("%s (%s): %d train / %d val windows, %d steps", name, job.name,
+            log.info("%s (%s): %d train / %d val windows, %d steps%s", name, job.name,
                      len(job.train_refs) if job.train_refs is not None else len(prep.windows("train")),
-                     len(job.val_refs), job.steps)
+                     len(job.val_refs), job.steps,
+                     "" if job.val_refs else " (no validation windows: nothing to choose a checkpoint on, so its "
+                                             "last weights are kept)")
             train_expert(prep, cfg, job, paths.root / "experts", progress)
     if "assemble" in stages and is_rank_zero():
         assemble(prep, emb, centroids, cfg, paths, root, baseline, {n: j.steps for n, j in jobs.items()})
