@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,8 +125,10 @@ def project(fit: np.ndarray, others: list[np.ndarray], seed: int = 0) -> tuple[n
         import umap
 
         reducer = umap.UMAP(n_neighbors=min(15, len(fit) - 1), metric="cosine", random_state=seed)
-        xy = reducer.fit_transform(fit)
-        return xy, [reducer.transform(o) if len(o) else np.zeros((0, 2)) for o in others]
+        with warnings.catch_warnings():  # a seed makes umap run on one thread, which it announces on every fit
+            warnings.filterwarnings("ignore", message="n_jobs value")
+            xy = reducer.fit_transform(fit)
+            return xy, [reducer.transform(o) if len(o) else np.zeros((0, 2)) for o in others]
     mean = fit.mean(0)
     _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)
     basis = vt[:2].T
