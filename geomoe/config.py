@@ -201,10 +201,12 @@ class RouterConfig(_Strict):
     # a region keeps its expert unless the single network clearly beat it on the region's validation windows
     # (pipelines/serving.py): a region of a few strays from other places is better served by the network that
     # trained on every place than by an expert fine-tuned on someone else's majority
-    single_fallback: bool = Field(True, description="Serve a region with the single network where its expert scored "
-                                  "a lower IoU than the single network on the region's validation windows.")
-    # ... in at least this share of bootstrap resamples of those windows (a one-sided test at 5 %, by convention)
-    single_fallback_confidence: float = Field(0.95, gt=0.5, le=1.0)
+    single_fallback: bool = Field(True, description="Serve a region with the single network where it scored a higher "
+                                  "IoU than the region's expert on the region's validation windows, in at least "
+                                  "single_fallback_confidence of bootstrap resamples of them.")
+    single_fallback_confidence: float = Field(
+        0.95, gt=0.5, le=1.0, description="Share of bootstrap resamples of a region's validation windows in which the "
+                                          "single network must lead (a one-sided test at 5 %, by convention).")
     soft_top_k: int = Field(2, ge=1)
     soft_temperature: float = Field(0.05, gt=0)
 

@@ -70,17 +70,11 @@ def single_better_share(windows: np.ndarray, resamples: int = RESAMPLES, seed: i
     return float((iou(pooled[:, 1]) > iou(pooled[:, 0])).mean())
 
 
-def serving_of(shares: list[float], confidence: float = 0.95) -> list[int]:
+def serving_of(shares: list[float], confidence: float) -> list[int]:
     """Each region's expert, or the single network (id k) where its share of resamples (:func:`single_better_share`)
-    reaches ``confidence``."""
+    reaches ``confidence``; a region without validation windows (share 0) keeps its expert."""
     k = len(shares)
     return [k if s >= confidence else r for r, s in enumerate(shares)]
-
-
-def serving_from(counts: list[np.ndarray], confidence: float = 0.95) -> list[int]:
-    """Each region's expert, or the single network (id k) where it scored the higher pooled IoU in at least
-    ``confidence`` of the resamples; a region without validation windows keeps its expert."""
-    return serving_of([single_better_share(c) for c in counts], confidence)
 
 
 def choose_serving(bundle: Bundle, prep: Prepared, progress: bool = True) -> list[int]:

@@ -170,7 +170,7 @@ def test_best_expert_oracle_is_at_least_as_good_as_every_expert_on_every_tile():
 
 
 def test_a_region_is_served_by_the_single_network_only_where_its_validation_windows_show_it_clearly_better():
-    from geomoe.pipelines.serving import serving_from, single_better_share
+    from geomoe.pipelines.serving import serving_of, single_better_share
 
     rng = np.random.default_rng(0)
 
@@ -190,8 +190,9 @@ def test_a_region_is_served_by_the_single_network_only_where_its_validation_wind
     assert 0.05 < single_better_share(a_hair) < 0.95
     regions = [clearly_expert, clearly_single, np.zeros((0, 2, 3), np.int64), a_hair]
     # the expert stays unless the single network is ahead in 95 % of resamples; no windows: the expert stays
-    assert serving_from(regions) == [0, 4, 2, 3]
-    assert serving_from(regions, confidence=1.0) == [0, 4, 2, 3]
+    shares = [single_better_share(c) for c in regions]
+    assert serving_of(shares, 0.95) == [0, 4, 2, 3]
+    assert serving_of(shares, confidence=1.0) == [0, 4, 2, 3]
 
 
 def test_routers_run_the_network_serving_their_region_and_the_best_expert_oracle_stays_their_upper_bound():

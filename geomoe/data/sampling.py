@@ -109,6 +109,8 @@ def split_blocks(readers: list[SceneReader], block: int, val_fraction: float, se
         return out
     alt = _pull_apart(readers, _assign_runs(readers, raw, val_fraction, test_fraction, seed, short), gap, short)
     helped = short - without_test(alt)
+    if helped == short:
+        return alt
     if not helped:
         return out
     return _pull_apart(readers, _assign_runs(readers, raw, val_fraction, test_fraction, seed, helped), gap, helped)
