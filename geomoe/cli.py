@@ -84,7 +84,8 @@ def data_check(root: Path, full: bool = typer.Option(True, help="Read every bloc
         gsd = f"{min(s.gsd):.3f}" + (f"-{max(s.gsd):.3f}" if s.gsd and max(s.gsd) - min(s.gsd) > 1e-3 else "") if s.gsd else "?"
         bf = "?" if math.isnan(s.building_fraction) else f"{100 * s.building_fraction:.1f}"
         sizes = ", ".join(sorted(s.sizes)[:2]) + (" ..." if len(s.sizes) > 2 else "")
-        t.add_row(s.location, str(s.images), str(s.labelled), str(s.usable), bf, "outlines" if s.outlines else "mask",
+        t.add_row(s.location, str(s.images), str(s.labelled), str(s.usable), bf,
+                  "outlines" if s.outlines else "mask ids" if s.ids else "mask",
                   gsd, ", ".join(sorted(s.crs)) or "none", sizes, str(s.problems))
     console.print(t)
     meta = cat.locations_meta

@@ -113,6 +113,50 @@ def test_labels_under_the_names_datasets_ship_them_with_are_found(tmp_path):
         assert got.any() and (got & ref).sum() / (got | ref).sum() > (0.999 if s.location == "kampala" else 0.95)
 
 
+def test_lossy_masks_and_instance_id_masks_are_read_as_their_makers_meant(tmp_path):
+    """Real Kampala masks saved as JPEG (values between 0 and 255) read back as the shipped masks; an instance mask
+    (one id per building) keeps two touching buildings apart, in the truth and in the training targets; a 0/1 mask
+    stays as it was; each reading is said once by the check."""
+    from PIL import Image
+
+    from experts.targets import building_targets
+
+    town = tmp_path / "town"
+    for d in ("images", "masks"):
+        (town / d).mkdir(parents=True)
+    tiles = sorted((SAMPLE / "kampala" / "images").glob("*.tif"))[:2]
+    for t in tiles:
+        shutil.copy(t, town / "images" / t.name)
+        with rasterio.open(SAMPLE / "kampala" / "masks" / t.name) as ds:
+            Image.fromarray(ds.read(1)).save(town / "masks" / f"{t.stem}.jpg", quality=85)
+    ids = np.zeros((64, 64), np.uint16)
+    ids[10:30, 10:30], ids[10:30, 30:50], ids[40:50, 5:15] = 1, 2, 3  # 1 and 2 share a wall
+    _write(tmp_path / "rows" / "images" / "r.tif", np.full((3, 64, 64), 90, np.uint8))
+    _write(tmp_path / "rows" / "masks" / "r.tif", ids)
+    _write(tmp_path / "rows" / "images" / "b.tif", np.full((3, 64, 64), 90, np.uint8))
+    _write(tmp_path / "rows" / "masks" / "b.tif", (ids > 0).astype(np.uint8))
+
+    cat = discover(tmp_path)
+    _, sums = check_catalog(cat, progress=False)
+    text = _problems(cat)
+    assert text.count("read as building where 128 or more") == 2 and text.count("3 different building values") == 1
+    assert not [p for p in cat.problems if p.fatal]
+    assert {s.location: (s.usable, s.ids) for s in sums} == {"town": (2, False), "rows": (2, True)}
+    readings = {s.image.name: s.mask_reading for s in cat.scenes}
+    assert readings == {tiles[0].name: "lossy", tiles[1].name: "lossy", "r.tif": "ids", "b.tif": "binary"}
+    for s in cat.scenes:
+        p = SceneReader(s).read(0, 0, 256 if s.location == "town" else 64)
+        if s.location == "town":
+            with rasterio.open(SAMPLE / "kampala" / "masks" / s.image.name) as ds:
+                ref = ds.read(1) > 0
+            got = p.mask.astype(bool)
+            assert (got & ref).sum() / (got | ref).sum() > 0.99
+        else:
+            assert p.mask.sum() == 900 and len(np.unique(p.instances)) - 1 == (3 if s.name == "r" else 2)
+            contact = building_targets(p.mask, instances=p.instances)[2]
+            assert contact[10:30, 28:32].any() == (s.name == "r")  # the shared wall only where ids tell it
+
+
 def test_rgba_alpha_marks_invalid_and_single_band_is_replicated(tmp_path):
     rgba = np.full((4, 64, 64), 120, np.uint8)
     rgba[3, :, :32] = 0  # left half transparent
@@ -159,7 +203,7 @@ def messy(tmp_path) -> Path:
     _write(good / "images" / "shift.tif", img)
     _write(good / "masks" / "shift.tif", m, transform=from_origin(500010, 4000000, 0.5, 0.5))
     _write(good / "images" / "values.tif", img)
-    _write(good / "masks" / "values.tif", np.full((64, 64), 7, np.uint8))
+    _write(good / "masks" / "values.tif", np.full((64, 64), 0.5, np.float32))
     (root / "empty" / "images").mkdir(parents=True)
     _write(root / "nolabels" / "images" / "x.tif", img)
     return root
@@ -174,7 +218,7 @@ def test_bad_inputs_are_named_and_the_rest_stays_usable(messy):
     assert "size.tif: size 32x32 differs" in text
     assert "crs.tif: CRS EPSG:32634 differs" in text
     assert "shift.tif: transform differs" in text
-    assert "values.tif: mask has values other than 0/1/255: 7" in text
+    assert "values.tif: mask has negative or fractional values (0.5)" in text
     assert "empty/images: empty folder" in text
     assert "nolabels: location has no usable labelled image" in text
     loc0 = next(s for s in sums if s.location == "loc0")

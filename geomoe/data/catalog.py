@@ -19,6 +19,10 @@ VECTOR_NAMES = ("labels.geojson", "labels.gpkg", "labels.json", "buildings.geojs
 INRIA_VAL_TILES = range(1, 6)  # the paper (and Inria's authors) validate on tiles 1-5 of each city
 
 Split = Literal["train", "val", "test"]
+# how a mask's values are read (the data check decides from every value the mask holds): binary, 0 background and
+# anything else building (0/1, 0/255, 0/k); lossy, a 0/255 mask with values between (JPEG, smoothing), building at
+# 128 or more; ids, one value per building (instance masks), which also tells touching buildings apart
+MaskReading = Literal["binary", "lossy", "ids"]
 
 
 @dataclass
@@ -34,6 +38,7 @@ class Scene:
     # building outlines beside a mask (the location's labels.geojson): they tell touching buildings apart, which a
     # 0/255 mask cannot; the mask stays the pixel truth
     outlines: Path | None = None
+    mask_reading: MaskReading | None = None  # None: not checked yet (see ``building_pixels``)
 
     @property
     def name(self) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 from rasterio.errors import RasterioError
 from tqdm import tqdm
 
-from geomoe.data.catalog import Catalog, Problem, Scene
+from geomoe.data.catalog import Catalog, MaskReading, Problem, Scene
 from geomoe.data.reader import SceneReader, vector_labels
 from geomoe.raster import RasterError, ground_sampling_distance, grid_of, open_raster
 
@@ -37,6 +37,22 @@ class LocationSummary:
     sizes: set[str] = field(default_factory=set)
     problems: int = 0
     outlines: bool = False  # buildings told apart by outlines (labels.geojson), not only by the mask's components
+    ids: bool = False  # ... or by the mask's building ids
+
+
+def mask_reading(values: dict[int, int]) -> tuple[MaskReading, str | None]:
+    """How a mask is read, from its values and their pixel counts, and a line saying so where that is not plain
+    0/1/255. Most of a lossy 0/255 mask's buildings stay near 255 and the compression adds a thin fringe of values
+    between; an instance mask spreads its buildings over many values (and an 8-bit one rarely reaches 200)."""
+    nz = {v: c for v, c in values.items() if v}
+    if len(nz) <= 1 or set(nz) <= {1, 255}:
+        return "binary", None
+    near_top = sum(c for v, c in nz.items() if v >= 192)
+    if 200 <= max(nz) <= 255 and near_top >= sum(nz.values()) / 2:
+        return "lossy", ("mask has values between 0 and 255 (lossy compression or smoothing): read as building "
+                         "where 128 or more")
+    return "ids", (f"mask has {len(nz)} different building values: each read as one building "
+                   "(touching buildings kept apart); if they are classes, not buildings, write 0/255 masks")
 
 
 def _mask_stats(scene: Scene, problems: list[Problem], full: bool = True) -> tuple[int, int] | None:
@@ -46,31 +62,40 @@ def _mask_stats(scene: Scene, problems: list[Problem], full: bool = True) -> tup
         if (gi.width, gi.height) != (gl.width, gl.height):
             problems.append(Problem(scene.label, f"size {gl.width}x{gl.height} differs from image {scene.image.name} ({gi.width}x{gi.height})"))
             return None
-        if gi.crs != gl.crs:
+        # a mask with no georeferencing at all (a plain PNG or JPEG beside a GeoTIFF) of the image's size is on the
+        # image's pixel grid: the reader reads both in pixels
+        plain = gl.crs is None and gl.transform.is_identity
+        if gi.crs != gl.crs and not plain:
             problems.append(Problem(scene.label, f"CRS {gl.crs} differs from image {scene.image.name} ({gi.crs})"))
             return None
-        if not gi.transform.almost_equals(gl.transform, precision=1e-6):
+        if not plain and not gi.transform.almost_equals(gl.transform, precision=1e-6):
             problems.append(Problem(scene.label, f"transform differs from image {scene.image.name}: grids are not aligned"))
             return None
         if lbl.count != 1:
             problems.append(Problem(scene.label, f"mask has {lbl.count} bands; expected 1"))
             return None
-        building = labelled = 0
-        seen: set[int] = set()
         if not full:
             return 0, 0
+        counts: dict[float, int] = {}
+        labelled = 0
         for _, win in lbl.block_windows(1):
             data = lbl.read(1, window=win, masked=True)
-            vals = np.unique(data.compressed())
-            seen.update(int(v) for v in vals)
+            vals, n = np.unique(data.compressed(), return_counts=True)
+            for v, c in zip(vals.tolist(), n.tolist()):
+                counts[v] = counts.get(v, 0) + c
             labelled += int(data.count())
-            building += int((data.compressed() > 0).sum())
-        bad = seen - {0, 1, 255}
+        bad = [v for v in counts if v < 0 or v != int(v)]
         if bad:
-            shown = ", ".join(str(v) for v in sorted(bad)[:5])
-            problems.append(Problem(scene.label, f"mask has values other than 0/1/255: {shown}"))
+            shown = ", ".join(f"{v:g}" for v in sorted(bad)[:5])
+            problems.append(Problem(scene.label, f"mask has negative or fractional values ({shown}): expected 0 for "
+                                                 "background and 1 or 255 for buildings, or one id per building"))
             return None
-        return building, labelled
+        values = {int(v): c for v, c in counts.items()}
+        scene.mask_reading, note = mask_reading(values)
+        if note:
+            problems.append(Problem(scene.label, note, fatal=False))
+        low = 128 if scene.mask_reading == "lossy" else 1
+        return sum(c for v, c in values.items() if v >= low), labelled
 
 
 def check_scene(scene: Scene, problems: list[Problem], full: bool = True) -> SceneReport:
@@ -140,6 +165,7 @@ def check_catalog(cat: Catalog, progress: bool = True) -> tuple[list[SceneReport
         s.crs = {r.crs for r in reps if r.crs}
         s.sizes = {f"{r.width}x{r.height}" for r in reps if r.width}
         s.outlines = any(r.scene.outlines is not None or r.scene.label_kind == "vector" for r in good)
+        s.ids = any(r.scene.mask_reading == "ids" for r in good)
         paths = {r.scene.image for r in reps} | {r.scene.label for r in reps if r.scene.label_kind == "mask"}
         s.problems = sum(1 for p in cat.problems if p.path in paths)
         if s.usable == 0:

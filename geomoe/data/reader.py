@@ -15,7 +15,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 from shapely.geometry import box
 
-from geomoe.data.catalog import Scene
+from geomoe.data.catalog import MaskReading, Scene
 from geomoe.metrics import truth_instances
 from geomoe.raster import (
     Grid,
@@ -55,6 +55,14 @@ def vector_labels(path: str, crs_wkt: str) -> gpd.GeoDataFrame:
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty].to_crs(crs_wkt)
     gdf.sindex  # build the spatial index once
     return gdf
+
+
+def building_from(reading: MaskReading | None, raw: np.ndarray) -> int:
+    """The lowest mask value that is a building. A mask not checked (``data.full_check`` off) is read as 0/1 or
+    0/255 from this window's values alone."""
+    if reading is None:
+        return 128 if raw.max(initial=0) > 1 else 1
+    return 128 if reading == "lossy" else 1
 
 
 class SceneReader:
@@ -126,7 +134,9 @@ class SceneReader:
             raw = read_window(self.lbl, [1], win, hw, Resampling.nearest, fill=0)[0]
             lvalid = valid_window_mask(self.lbl, win, hw, None, False)
             valid &= lvalid
-            mask = (raw > (127 if raw.max(initial=0) > 1 else 0)).astype(np.uint8)
+            mask = (raw >= building_from(self.scene.mask_reading, raw)).astype(np.uint8)
+            if self.scene.mask_reading == "ids" and outline_ids is None:
+                outline_ids = raw.astype(np.int32)
         elif self.scene.label_kind == "vector":
             mask = (outline_ids > 0).astype(np.uint8)
         if mask is not None:
