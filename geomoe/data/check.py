@@ -51,8 +51,9 @@ def mask_reading(values: dict[int, int]) -> tuple[MaskReading, str | None]:
     if 200 <= max(nz) <= 255 and near_top >= sum(nz.values()) / 2:
         return "lossy", ("mask has values between 0 and 255 (lossy compression or smoothing): read as building "
                          "where 128 or more")
-    return "ids", (f"mask has {len(nz)} different building values: each read as one building "
-                   "(touching buildings kept apart); if they are classes, not buildings, write 0/255 masks")
+    # one line for every such mask (no count in it), so that the check's summary groups them
+    return "ids", ("mask has several building values: each read as the id of one building (touching buildings "
+                   "kept apart); if they are classes, not buildings, write 0/255 masks")
 
 
 def _mask_stats(scene: Scene, problems: list[Problem], full: bool = True) -> tuple[int, int] | None:

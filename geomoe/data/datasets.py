@@ -73,10 +73,12 @@ class DataReport:
     gsd: dict[str, float | None] = field(default_factory=dict)
     # windows of each split per location after the split and its gap
     windows: dict[str, dict[str, int]] = field(default_factory=dict)
+    # masks of each location read other than as plain 0/1/255: {reading: images} (see catalog.MaskReading)
+    masks: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = [f"{loc}: {c['images']} images, {c['labelled']} labelled, {c['used']} used{self._gsd_text(loc)}"
-               f"{self._windows_text(loc)}" for loc, c in self.locations.items()]
+               f"{self._masks_text(loc)}{self._windows_text(loc)}" for loc, c in self.locations.items()]
         if self.skipped:
             out.append(f"{len(self.skipped)} scenes left out, e.g. {self.skipped[0][0]}: {self.skipped[0][1]}")
         if self.skipped_locations:
@@ -91,6 +93,10 @@ class DataReport:
             return ", GSD unknown (no CRS, no gsd_m in locations.csv): used at its own pixel size, never resampled"
         return f", GSD {g:.3g} m"
 
+    def _masks_text(self, loc: str) -> str:
+        said = {"lossy": "0/255 with values between (lossy), building from 128", "ids": "building ids, one per building"}
+        return "".join(f"; {n} mask{'s' if n > 1 else ''} read as {said[k]}" for k, n in self.masks.get(loc, {}).items())
+
     def _windows_text(self, loc: str) -> str:
         if loc not in self.windows:
             return ""
@@ -104,7 +110,7 @@ class DataReport:
 
     def as_dict(self) -> dict:
         return {"locations": self.locations, "skipped_scenes": [{"image": p, "reason": r} for p, r in self.skipped],
-                "skipped_locations": self.skipped_locations, "gsd_m": self.gsd, "windows": self.windows}
+                "skipped_locations": self.skipped_locations, "gsd_m": self.gsd, "windows": self.windows, "masks": self.masks}
 
 
 @dataclass
@@ -148,6 +154,9 @@ def prepare(root, cfg: DataConfig, seed: int = 0) -> Prepared:
         if check_scene(s, cat.problems, full=cfg.full_check).ok:
             readers.append(reader_for(s, cfg))
             counts["used"] += 1
+            if s.mask_reading in ("lossy", "ids"):
+                by = report.masks.setdefault(s.location, {})
+                by[s.mask_reading] = by.get(s.mask_reading, 0) + 1
         else:
             why = next((p.message for p in cat.problems[seen:] if p.fatal), "unusable")
             report.skipped.append((str(s.image), why))
