@@ -116,7 +116,7 @@ def test_labels_under_the_names_datasets_ship_them_with_are_found(tmp_path):
 def test_lossy_masks_and_instance_id_masks_are_read_as_their_makers_meant(tmp_path):
     """Real Kampala masks saved as JPEG (values between 0 and 255) read back as the shipped masks; an instance mask
     (one id per building) keeps two touching buildings apart, in the truth and in the training targets; a 0/1 mask
-    stays as it was; each reading is said once by the check."""
+    and a grey mask saved as RGB PNG read as they were; a colour mask is refused; each reading is said by the check."""
     from PIL import Image
 
     from experts.targets import building_targets
@@ -135,15 +135,22 @@ def test_lossy_masks_and_instance_id_masks_are_read_as_their_makers_meant(tmp_pa
     _write(tmp_path / "rows" / "masks" / "r.tif", ids)
     _write(tmp_path / "rows" / "images" / "b.tif", np.full((3, 64, 64), 90, np.uint8))
     _write(tmp_path / "rows" / "masks" / "b.tif", (ids > 0).astype(np.uint8))
+    grey = np.repeat(((ids > 0) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    for name, rgb in (("g", grey), ("c", grey * np.array([1, 0, 1], np.uint8))):  # grey saved as RGB; a colour map
+        _write(tmp_path / "rows" / "images" / f"{name}.tif", np.full((3, 64, 64), 90, np.uint8))
+        Image.fromarray(rgb).save(tmp_path / "rows" / "masks" / f"{name}.png")
 
     cat = discover(tmp_path)
     _, sums = check_catalog(cat, progress=False)
     text = _problems(cat)
     assert text.count("read as building where 128 or more") == 2 and text.count("several building values") == 1
-    assert not [p for p in cat.problems if p.fatal]
-    assert {s.location: (s.usable, s.ids) for s in sums} == {"town": (2, False), "rows": (2, True)}
+    [colour] = [p for p in cat.problems if p.fatal]
+    assert colour.path.name == "c.png" and "mask is in colour" in colour.message
+    assert {s.location: (s.usable, s.ids) for s in sums} == {"town": (2, False), "rows": (3, True)}
     readings = {s.image.name: s.mask_reading for s in cat.scenes}
-    assert readings == {tiles[0].name: "lossy", tiles[1].name: "lossy", "r.tif": "ids", "b.tif": "binary"}
+    assert readings == {tiles[0].name: "lossy", tiles[1].name: "lossy", "r.tif": "ids", "b.tif": "binary",
+                        "g.tif": "binary", "c.tif": None}
+    cat.scenes = [s for s in cat.scenes if s.name != "c"]
     for s in cat.scenes:
         p = SceneReader(s).read(0, 0, 256 if s.location == "town" else 64)
         if s.location == "town":
@@ -152,7 +159,7 @@ def test_lossy_masks_and_instance_id_masks_are_read_as_their_makers_meant(tmp_pa
             got = p.mask.astype(bool)
             assert (got & ref).sum() / (got | ref).sum() > 0.99
         else:
-            assert p.mask.sum() == 900 and len(np.unique(p.instances)) - 1 == (3 if s.name == "r" else 2)
+            assert p.mask.sum() == 900 and len(np.unique(p.instances)) - 1 == (3 if s.name == "r" else 2), s.name
             contact = building_targets(p.mask, instances=p.instances)[2]
             assert contact[10:30, 28:32].any() == (s.name == "r")  # the shared wall only where ids tell it
     lines = "\n".join(prepare(tmp_path, DataConfig(patch_size=64)).report.lines())  # what train prints

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 from tqdm import tqdm
 
@@ -72,7 +73,10 @@ def _mask_stats(scene: Scene, problems: list[Problem], full: bool = True) -> tup
         if not plain and not gi.transform.almost_equals(gl.transform, precision=1e-6):
             problems.append(Problem(scene.label, f"transform differs from image {scene.image.name}: grids are not aligned"))
             return None
-        if lbl.count != 1:
+        # a grey mask saved as RGB or RGBA (as image editors and many PNG writers do) is its first band; a mask
+        # whose colour bands differ is a colour map, which says nothing of which colour is a building
+        colour = [b for b in range(1, lbl.count + 1) if lbl.colorinterp[b - 1] != ColorInterp.alpha]
+        if len(colour) not in (1, 3):
             problems.append(Problem(scene.label, f"mask has {lbl.count} bands; expected 1"))
             return None
         if not full:
@@ -80,6 +84,12 @@ def _mask_stats(scene: Scene, problems: list[Problem], full: bool = True) -> tup
         counts: dict[float, int] = {}
         labelled = 0
         for _, win in lbl.block_windows(1):
+            if len(colour) == 3:
+                rgb = lbl.read(colour, window=win)
+                if (rgb[1:] != rgb[0]).any():
+                    problems.append(Problem(scene.label, "mask is in colour (its red, green and blue differ): expected "
+                                                         "one band, 0 background and 1 or 255 building"))
+                    return None
             data = lbl.read(1, window=win, masked=True)
             vals, n = np.unique(data.compressed(), return_counts=True)
             for v, c in zip(vals.tolist(), n.tolist()):
