@@ -166,6 +166,37 @@ def test_lossy_masks_and_instance_id_masks_are_read_as_their_makers_meant(tmp_pa
     assert "2 masks read as 0/255 with values between (lossy)" in lines and "1 mask read as building ids" in lines
 
 
+def test_a_mask_on_a_grid_of_its_own_is_read_onto_its_image(tmp_path):
+    """A real Kampala mask at twice the resolution, and one reprojected to EPSG:4326: both read on the image's grid
+    as the shipped mask; pixels the mask does not reach are not valid."""
+    from rasterio.warp import calculate_default_transform, reproject
+
+    tile = sorted((SAMPLE / "kampala" / "images").glob("*.tif"))[0]
+    loc = tmp_path / "town"
+    (loc / "masks").mkdir(parents=True)
+    with rasterio.open(SAMPLE / "kampala" / "masks" / tile.name) as m:
+        ref, prof, crs, tr, bounds = m.read(1), m.profile, m.crs, m.transform, m.bounds
+    fine = np.repeat(np.repeat(ref, 2, 0), 2, 1)[:, :400]  # cut short: the east part of the image has no label
+    _write(loc / "masks" / "fine.tif", fine, crs=crs, transform=tr * rasterio.Affine.scale(0.5))
+    t4326, w, h = calculate_default_transform(crs, "EPSG:4326", prof["width"], prof["height"], *bounds)
+    geo = np.zeros((h, w), np.uint8)
+    reproject(ref, geo, src_transform=tr, src_crs=crs, dst_transform=t4326, dst_crs="EPSG:4326")
+    _write(loc / "masks" / "geo.tif", geo, crs="EPSG:4326", transform=t4326)
+    for name in ("fine", "geo"):
+        (loc / "images").mkdir(exist_ok=True)
+        shutil.copy(tile, loc / "images" / f"{name}.tif")
+    cat = discover(tmp_path)
+    reports, _ = check_catalog(cat, progress=False)
+    assert all(r.ok for r in reports) and all(s.mask_on_own_grid for s in cat.scenes)
+    for s in cat.scenes:
+        p = SceneReader(s).read(0, 0, 256)
+        v = p.valid
+        if s.name == "fine":
+            assert v[:, :200].all() and not v[:, 200:].any()
+        got, want = p.mask.astype(bool)[v], (ref > 0)[v]
+        assert (got & want).sum() / (got | want).sum() > 0.97, s.name
+
+
 def test_rgba_alpha_marks_invalid_and_single_band_is_replicated(tmp_path):
     rgba = np.full((4, 64, 64), 120, np.uint8)
     rgba[3, :, :32] = 0  # left half transparent
@@ -224,16 +255,18 @@ def test_bad_inputs_are_named_and_the_rest_stays_usable(messy):
     text = _problems(cat)
     assert "3 images have no label" in text
     assert "truncated.tif: unreadable or truncated" in text
-    assert "size.tif: size 32x32 differs" in text
-    assert "crs.tif: CRS EPSG:32634 differs" in text
-    assert "shift.tif: transform differs" in text
+    # masks georeferenced on grids of their own are placed by their georeference; too little of the image covered
+    # (another image's mask) is refused
+    assert "size.tif: covers 25 % of image size.tif (size 32x32 differs" in text
+    assert "crs.tif: covers 0 % of image crs.tif (CRS EPSG:32634 differs" in text
+    assert "shift.tif: mask on a grid of its own" in text and not any(p.fatal for p in cat.problems if "shift" in str(p))
     assert "values.tif: mask has negative or fractional values (0.5)" in text
     assert "empty/images: empty folder" in text
     assert "nolabels: location has no usable labelled image" in text
     loc0 = next(s for s in sums if s.location == "loc0")
-    assert loc0.usable == 2  # the two good synthetic scenes
+    assert loc0.usable == 3  # the two good synthetic scenes and the shifted mask's
     prep = prepare(messy, DataConfig(patch_size=64))
-    assert sorted(r.scene.name for r in prep.readers) == ["s0", "s1"]
+    assert sorted(r.scene.name for r in prep.readers) == ["s0", "s1", "shift"]
 
 
 def test_cli_check_exit_codes_and_show(messy, tmp_path):

@@ -39,6 +39,8 @@ class Scene:
     # 0/255 mask cannot; the mask stays the pixel truth
     outlines: Path | None = None
     mask_reading: MaskReading | None = None  # None: not checked yet (see ``building_pixels``)
+    # a georeferenced mask on a grid of its own (another resolution, extent or CRS) is read onto the image's grid
+    mask_on_own_grid: bool = False
 
     @property
     def name(self) -> str:

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from geomoe.data.catalog import Catalog, MaskReading, Problem, Scene
 from geomoe.data.reader import SceneReader, vector_labels
-from geomoe.raster import RasterError, ground_sampling_distance, grid_of, open_raster
+from geomoe.raster import Grid, RasterError, covered_share, ground_sampling_distance, grid_of, open_raster
 
 
 @dataclass
@@ -57,22 +57,40 @@ def mask_reading(values: dict[int, int]) -> tuple[MaskReading, str | None]:
                    "kept apart); if they are classes, not buildings, write 0/255 masks")
 
 
+MIN_COVER = 0.5  # a mask covering less of its image than this is likely another image's
+
+
+def _misfit(gi: Grid, gl: Grid, image: str) -> str:
+    """What differs between an image's grid and its mask's, in words."""
+    if (gi.width, gi.height) != (gl.width, gl.height):
+        return f"size {gl.width}x{gl.height} differs from image {image} ({gi.width}x{gi.height})"
+    if gi.crs != gl.crs:
+        return f"CRS {gl.crs} differs from image {image} ({gi.crs})"
+    return f"transform differs from image {image}: grids are not aligned"
+
+
 def _mask_stats(scene: Scene, problems: list[Problem], full: bool = True) -> tuple[int, int] | None:
     """(building, labelled) pixel counts of a mask raster, read block by block; None if the mask is bad."""
     with open_raster(scene.image) as img, open_raster(scene.label) as lbl:
         gi, gl = grid_of(img), grid_of(lbl)
-        if (gi.width, gi.height) != (gl.width, gl.height):
-            problems.append(Problem(scene.label, f"size {gl.width}x{gl.height} differs from image {scene.image.name} ({gi.width}x{gi.height})"))
-            return None
+        same_size = (gi.width, gi.height) == (gl.width, gl.height)
         # a mask with no georeferencing at all (a plain PNG or JPEG beside a GeoTIFF) of the image's size is on the
         # image's pixel grid: the reader reads both in pixels
-        plain = gl.crs is None and gl.transform.is_identity
-        if gi.crs != gl.crs and not plain:
-            problems.append(Problem(scene.label, f"CRS {gl.crs} differs from image {scene.image.name} ({gi.crs})"))
-            return None
-        if not plain and not gi.transform.almost_equals(gl.transform, precision=1e-6):
-            problems.append(Problem(scene.label, f"transform differs from image {scene.image.name}: grids are not aligned"))
-            return None
+        plain = same_size and gl.crs is None and gl.transform.is_identity
+        aligned = same_size and gi.crs == gl.crs and gi.transform.almost_equals(gl.transform, precision=1e-6)
+        if not (aligned or plain):
+            if gi.crs is None or gl.crs is None:  # no georeference to place one on the other
+                problems.append(Problem(scene.label, _misfit(gi, gl, scene.image.name)))
+                return None
+            # both georeferenced: placed by their georeference, as a GIS (or torchgeo) lays one layer on another
+            share = covered_share(gi, gl)
+            if share < MIN_COVER:
+                problems.append(Problem(scene.label, f"covers {100 * share:.0f} % of image {scene.image.name} "
+                                        f"({_misfit(gi, gl, scene.image.name)})"))
+                return None
+            scene.mask_on_own_grid = True
+            problems.append(Problem(scene.label, "mask on a grid of its own: read onto its image's grid "
+                                    "(nearest neighbour) where it covers it", fatal=False))
         # a grey mask saved as RGB or RGBA (as image editors and many PNG writers do) is its first band; a mask
         # whose colour bands differ is a colour map, which says nothing of which colour is a building
         colour = [b for b in range(1, lbl.count + 1) if lbl.colorinterp[b - 1] != ColorInterp.alpha]

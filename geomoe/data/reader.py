@@ -25,6 +25,7 @@ from geomoe.raster import (
     ground_sampling_distance,
     grid_of,
     image_bands,
+    onto_grid,
     open_raster,
     read_window,
     scale_for,
@@ -113,10 +114,12 @@ class SceneReader:
         self._own()
         if self._lbl is None and self.scene.label_kind == "mask":
             self._lbl = open_raster(self.scene.label)
+            if self.scene.mask_on_own_grid:
+                self._lbl = onto_grid(self._lbl, self.grid)
         return self._lbl
 
     def close(self) -> None:
-        for ds in (self._img, self._lbl):
+        for ds in (self._img, self._lbl, getattr(self._lbl, "src_dataset", None)):
             if ds is not None:
                 ds.close()
         self._img = self._lbl = None
