@@ -37,6 +37,10 @@ class DataConfig(_Strict):
     bit_depth: int | None = Field(None, ge=1, le=32, description="Bits per sample of the imagery (default: the NBITS "
                                   "tag, else detected from the data type and values; 11- and 12-bit sensors store uint16).")
     min_valid: float = Field(0.5, ge=0.0, le=1.0, description="Skip patches with less valid (non-nodata) area.")
+    max_val_windows: int | None = Field(
+        600, ge=1, description="Validation windows at most, shared evenly over the locations and spread through each: "
+                               "validation runs after every epoch, and on a large dataset would cost more than the "
+                               "training (null: every one).")
     train_patches_per_location: int = Field(64, ge=1)
     workers: int = Field(0, ge=0)
     skip_locations: list[str] = Field(default_factory=list, description="Locations to leave out (a location whose "

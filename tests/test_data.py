@@ -348,6 +348,26 @@ def test_train_and_val_windows_never_overlap():
     assert not any(_overlap(t, v) for t in prep.windows("train") for v in val)
 
 
+def test_validation_windows_are_capped_evenly_over_locations_and_spread_through_each():
+    """On the shipped sample: every validation window below the cap; above it, each location its fair share (a small
+    location keeps all of its windows and leaves the rest to the others), taken through its whole list, the same
+    windows on every call, and train prints how many of how many it kept."""
+    every = prepare(SAMPLE, DataConfig(patch_size=64, block_size=128, max_val_windows=None))
+    full = every.windows("val")
+    per = {loc: [r for r in full if every.location_of(r) == loc] for loc in every.locations}
+    assert prepare(SAMPLE, DataConfig(patch_size=64, block_size=128, max_val_windows=len(full))).windows("val") == full
+    small = min(per, key=lambda loc: len(per[loc]))
+    cap = len(per[small]) + 2 * (len(per[small]) + 5)  # the smallest keeps all, the others share the rest
+    prep = prepare(SAMPLE, DataConfig(patch_size=64, block_size=128, max_val_windows=cap))
+    kept = prep.windows("val")
+    assert len(kept) == cap and kept == prep.windows("val") and set(kept) <= set(full)
+    by = {loc: [r for r in kept if prep.location_of(r) == loc] for loc in prep.locations}
+    assert by[small] == per[small]
+    for loc in set(per) - {small}:
+        assert len(by[loc]) == len(per[small]) + 5 and by[loc][0] == per[loc][0] and by[loc][-1] == per[loc][-1]
+    assert f"(of {len(per[loc])}: data.max_val_windows)" in "\n".join(prep.report.lines())
+
+
 def test_grid_windows_are_not_padded_when_the_block_holds_a_window():
     """Austin's 1000 px scenes do not divide into 256 px windows: the last one is pulled inside."""
     prep = prepare(SAMPLE, DataConfig(patch_size=256, block_size=512))

@@ -13,7 +13,7 @@ from geomoe.config import DataConfig
 from geomoe.data.catalog import Catalog, Scene, discover
 from geomoe.data.check import check_scene
 from geomoe.data.reader import SceneReader
-from geomoe.data.sampling import BalancedSampler, Block, PatchRef, WindowSampler, grid_windows, split_blocks
+from geomoe.data.sampling import BalancedSampler, Block, PatchRef, WindowSampler, capped, grid_windows, split_blocks
 
 if TYPE_CHECKING:
     from geomoe.experts.targets import TargetWidths
@@ -73,6 +73,8 @@ class DataReport:
     gsd: dict[str, float | None] = field(default_factory=dict)
     # windows of each split per location after the split and its gap
     windows: dict[str, dict[str, int]] = field(default_factory=dict)
+    # validation windows of each location before data.max_val_windows kept some of them
+    val_all: dict[str, int] = field(default_factory=dict)
     # masks of each location read other than as plain 0/1/255: {reading: images} (see catalog.MaskReading)
     masks: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -101,7 +103,9 @@ class DataReport:
         if loc not in self.windows:
             return ""
         w = self.windows[loc]
-        text = f"; windows train {w['train']} / val {w['val']} / test {w['test']}"
+        of = self.val_all.get(loc, w["val"])
+        val = f"{w['val']}" + (f" (of {of}: data.max_val_windows)" if of > w["val"] else "")
+        text = f"; windows train {w['train']} / val {val} / test {w['test']}"
         if not w["val"] or not w["test"]:
             none = " and ".join(s for s in ("val", "test") if not w[s])
             text += (f" (no {none}: too few scenes, or tiles no larger than a patch that touch each other, for "
@@ -127,8 +131,13 @@ class Prepared:
     def location_of(self, ref: PatchRef) -> str:
         return self.readers[ref.scene].scene.location
 
+    max_val_windows: int | None = None
+
     def windows(self, split: str, size: int | None = None) -> list[PatchRef]:
-        return grid_windows(self.blocks, size or self.patch_size, split)  # type: ignore[arg-type]
+        refs = grid_windows(self.blocks, size or self.patch_size, split)  # type: ignore[arg-type]
+        if split == "val" and self.max_val_windows is not None:
+            refs = capped(refs, [self.location_of(r) for r in refs], self.max_val_windows)
+        return refs
 
 
 def reader_for(scene: Scene, cfg: DataConfig) -> SceneReader:
@@ -177,13 +186,17 @@ def prepare(root, cfg: DataConfig, seed: int = 0) -> Prepared:
     gap = cfg.patch_size if cfg.split_gap is None else cfg.split_gap
     blocks = split_blocks(readers, block, cfg.val_fraction, seed, cfg.test_fraction, gap)
     locs = sorted({r.scene.location for r in readers})
+    prep = Prepared(cat, readers, blocks, cfg.patch_size, locs, report, cfg.max_val_windows)
     for split in ("train", "val", "test"):
-        for ref in grid_windows(blocks, cfg.patch_size, split):  # type: ignore[arg-type]
-            counts = report.windows.setdefault(readers[ref.scene].scene.location, {"train": 0, "val": 0, "test": 0})
+        for ref in prep.windows(split):
+            counts = report.windows.setdefault(prep.location_of(ref), {"train": 0, "val": 0, "test": 0})
             counts[split] += 1
+    for ref in grid_windows(blocks, cfg.patch_size, "val"):
+        loc = prep.location_of(ref)
+        report.val_all[loc] = report.val_all.get(loc, 0) + 1
     for loc in locs:
         report.windows.setdefault(loc, {"train": 0, "val": 0, "test": 0})
-    return Prepared(cat, readers, blocks, cfg.patch_size, locs, report)
+    return prep
 
 
 class GridDataset(Dataset):

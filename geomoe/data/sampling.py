@@ -225,6 +225,23 @@ def grid_windows(blocks: list[Block], size: int, split: Split) -> list[PatchRef]
     return out
 
 
+def capped(refs: list[PatchRef], group: list[str], cap: int) -> list[PatchRef]:
+    """At most ``cap`` of ``refs``, shared evenly over their groups (locations): a group with fewer than its share
+    keeps all of them and leaves the rest to the others. Within a group the kept windows are spread evenly through
+    its list (raster order, block by block), so every part of every location stays represented."""
+    by: dict[str, list[int]] = {}
+    for i, g in enumerate(group):
+        by.setdefault(g, []).append(i)
+    if len(refs) <= cap:
+        return refs
+    quota, left = {}, cap
+    for n_left, g in enumerate(sorted(by, key=lambda g: len(by[g])), start=0):
+        quota[g] = min(len(by[g]), left // (len(by) - n_left))
+        left -= quota[g]
+    keep = sorted(by[g][int(j)] for g in by for j in np.linspace(0, len(by[g]) - 1, quota[g]).round())
+    return [refs[i] for i in keep]
+
+
 def random_window(b: Block, size: int, rng: np.random.Generator) -> PatchRef:
     """A random ``size`` window inside block ``b`` (anchored at its corner when the block is smaller)."""
     col = b.col + int(rng.integers(0, max(0, b.width - size) + 1))
