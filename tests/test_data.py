@@ -188,6 +188,7 @@ def test_a_mask_on_a_grid_of_its_own_is_read_onto_its_image(tmp_path):
     cat = discover(tmp_path)
     reports, _ = check_catalog(cat, progress=False)
     assert all(r.ok for r in reports) and all(s.mask_on_own_grid for s in cat.scenes)
+    assert "2 masks on another grid than the image's" in "\n".join(prepare(tmp_path, DataConfig(patch_size=64)).report.lines())
     for s in cat.scenes:
         p = SceneReader(s).read(0, 0, 256)
         v = p.valid

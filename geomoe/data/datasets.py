@@ -75,7 +75,7 @@ class DataReport:
     windows: dict[str, dict[str, int]] = field(default_factory=dict)
     # validation windows of each location before data.max_val_windows kept some of them
     val_all: dict[str, int] = field(default_factory=dict)
-    # masks of each location read other than as plain 0/1/255: {reading: images} (see catalog.MaskReading)
+    # masks of each location read other than as plain 0/1/255 on the image's grid: {lossy | ids | grid: images}
     masks: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
@@ -96,8 +96,10 @@ class DataReport:
         return f", GSD {g:.3g} m"
 
     def _masks_text(self, loc: str) -> str:
-        said = {"lossy": "0/255 with values between (lossy), building from 128", "ids": "building ids, one per building"}
-        return "".join(f"; {n} mask{'s' if n > 1 else ''} read as {said[k]}" for k, n in self.masks.get(loc, {}).items())
+        said = {"lossy": "read as 0/255 with values between (lossy), building from 128",
+                "ids": "read as building ids, one per building",
+                "grid": "on another grid than the image's, read onto it by georeference"}
+        return "".join(f"; {n} mask{'s' if n > 1 else ''} {said[k]}" for k, n in self.masks.get(loc, {}).items())
 
     def _windows_text(self, loc: str) -> str:
         if loc not in self.windows:
@@ -163,9 +165,9 @@ def prepare(root, cfg: DataConfig, seed: int = 0) -> Prepared:
         if check_scene(s, cat.problems, full=cfg.full_check).ok:
             readers.append(reader_for(s, cfg))
             counts["used"] += 1
-            if s.mask_reading in ("lossy", "ids"):
+            for said in ([s.mask_reading] if s.mask_reading in ("lossy", "ids") else []) + ["grid"] * s.mask_on_own_grid:
                 by = report.masks.setdefault(s.location, {})
-                by[s.mask_reading] = by.get(s.mask_reading, 0) + 1
+                by[said] = by.get(said, 0) + 1
         else:
             why = next((p.message for p in cat.problems[seen:] if p.fatal), "unusable")
             report.skipped.append((str(s.image), why))
