@@ -130,10 +130,10 @@ class Prepared:
     locations: list[str] = field(default_factory=list)
     report: DataReport = field(default_factory=DataReport)
 
+    max_val_windows: int | None = None  # data.max_val_windows
+
     def location_of(self, ref: PatchRef) -> str:
         return self.readers[ref.scene].scene.location
-
-    max_val_windows: int | None = None
 
     def windows(self, split: str, size: int | None = None) -> list[PatchRef]:
         refs = grid_windows(self.blocks, size or self.patch_size, split)  # type: ignore[arg-type]

@@ -229,14 +229,14 @@ def capped(refs: list[PatchRef], group: list[str], cap: int) -> list[PatchRef]:
     """At most ``cap`` of ``refs``, shared evenly over their groups (locations): a group with fewer than its share
     keeps all of them and leaves the rest to the others. Within a group the kept windows are spread evenly through
     its list (raster order, block by block), so every part of every location stays represented."""
+    if len(refs) <= cap:
+        return refs
     by: dict[str, list[int]] = {}
     for i, g in enumerate(group):
         by.setdefault(g, []).append(i)
-    if len(refs) <= cap:
-        return refs
     quota, left = {}, cap
-    for n_left, g in enumerate(sorted(by, key=lambda g: len(by[g])), start=0):
-        quota[g] = min(len(by[g]), left // (len(by) - n_left))
+    for done, g in enumerate(sorted(by, key=lambda g: len(by[g]))):  # smallest first: what it leaves goes on
+        quota[g] = min(len(by[g]), left // (len(by) - done))
         left -= quota[g]
     keep = sorted(by[g][int(j)] for g in by for j in np.linspace(0, len(by[g]) - 1, quota[g]).round())
     return [refs[i] for i in keep]
