@@ -129,7 +129,6 @@ class Prepared:
     patch_size: int
     locations: list[str] = field(default_factory=list)
     report: DataReport = field(default_factory=DataReport)
-
     max_val_windows: int | None = None  # data.max_val_windows
 
     def location_of(self, ref: PatchRef) -> str:
