@@ -533,3 +533,24 @@ def test_unreadable_outlines_leave_the_masks_usable(tmp_path):
     assert len(bad) == 1 and not bad[0].fatal and "mask alone" in bad[0].message
     p = prep.readers[0].read(0, 0, 512)
     assert p.mask.any() and int(p.instances.max()) == __import__("scipy").ndimage.label(p.mask)[1]
+
+
+def test_vector_labels_of_points_are_refused_and_points_among_polygons_are_left_out(tmp_path):
+    """Building centroids are not footprints: a file of points is named as such; points beside real Banepa
+    polygons are left out, which leaves the rasterised labels as the polygons alone give them."""
+    import geopandas as gpd
+    import pandas as pd
+
+    tile = sorted((SAMPLE / "banepa" / "images").glob("*.tif"))[0]
+    polys = gpd.read_file(SAMPLE / "banepa" / "labels.geojson").to_crs("EPSG:3857")
+    points = polys.assign(geometry=polys.centroid.translate(7, 7))  # most of them off any roof
+    for name, gdf in (("dots", points), ("mixed", pd.concat([polys, points])), ("polys", polys)):
+        (tmp_path / name / "images").mkdir(parents=True)
+        shutil.copy(tile, tmp_path / name / "images" / tile.name)
+        gpd.GeoDataFrame(gdf, crs=polys.crs).to_file(tmp_path / name / "labels.geojson", driver="GeoJSON")
+    cat = discover(tmp_path)
+    check_catalog(cat, progress=False)
+    [bad] = [p for p in cat.problems if p.fatal and p.path.name == "labels.geojson"]
+    assert bad.path.parent.name == "dots" and "hold no polygons" in bad.message and "Point" in bad.message
+    read = {s.location: SceneReader(s).read(0, 0, 512) for s in cat.scenes if s.location != "dots"}
+    assert read["mixed"].mask.any() and (read["mixed"].mask == read["polys"].mask).all()

@@ -162,7 +162,13 @@ def check_scene(scene: Scene, problems: list[Problem], full: bool = True) -> Sce
                     problems.append(Problem(scene.outlines, f"unreadable building outlines ({e.__cause__ or e}); "
                                             "buildings told apart by the mask alone", fatal=False))
                     scene.outlines = None
-        elif scene.label_kind == "vector" and full:
+        elif scene.label_kind == "vector" and grid.crs is not None:
+            try:  # the file's own fault, named as such (not the image's)
+                vector_labels(str(scene.label), grid.crs.to_wkt())
+            except RasterError as e:
+                problems.append(Problem(scene.label, str(e).removeprefix(f"{scene.label}: ")))
+                return rep
+        if scene.label_kind == "vector" and full:
             r, step = SceneReader(scene), 1024
             for row in range(0, r.height, step):
                 for col in range(0, r.width, step):

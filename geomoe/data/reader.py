@@ -53,7 +53,14 @@ def vector_labels(path: str, crs_wkt: str) -> gpd.GeoDataFrame:
         raise RasterError(f"{path}: cannot be read as vector labels ({e})") from e
     if gdf.crs is None:
         raise RasterError(f"{path}: vector labels have no CRS")
-    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty].to_crs(crs_wkt)
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    # footprints are areas: points (building centroids) or lines in the file would be burnt in as single pixels
+    areas = gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
+    if len(gdf) and not areas.any():
+        kinds = ", ".join(sorted(set(gdf.geometry.geom_type)))
+        raise RasterError(f"{path}: vector labels hold no polygons ({len(gdf)} features: {kinds}); building labels "
+                          "must be footprint polygons")
+    gdf = gdf[areas].to_crs(crs_wkt)
     gdf.sindex  # build the spatial index once
     return gdf
 
