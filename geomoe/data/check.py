@@ -201,7 +201,7 @@ def check_catalog(cat: Catalog, progress: bool = True) -> tuple[list[SceneReport
         s.sizes = {f"{r.width}x{r.height}" for r in reps if r.width}
         s.outlines = any(r.scene.outlines is not None or r.scene.label_kind == "vector" for r in good)
         s.ids = any(r.scene.mask_reading == "ids" for r in good)
-        paths = {r.scene.image for r in reps} | {r.scene.label for r in reps if r.scene.label_kind == "mask"}
+        paths = {r.scene.image for r in reps} | {r.scene.label for r in reps if r.scene.label is not None}
         s.problems = sum(1 for p in cat.problems if p.path in paths)
         if s.usable == 0:
             cat.problems.append(Problem(cat.root / loc, "location has no usable labelled image"))
