@@ -94,6 +94,9 @@ def choose_serving(bundle: Bundle, prep: Prepared, progress: bool = True) -> lis
             e, s = (float(iou(c.sum(0)[w])) for w in (0, 1))
             m["serving_validation"].append({"windows": len(c), "expert_iou": round(e, 4), "single_iou": round(s, 4),
                                             "single_better_share": round(share, 4)})
+            if not len(c):  # nothing to weigh: the expert keeps its region
+                log.info("region %d: its expert serves it (no validation window routed to it)", r)
+                continue
             log.info("region %d: %s (validation IoU on its %d windows: expert %.4f, single network %.4f; the single "
                      "network ahead in %.1f %% of resamples)", r, "the single network serves it" if serving[r] ==
                      bundle.k else "its expert serves it", len(c), e, s, 100 * share)
