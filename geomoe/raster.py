@@ -12,7 +12,7 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
-from rasterio.transform import Affine
+from rasterio.transform import Affine, array_bounds
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform as warp_transform
 from rasterio.warp import transform_bounds
@@ -114,15 +114,11 @@ def open_raster(path: str | Path) -> rasterio.io.DatasetReader:
 
 def covered_share(grid: Grid, other: Grid) -> float:
     """The share of ``grid``'s extent that ``other`` (georeferenced too) covers, by their bounding boxes."""
-    x0, y0, x1, y1 = _bounds(grid)
-    ox0, oy0, ox1, oy1 = transform_bounds(other.crs, grid.crs, *_bounds(other), densify_pts=21)
+    x0, y0, x1, y1 = array_bounds(grid.height, grid.width, grid.transform)
+    ox0, oy0, ox1, oy1 = transform_bounds(other.crs, grid.crs, *array_bounds(other.height, other.width, other.transform),
+                                          densify_pts=21)
     w, h = min(x1, ox1) - max(x0, ox0), min(y1, oy1) - max(y0, oy0)
     return max(w, 0) * max(h, 0) / ((x1 - x0) * (y1 - y0))
-
-
-def _bounds(grid: Grid) -> tuple[float, float, float, float]:
-    xs, ys = zip(*(grid.transform * (c, r) for c in (0, grid.width) for r in (0, grid.height)))
-    return min(xs), min(ys), max(xs), max(ys)
 
 
 def onto_grid(ds: rasterio.io.DatasetReader, grid: Grid) -> WarpedVRT:

@@ -102,13 +102,11 @@ def _mask_stats(scene: Scene, problems: list[Problem], full: bool = True) -> tup
         counts: dict[float, int] = {}
         labelled = 0
         for _, win in lbl.block_windows(1):
-            if len(colour) == 3:
-                rgb = lbl.read(colour, window=win)
-                if (rgb[1:] != rgb[0]).any():
-                    problems.append(Problem(scene.label, "mask is in colour (its red, green and blue differ): expected "
-                                                         "one band, 0 background and 1 or 255 building"))
-                    return None
             data = lbl.read(1, window=win, masked=True)
+            if len(colour) == 3 and (lbl.read(colour[1:], window=win) != data.data).any():
+                problems.append(Problem(scene.label, "mask is in colour (its red, green and blue differ): expected "
+                                                     "one band, 0 background and 1 or 255 building"))
+                return None
             vals, n = np.unique(data.compressed(), return_counts=True)
             for v, c in zip(vals.tolist(), n.tolist()):
                 counts[v] = counts.get(v, 0) + c
